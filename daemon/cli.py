@@ -1,0 +1,438 @@
+"""The ``smspartner-status`` command and the composition root.
+
+``main()`` parses arguments, builds the settings once, configures logging, then builds
+the engine, HTTP client, SMS Partner client and poller and hands them to the verb. Every
+expected error (our exception tree) becomes one ``error: …`` line on stderr and a
+non-zero exit: 2 for bad input or configuration, 1 for a failure at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import httpx
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Engine
+
+from daemon import migrate, store
+from daemon.db import create_engine
+from daemon.errors import ConfigError, InputError, SmsPartnerStatusError, StoreError
+from daemon.log import configure_logging
+from daemon.poller import Poller, PollResult
+from daemon.settings import Settings, load_settings
+from daemon.smspartner import SmsPartnerClient
+from daemon.status import PENDING, tag_problem, tag_warnings
+
+log = structlog.get_logger(__name__)
+
+EXAMPLES = """\
+examples:
+  smspartner-status demo                          see it work against the bundled simulator
+  smspartner-status track spring-sale --sent-at 2026-11-26T09:00:00Z
+  smspartner-status poll spring-sale              poll now and print a summary
+  smspartner-status report spring-sale --numbers  every number with its status
+  smspartner-status run                           the daemon: poll every tracked tag
+
+Configuration comes from SMSPARTNER_* environment variables or a .env file
+(SMSPARTNER_API_KEY, SMSPARTNER_DATABASE_URL, …); see .env.example and the README.
+"""
+
+
+def utcnow() -> datetime:
+    """The one real clock; everything else receives ``now`` or a clock."""
+    return datetime.now(UTC)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line, not usage plus error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# --- composition ----------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What a verb needs, built once in ``main()``."""
+
+    settings: Settings
+    clock: Callable[[], datetime]
+    _engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The database, migrated to head on first use (unless auto-migrate is off)."""
+        if self._engine is None:
+            engine = create_engine(self.settings.database_url.get_secret_value())
+            try:
+                migrate.ensure_schema(engine, auto_migrate=self.settings.auto_migrate)
+            except sa.exc.SQLAlchemyError as exc:
+                engine.dispose()
+                raise StoreError(
+                    f"cannot open database {self.settings.safe_database_url}: "
+                    f"{getattr(exc, 'orig', None) or exc}"
+                ) from exc
+            self._engine = engine
+        return self._engine
+
+    @contextmanager
+    def poller(self) -> Iterator[Poller]:
+        """A poller with its own HTTP client, closed afterwards."""
+        if self.settings.api_key is None:
+            raise ConfigError(
+                "SMSPARTNER_API_KEY: not set (also read from SMSPARTNER_API_KEY_FILE "
+                "or $CREDENTIALS_DIRECTORY/api_key)"
+            )
+        with httpx.Client(timeout=self.settings.http_timeout_seconds) as http:
+            client = SmsPartnerClient(
+                http,
+                api_key=self.settings.api_key.get_secret_value(),
+                base_url=self.settings.base_url,
+                max_retries=self.settings.max_retries,
+                retry_backoff=self.settings.retry_backoff_seconds,
+                rate_limit_per_second=self.settings.rate_limit_per_second,
+                max_pages=self.settings.max_pages,
+            )
+            yield Poller(
+                engine=self.engine, client=client, settings=self.settings, clock=self.clock
+            )
+
+    def close(self) -> None:
+        """Release the database."""
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+# --- formatting -------------------------------------------------------------------------
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready value: datetimes as ISO-8601 UTC."""
+    return _iso(value) if isinstance(value, datetime) else value
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain aligned text table; numbers right-aligned. Small enough not to need a
+    library, and it keeps the output stable for scripts that grep it."""
+    if not rows:
+        return "(none)"
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(row.get(c), int | float) for row in rows) for c in columns]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return _iso(value) or "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.1%}" if value <= 1 else f"{value:.1f}"
+    return str(value)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=_plain))
+
+
+# --- argument types ---------------------------------------------------------------------
+
+
+def _tag(value: str) -> str:
+    problem = tag_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"invalid TAG {value!r}: {problem}")
+    return value
+
+
+def parse_sent_at(value: str) -> datetime:
+    """ISO-8601 date-time; without an offset it is taken as UTC."""
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--sent-at: {value!r} is not an ISO-8601 date-time like 2026-11-26T09:00:00Z"
+        ) from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def _warn_tag(tag: str) -> None:
+    for warning in tag_warnings(tag):
+        print(f"warning: tag {tag!r}: {warning}", file=sys.stderr)
+
+
+# --- verbs ---------------------------------------------------------------------------------
+
+
+def cmd_track(ctx: Context, args: argparse.Namespace) -> int:
+    """Track a tag (or re-activate it)."""
+    _warn_tag(args.tag)
+    now = ctx.clock()
+    sent_at = args.sent_at or now
+    with ctx.engine.begin() as conn:
+        existed = store.get_tag(conn, args.tag) is not None
+        store.track(
+            conn,
+            args.tag,
+            sent_at=sent_at,
+            window_ends_at=sent_at + ctx.settings.report_window,
+            now=now,
+        )
+        row = store.get_tag(conn, args.tag)
+    assert row is not None
+    verb = "re-activated" if existed else "tracking"
+    print(
+        f"{verb} tag {args.tag!r}: sent at {_iso(row['sent_at'])}, "
+        f"reports accepted until {_iso(row['window_ends_at'])}"
+    )
+    return 0
+
+
+def cmd_untrack(ctx: Context, args: argparse.Namespace) -> int:
+    """Stop polling a tag; its data stays."""
+    with ctx.engine.begin() as conn:
+        found = store.untrack(conn, args.tag, now=ctx.clock())
+    if not found:
+        raise InputError(f"tag {args.tag!r} is not tracked")
+    print(f"untracked tag {args.tag!r}; its data is kept")
+    return 0
+
+
+TAG_COLUMNS = ("tag", "state", "sent_at", "window_ends_at", "next_poll_at", "last_success_at",
+               "poll_count", "consecutive_failures", "last_error")
+
+
+def cmd_tags(ctx: Context, args: argparse.Namespace) -> int:
+    """List tracked tags."""
+    with ctx.engine.connect() as conn:
+        rows = [dict(r) for r in store.list_tags(conn)]
+    if args.json:
+        _print_json([{c: r[c] for c in TAG_COLUMNS} for r in rows])
+    else:
+        shown = ("tag", "state", "sent_at", "next_poll_at", "last_success_at", "last_error")
+        print(_table(rows, shown))
+    return 0
+
+
+def _summary_line(result: PollResult) -> str:
+    counts = ", ".join(f"{status} {n}" for status, n in sorted(result.counts.items())) or "none"
+    text = (
+        f"polled {result.tag!r}: {result.pages} page(s), {result.numbers_seen} numbers seen, "
+        f"{result.changed} changed, {result.optouts} new opt-out(s)"
+    )
+    if result.skipped:
+        text += f", {result.skipped} malformed item(s) skipped"
+    return f"{text}\n  statuses: {counts}\n  tag state: {result.state}"
+
+
+def cmd_poll(ctx: Context, args: argparse.Namespace) -> int:
+    """Poll one tag now, tracking it first if needed."""
+    now = ctx.clock()
+    with ctx.engine.begin() as conn:
+        if store.get_tag(conn, args.tag) is None:
+            _warn_tag(args.tag)
+            store.track(
+                conn, args.tag, sent_at=now, window_ends_at=now + ctx.settings.report_window,
+                now=now,
+            )
+            print(f"tracking tag {args.tag!r} (sent at now)")
+    with ctx.poller() as poller:
+        result = poller.poll(args.tag)
+    if not result.ok:
+        print(f"error: poll of {args.tag!r} failed: {result.error}", file=sys.stderr)
+        return 1
+    if result.no_messages:
+        print(f"polled {args.tag!r}: no messages under this tag yet (tag state: {result.state})")
+    else:
+        print(_summary_line(result))
+    return 0
+
+
+SUMMARY_COLUMNS = ("tag", "state", "total", "delivered", "not_delivered", "failed", "waiting",
+                   "unknown", "expired", "stop_sms", "delivery_rate", "sent_at",
+                   "window_ends_at", "last_polled_at")
+
+
+def cmd_report(ctx: Context, args: argparse.Namespace) -> int:
+    """Print one tag's summary (and optionally every number)."""
+    with ctx.engine.connect() as conn:
+        summary = store.tag_summary(conn, args.tag)
+        if not summary:
+            raise InputError(f"tag {args.tag!r} is not tracked")
+        numbers = [dict(r) for r in store.numbers(conn, args.tag)] if args.numbers else []
+    row = dict(summary[0])
+    if args.json:
+        data: dict[str, Any] = {"summary": {c: row[c] for c in SUMMARY_COLUMNS}}
+        if args.numbers:
+            data["numbers"] = numbers
+        _print_json(data)
+        return 0
+    print(_table([row], SUMMARY_COLUMNS[:11]))
+    print(f"\nsent at {_iso(row['sent_at'])}, window ends {_iso(row['window_ends_at'])}, "
+          f"last polled {_iso(row['last_polled_at']) or 'never'}")
+    if args.numbers:
+        print()
+        print(_table(numbers, ("phone_number", "status", "provider_status", "stop_sms",
+                               "reported_at", "resolved_at")))
+    return 0
+
+
+def cmd_optouts(ctx: Context, args: argparse.Namespace) -> int:
+    """List STOP opt-outs."""
+    with ctx.engine.connect() as conn:
+        rows = [dict(r) for r in store.optouts(conn)]
+    columns = ("phone_number", "tag", "reported_at", "first_seen_at")
+    if args.json:
+        _print_json([{c: r[c] for c in columns} for r in rows])
+    else:
+        print(_table(rows, columns))
+    return 0
+
+
+def cmd_db_upgrade(ctx: Context, args: argparse.Namespace) -> int:
+    """Migrate the schema to head."""
+    engine = create_engine(ctx.settings.database_url.get_secret_value())
+    try:
+        before = migrate.current_revision(engine)
+        changed = migrate.upgrade(engine)
+        after = migrate.current_revision(engine)
+    except sa.exc.SQLAlchemyError as exc:
+        raise StoreError(
+            f"cannot migrate {ctx.settings.safe_database_url}: "
+            f"{getattr(exc, 'orig', None) or exc}"
+        ) from exc
+    finally:
+        engine.dispose()
+    if changed:
+        print(f"database {ctx.settings.safe_database_url} upgraded from "
+              f"{before or 'empty'} to {after}")
+    else:
+        print(f"database {ctx.settings.safe_database_url} already at {after} (head)")
+    return 0
+
+
+def cmd_simulator(ctx: Context | None, args: argparse.Namespace) -> int:
+    """Run the bundled fake SMS Partner API (needs no settings or database)."""
+    from daemon.simulator import run_cli
+
+    return run_cli(args)
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with help texts that teach."""
+    parser = _Parser(
+        prog="smspartner-status",
+        description="Keep an SMS Partner account's delivery reports in a SQL database.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=_Parser)
+
+    p = verbs.add_parser("track", help="start polling a tag (or re-activate it)",
+                         description="Track a tag: the daemon polls it until every number's "
+                         "report is final or the report window (48 h by default) closes.")
+    p.add_argument("tag", type=_tag, metavar="TAG", help="the tag given to SMS Partner at send time")
+    p.add_argument("--sent-at", type=parse_sent_at, metavar="ISO-8601",
+                   help="when the campaign was sent (default: now; no offset means UTC); "
+                   "the report window and the poll cadence count from it")
+    p.set_defaults(func=cmd_track)
+
+    p = verbs.add_parser("untrack", help="stop polling a tag; its data is kept")
+    p.add_argument("tag", type=_tag, metavar="TAG")
+    p.set_defaults(func=cmd_untrack)
+
+    p = verbs.add_parser("tags", help="list tracked tags with their state and schedule")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_tags)
+
+    p = verbs.add_parser("poll", help="poll one tag now and print a summary",
+                         description="Poll one tag now, whatever the schedule, tracking it "
+                         "first (sent at now) if needed. Exits 1 if the poll fails; 'no "
+                         "messages under this tag yet' (code 4) is not a failure.")
+    p.add_argument("tag", type=_tag, metavar="TAG")
+    p.set_defaults(func=cmd_poll)
+
+    p = verbs.add_parser("report", help="a tag's delivery summary (and every number)")
+    p.add_argument("tag", type=_tag, metavar="TAG")
+    p.add_argument("--numbers", action="store_true", help="also list every number")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=cmd_report)
+
+    p = verbs.add_parser("optouts", help="numbers that answered STOP, per tag")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_optouts)
+
+    p = verbs.add_parser("db", help="database maintenance")
+    db_verbs = p.add_subparsers(dest="db_verb", metavar="ACTION", required=True,
+                                parser_class=_Parser)
+    up = db_verbs.add_parser("upgrade", help="migrate the schema to the newest version")
+    up.set_defaults(func=cmd_db_upgrade)
+
+    p = verbs.add_parser("simulator", help="run the bundled fake SMS Partner API on loopback",
+                         description="Serve a fake bulk-status-by-tag endpoint with realistic, "
+                         "evolving statuses, for trying the daemon without an account.")
+    from daemon.simulator import add_cli_arguments
+
+    add_cli_arguments(p)
+    p.set_defaults(func=cmd_simulator, standalone=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``smspartner-status`` and ``python -m daemon``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "standalone", False):
+        return int(args.func(None, args))
+    ctx: Context | None = None
+    try:
+        settings = load_settings()
+        configure_logging(
+            level=settings.log_level,
+            fmt=settings.log_format,
+            secrets=settings.secrets(),
+            stream=sys.stderr,
+        )
+        ctx = Context(settings=settings, clock=utcnow)
+        return int(args.func(ctx, args))
+    except (ConfigError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SmsPartnerStatusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if ctx is not None:
+            ctx.close()

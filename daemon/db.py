@@ -1,0 +1,271 @@
+"""The schema (Alembic's ``target_metadata``), the engine and the migration entry point.
+
+The tables and the ``tag_summary`` view are the BI contract of design.md: their names
+and columns are public API. Timestamps are always aware UTC in Python;
+PostgreSQL stores ``timestamp with time zone``, SQLite ISO-8601 text ending in ``Z``
+(``2026-11-26T17:46:53.000000Z``) so that text comparison is time order.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+
+from daemon.status import Status
+
+_SQLITE_DATETIME = sqlite.DATETIME(
+    storage_format=(
+        "%(year)04d-%(month)02d-%(day)02dT%(hour)02d:%(minute)02d:%(second)02d"
+        ".%(microsecond)06dZ"
+    ),
+    # Also reads SQLite's own CURRENT_TIMESTAMP form ("2026-11-26 17:46:53") and the
+    # millisecond form of our server default, for rows other programs insert.
+    regexp=r"(\d+)-(\d+)-(\d+)[T ](\d+):(\d+):(\d+)(?:\.(\d{6}))?",
+)
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """An aware-UTC datetime on both engines; naive datetimes are refused."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(_SQLITE_DATETIME)
+        return dialect.type_descriptor(sa.DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class utcnow(FunctionElement[datetime]):  # noqa: N801 - reads like SQL's now()
+    """The database's current UTC time, in the column format of each engine."""
+
+    type = UtcDateTime()
+    inherit_cache = True
+
+
+@compiles(utcnow, "sqlite")
+def _utcnow_sqlite(element: utcnow, compiler: SQLCompiler, **kw: Any) -> str:
+    return "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
+
+
+@compiles(utcnow)
+def _utcnow_default(element: utcnow, compiler: SQLCompiler, **kw: Any) -> str:
+    return "CURRENT_TIMESTAMP"
+
+
+TAG_STATES = ("active", "completed", "expired", "untracked")
+POLL_OUTCOMES = ("ok", "api_error", "transient_error", "auth_error")
+_STATUSES = tuple(s.value for s in Status)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a naming convention so constraints have stable names."""
+
+    metadata = sa.MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+# BIGINT on PostgreSQL (tables of tens of millions of rows); INTEGER on SQLite, where
+# only "INTEGER PRIMARY KEY" is the fast rowid alias.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class TrackedTag(Base):
+    """A tag whose numbers we follow, with its schedule and lease."""
+
+    __tablename__ = "tracked_tags"
+
+    tag: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    sent_at: Mapped[datetime] = mapped_column(UtcDateTime, server_default=utcnow())
+    # Null in a row another program inserted: the daemon fills it from sent_at.
+    window_ends_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    state: Mapped[str] = mapped_column(sa.String(16), server_default="active")
+    next_poll_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_polled_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_success_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    poll_count: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    consecutive_failures: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, server_default=utcnow())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, server_default=utcnow())
+
+    __table_args__ = (
+        sa.CheckConstraint(_in("state", TAG_STATES), name="state"),
+        sa.Index(None, "state", "next_poll_at"),
+    )
+
+
+class DeliveryStatus(Base):
+    """The current status of one number under one tag."""
+
+    __tablename__ = "delivery_statuses"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tag: Mapped[str] = mapped_column(sa.ForeignKey("tracked_tags.tag"))
+    phone_number: Mapped[str] = mapped_column(sa.String(64))
+    status: Mapped[str] = mapped_column(sa.String(16))
+    provider_status: Mapped[str | None] = mapped_column(sa.Text)
+    stop_sms: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
+    reported_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    first_seen_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    resolved_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (
+        sa.UniqueConstraint("tag", "phone_number"),
+        sa.CheckConstraint(_in("status", _STATUSES), name="status"),
+        sa.Index(None, "status"),
+        sa.Index(None, "tag", "status"),
+    )
+
+
+class DeliveryStatusEvent(Base):
+    """One real status change of one number (the first sighting included)."""
+
+    __tablename__ = "delivery_status_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tag: Mapped[str] = mapped_column(sa.String(64))
+    phone_number: Mapped[str] = mapped_column(sa.String(64))
+    old_status: Mapped[str | None] = mapped_column(sa.String(16))
+    new_status: Mapped[str] = mapped_column(sa.String(16))
+    reported_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    observed_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (
+        sa.Index(None, "tag", "phone_number"),
+        sa.Index(None, "observed_at"),
+    )
+
+
+class StopSmsOptout(Base):
+    """A number that answered STOP to a campaign; never pruned unless asked."""
+
+    __tablename__ = "stop_sms_optouts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    phone_number: Mapped[str] = mapped_column(sa.String(64))
+    tag: Mapped[str] = mapped_column(sa.String(64))
+    reported_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    first_seen_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (sa.UniqueConstraint("phone_number", "tag"),)
+
+
+class PollRun(Base):
+    """One poll of one tag, successful or not."""
+
+    __tablename__ = "poll_runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tag: Mapped[str] = mapped_column(sa.String(64))
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    outcome: Mapped[str] = mapped_column(sa.String(16))
+    pages: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    numbers_seen: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    numbers_changed: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    error: Mapped[str | None] = mapped_column(sa.Text)
+
+    __table_args__ = (
+        sa.CheckConstraint(_in("outcome", POLL_OUTCOMES), name="outcome"),
+        sa.Index(None, "tag", "started_at"),
+    )
+
+
+metadata = Base.metadata
+tracked_tags = TrackedTag.__table__
+delivery_statuses = DeliveryStatus.__table__
+delivery_status_events = DeliveryStatusEvent.__table__
+stop_sms_optouts = StopSmsOptout.__table__
+poll_runs = PollRun.__table__
+
+
+def _count(status: str) -> str:
+    return f"SUM(CASE WHEN d.status = '{status}' THEN 1 ELSE 0 END)"
+
+
+#: The BI view; its columns are public API. Plain SQL that both engines accept.
+TAG_SUMMARY_SQL = f"""
+SELECT t.tag AS tag, t.sent_at AS sent_at, t.window_ends_at AS window_ends_at,
+       t.state AS state,
+       COUNT(d.id) AS total,
+       {_count("waiting")} AS waiting,
+       {_count("delivered")} AS delivered,
+       {_count("not_delivered")} AS not_delivered,
+       {_count("failed")} AS failed,
+       {_count("expired")} AS expired,
+       {_count("unknown")} AS unknown,
+       SUM(CASE WHEN d.stop_sms THEN 1 ELSE 0 END) AS stop_sms,
+       CASE WHEN COUNT(d.id) = 0 THEN NULL
+            ELSE CAST({_count("delivered")} AS DOUBLE PRECISION) / COUNT(d.id)
+       END AS delivery_rate,
+       t.last_polled_at AS last_polled_at
+FROM tracked_tags t
+LEFT JOIN delivery_statuses d ON d.tag = t.tag
+GROUP BY t.tag, t.sent_at, t.window_ends_at, t.state, t.last_polled_at
+"""
+
+
+def create_engine(url: str, *, echo: bool = False) -> Engine:
+    """An engine tuned per dialect.
+
+    SQLite: WAL (readers never block the writer: BI tools can read while we poll), a
+    busy timeout instead of instant "database is locked", foreign keys on.
+    PostgreSQL: pre-ping so a restarted server costs one failed checkout, not a crash.
+    """
+    sa_url = sa.engine.make_url(url)
+    if sa_url.get_backend_name() == "sqlite":
+        database = sa_url.database
+        if database and database != ":memory:":
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, echo=echo, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if sa_url.drivername == "postgresql":
+        sa_url = sa_url.set(drivername="postgresql+psycopg")
+    return sa.create_engine(sa_url, echo=echo, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

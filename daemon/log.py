@@ -1,0 +1,125 @@
+"""Logging: structlog for our events, the stdlib loggers of httpx, SQLAlchemy and
+APScheduler bridged into the same stream, and one redaction processor in front of every
+renderer so no secret can reach any output at any level.
+
+httpx logs each request URL with its query string (``apiKey=…``) at INFO/DEBUG; the
+redaction processor masks ``apiKey=`` values by pattern and every configured secret by
+value, so even a log line we did not write cannot leak the key.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+_KEY_PARAM = re.compile(r"(?i)(api_?key=)[^&\s\"'<>]*")
+_MASK = "***"
+
+
+class Redactor:
+    """A structlog processor that masks secrets in every string of an event."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        from urllib.parse import quote, quote_plus
+
+        variants = set()
+        for secret in secrets:
+            if len(secret) >= 4:  # masking "a" everywhere would garble logs, not protect
+                variants.update({secret, quote(secret, safe=""), quote_plus(secret)})
+        self._secrets = sorted(variants, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        """Mask ``apiKey=`` query values and every known secret in ``text``."""
+        text = _KEY_PARAM.sub(rf"\g<1>{_MASK}", text)
+        for secret in self._secrets:
+            text = text.replace(secret, _MASK)
+        return text
+
+    def _clean(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, dict):
+            return {k: self._clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self._clean(v) for v in value)
+        if isinstance(value, BaseException):
+            return self.redact(f"{type(value).__name__}: {value}")
+        return value
+
+    def __call__(
+        self, logger: Any, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key, value in list(event.items()):
+            event[key] = self._clean(value)
+        return event
+
+
+def configure_logging(
+    *,
+    level: str = "info",
+    fmt: str = "auto",
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+) -> Redactor:
+    """Set up structlog and the stdlib bridge; returns the redactor for reuse.
+
+    Args:
+        level: minimum level name for our events and third-party loggers.
+        fmt: ``json``, ``console``, or ``auto`` (console on a TTY, JSON otherwise).
+        secrets: values to mask wherever they appear.
+        stream: where lines go (the daemon logs to stdout; data-printing CLI verbs log
+            to stderr so ``--json`` output stays parseable).
+    """
+    out = stream or sys.stdout
+    redactor = Redactor(secrets)
+    use_console = fmt == "console" or (fmt == "auto" and out.isatty())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=out.isatty())
+        if use_console
+        else structlog.processors.JSONRenderer()
+    )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.format_exc_info,
+            redactor,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redactor,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS[level])
+    # httpx logs every request at INFO; keep it for debug runs only.
+    for noisy in ("httpx", "httpcore", "apscheduler", "sqlalchemy", "alembic"):
+        logging.getLogger(noisy).setLevel(
+            logging.DEBUG if level == "debug" and noisy != "httpcore" else logging.WARNING
+        )
+    return redactor

@@ -1,0 +1,224 @@
+"""One poll of one tag: fetch every page → merge → store in one transaction → one
+``poll_runs`` row → one canonical log line.
+
+The fetch happens before the transaction opens, so a slow provider never holds a
+database lock; everything the poll writes (statuses, events, opt-outs, the tag's new
+state and the run row) commits together or not at all. A failed fetch writes only the
+run row and the tag's failure counters: stored statuses are never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Connection, Engine, RowMapping
+
+from daemon import store
+from daemon.errors import (
+    ApiError,
+    AuthError,
+    DatabaseUnavailableError,
+    InputError,
+    NoMessagesError,
+)
+from daemon.settings import Settings
+from daemon.smspartner import FetchResult, SmsPartnerClient
+from daemon.status import PENDING, is_complete, merge_reports, next_poll_at, window_closed
+
+log = structlog.get_logger(__name__)
+
+#: After the window closes, a failing last poll is retried this long before the tag
+#: expires anyway (design.md: "for up to one more hour").
+EXPIRY_GRACE = timedelta(hours=1)
+#: How long codes 1/10 pause a tag (and, in the daemon, all polling).
+AUTH_RETRY = timedelta(minutes=5)
+
+
+@dataclass(frozen=True, slots=True)
+class PollResult:
+    """What one poll did, for the CLI summary, the scheduler and metrics."""
+
+    tag: str
+    outcome: str  # ok | api_error | transient_error | auth_error (poll_runs.outcome)
+    state: str
+    pages: int = 0
+    numbers_seen: int = 0
+    changed: int = 0
+    events: int = 0
+    optouts: int = 0
+    skipped: int = 0
+    expired: int = 0
+    no_messages: bool = False
+    error: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Whether the poll succeeded (code 4, "no messages yet", is a success)."""
+        return self.outcome == "ok"
+
+
+class Poller:
+    """Polls single tags; shared by the CLI's ``poll`` and the daemon's worker pool."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        client: SmsPartnerClient,
+        settings: Settings,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._engine = engine
+        self._client = client
+        self._settings = settings
+        self._cadence = settings.cadence
+        self._clock = clock
+
+    def poll(self, tag: str) -> PollResult:
+        """Poll one tracked tag now and store what changed.
+
+        Raises:
+            InputError: the tag is not tracked.
+            DatabaseUnavailableError: the database failed; nothing of this poll is kept.
+        """
+        now = self._clock()
+        try:
+            with self._engine.connect() as conn:
+                row = store.get_tag(conn, tag)
+        except sa.exc.OperationalError as exc:
+            raise DatabaseUnavailableError(f"database error: {exc.orig}") from exc
+        if row is None:
+            raise InputError(f"tag {tag!r} is not tracked; run `smspartner-status track {tag}`")
+
+        fetched, error, outcome = FetchResult([], 0, 0, 0, "empty_page"), None, "ok"
+        no_messages = False
+        try:
+            fetched = self._client.fetch_tag(tag)
+        except NoMessagesError:
+            no_messages = True
+        except AuthError as exc:
+            outcome, error = "auth_error", str(exc)
+        except ApiError as exc:
+            outcome = "transient_error" if exc.transient else "api_error"
+            error = str(exc)
+
+        try:
+            with self._engine.begin() as conn:
+                result = self._store(conn, row, now, fetched, outcome, error, no_messages)
+        except sa.exc.OperationalError as exc:
+            raise DatabaseUnavailableError(f"database error: {exc.orig}") from exc
+        self._log(result)
+        return result
+
+    def _store(
+        self,
+        conn: Connection,
+        row: RowMapping,
+        now: datetime,
+        fetched: FetchResult,
+        outcome: str,
+        error: str | None,
+        no_messages: bool,
+    ) -> PollResult:
+        tag: str = row["tag"]
+        sent_at: datetime = row["sent_at"]
+        window_ends_at: datetime = row["window_ends_at"] or sent_at + self._settings.report_window
+        ok = outcome == "ok"
+        applied = store.Applied()
+        merged = merge_reports(fetched.reports)
+        if ok:
+            applied = store.apply_reports(conn, tag, merged, now=now)
+
+        expired = 0
+        closed = window_closed(window_ends_at, now)
+        if closed and (ok or window_closed(window_ends_at + EXPIRY_GRACE, now)):
+            expired = store.expire_pending(conn, tag, now=now)
+            state, due = "expired", None
+        else:
+            counts = store.status_counts(conn, tag)
+            pending = sum(counts.get(s.value, 0) for s in PENDING)
+            complete = ok and is_complete(
+                total=sum(counts.values()),
+                pending=pending,
+                sent_at=sent_at,
+                now=now,
+                settle=self._settings.settle,
+            )
+            state = "completed" if complete else "active"
+            due = None if complete else self._next_due(row, now, ok, outcome)
+        finished = self._clock()
+        store.record_poll_run(
+            conn,
+            tag,
+            started_at=now,
+            finished_at=finished,
+            outcome=outcome,
+            pages=fetched.pages,
+            numbers_seen=len(merged),
+            numbers_changed=applied.changed + expired,
+            error=error,
+        )
+        store.finish_poll(conn, tag, now=now, ok=ok, state=state, next_poll_at=due, error=error)
+        for phone, reported_at in applied.optouts:
+            log.info("stop_sms.opt_out", tag=tag, phone_number=phone, reported_at=reported_at)
+        return PollResult(
+            tag=tag,
+            outcome=outcome,
+            state=state,
+            pages=fetched.pages,
+            numbers_seen=len(merged),
+            changed=applied.changed + expired,
+            events=applied.events + expired,
+            optouts=len(applied.optouts),
+            skipped=fetched.skipped,
+            expired=expired,
+            no_messages=no_messages,
+            error=error,
+            counts=store.status_counts(conn, tag),
+            seconds=(finished - now).total_seconds(),
+        )
+
+    def _next_due(self, row: RowMapping, now: datetime, ok: bool, outcome: str) -> datetime:
+        if outcome == "auth_error":
+            return now + AUTH_RETRY
+        sent_at: datetime = row["sent_at"]
+        window_ends_at = row["window_ends_at"] or sent_at + self._settings.report_window
+        failures = 0 if ok else row["consecutive_failures"] + 1
+        due = next_poll_at(
+            sent_at=sent_at,
+            window_ends_at=window_ends_at,
+            now=now,
+            cadence=self._cadence,
+            consecutive_failures=failures,
+        )
+        if not ok and window_closed(window_ends_at, now):
+            # The last poll failed after the window closed: retry within the grace hour.
+            due = min(due, window_ends_at + EXPIRY_GRACE)
+        return due
+
+    @staticmethod
+    def _log(result: PollResult) -> None:
+        fields = {
+            "tag": result.tag,
+            "outcome": result.outcome,
+            "state": result.state,
+            "pages": result.pages,
+            "numbers_seen": result.numbers_seen,
+            "numbers_changed": result.changed,
+            "events": result.events,
+            "optouts": result.optouts,
+            "skipped": result.skipped,
+            "expired": result.expired,
+            "waiting": sum(result.counts.get(s.value, 0) for s in PENDING),
+            "duration_ms": round(result.seconds * 1000, 1),
+        }
+        if result.ok:
+            log.info("poll.completed", no_messages=result.no_messages, **fields)
+        else:
+            log.warning("poll.failed", error=result.error, **fields)

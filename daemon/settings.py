@@ -1,0 +1,155 @@
+"""Configuration: one typed object, built once in ``main()`` and passed down.
+
+Every value comes from ``SMSPARTNER_*`` environment variables or a ``.env`` file in the
+working directory. Secrets (the API key, the HTTP token, the database URL, which may
+hold a password) may also come from a file named by ``SMSPARTNER_<NAME>_FILE`` or from
+systemd's ``$CREDENTIALS_DIRECTORY/<name>`` (``LoadCredential=api_key:…``); a variable
+set directly wins over a file. A bad value fails fast with one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from daemon.errors import ConfigError
+from daemon.status import CadenceStep, parse_cadence
+
+ENV_PREFIX = "SMSPARTNER_"
+#: Settings that may be read from files (``*_FILE`` or systemd credentials).
+SECRET_FIELDS = ("api_key", "http_token", "database_url")
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be told; names are public API (see README)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True
+    )
+
+    api_key: SecretStr | None = None
+    base_url: str = "https://api.smspartner.fr/v1"
+    database_url: SecretStr = SecretStr("sqlite:///smspartner-status.db")
+    report_window_hours: float = Field(48.0, gt=0)
+    http_timeout_seconds: float = Field(10.0, gt=0)
+    max_retries: int = Field(3, ge=0, le=20)
+    retry_backoff_seconds: float = Field(1.0, ge=0)
+    rate_limit_per_second: float = Field(5.0, ge=0)
+    concurrency: int = Field(4, ge=1, le=64)
+    poll_cadence: str = "15m=1m,2h=5m,12h=15m,48h=1h"
+    settle_minutes: float = Field(10.0, ge=0)
+    max_pages: int = Field(1000, ge=1)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8787, ge=0, le=65535)
+    http_token: SecretStr | None = None
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    auto_migrate: bool = True
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr) -> SecretStr:
+        try:
+            url = make_url(value.get_secret_value())
+        except ArgumentError:
+            raise ValueError("is not a database URL like sqlite:///file.db") from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError("only sqlite:/// and postgresql:// URLs are supported")
+        return value
+
+    @field_validator("poll_cadence")
+    @classmethod
+    def _check_cadence(cls, value: str) -> str:
+        parse_cadence(value)
+        return value
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lowercase(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @property
+    def cadence(self) -> tuple[CadenceStep, ...]:
+        """The parsed poll cadence."""
+        return parse_cadence(self.poll_cadence)
+
+    @property
+    def report_window(self) -> timedelta:
+        """How long after sending a delivery report can still arrive."""
+        return timedelta(hours=self.report_window_hours)
+
+    @property
+    def settle(self) -> timedelta:
+        """How long after sending a fully resolved tag may be marked completed."""
+        return timedelta(minutes=self.settle_minutes)
+
+    @property
+    def safe_database_url(self) -> str:
+        """The database URL with its password masked, for messages and logs."""
+        return make_url(self.database_url.get_secret_value()).render_as_string(
+            hide_password=True
+        )
+
+    def secrets(self) -> list[str]:
+        """Every secret value, for the log redaction processor."""
+        found = [s.get_secret_value() for s in (self.api_key, self.http_token) if s]
+        password = make_url(self.database_url.get_secret_value()).password
+        if password:
+            found.append(str(password))
+        return [s for s in found if s]
+
+
+def _file_secrets(environ: Mapping[str, str]) -> dict[str, str]:
+    """Secrets read from ``*_FILE`` variables and systemd's credentials directory."""
+    found: dict[str, str] = {}
+    creds = environ.get("CREDENTIALS_DIRECTORY")
+    for name in SECRET_FIELDS:
+        env_name = ENV_PREFIX + name.upper()
+        if environ.get(env_name):
+            continue
+        path: Path | None = None
+        if environ.get(env_name + "_FILE"):
+            path = Path(environ[env_name + "_FILE"])
+        elif creds and (Path(creds) / name).is_file():
+            path = Path(creds) / name
+        if path is None:
+            continue
+        try:
+            found[name] = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{env_name}_FILE: cannot read {path}: {exc.strerror}") from None
+    return found
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build the settings, or raise :class:`ConfigError` naming the bad variable.
+
+    Args:
+        environ: the environment to read secrets' ``*_FILE`` paths from (default
+            ``os.environ``; the variables themselves are read by pydantic-settings).
+        overrides: values that win over the environment (CLI options, tests).
+    """
+    values: dict[str, object] = {**_file_secrets(os.environ if environ is None else environ)}
+    values.update(overrides)
+    try:
+        return Settings(**values)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "settings"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{ENV_PREFIX}{field.upper()}: {message}") from None

@@ -1,0 +1,242 @@
+"""The pure core: what a provider status means, which report wins, when a tag is due.
+
+Nothing here does I/O or reads a clock: every function that depends on time takes
+``now``. The store's upsert statement encodes the same forward-only rule as
+:func:`supersedes` (in SQL, so it also holds across processes); the two are kept side
+by side in tests.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+
+class Status(enum.StrEnum):
+    """A number's delivery status as stored in ``delivery_statuses.status``."""
+
+    DELIVERED = "delivered"
+    NOT_DELIVERED = "not_delivered"
+    FAILED = "failed"
+    WAITING = "waiting"
+    UNKNOWN = "unknown"
+    EXPIRED = "expired"
+
+
+#: Final statuses reported by the provider.
+PROVIDER_FINAL = frozenset({Status.DELIVERED, Status.NOT_DELIVERED, Status.FAILED})
+#: Every status that ends a number's life (``expired`` is our own verdict).
+FINAL = PROVIDER_FINAL | {Status.EXPIRED}
+#: Statuses that keep a number on the re-check list.
+PENDING = frozenset({Status.WAITING, Status.UNKNOWN})
+
+_PROVIDER_STATUSES = {
+    "delivered": Status.DELIVERED,
+    "not delivered": Status.NOT_DELIVERED,
+    "ko": Status.FAILED,
+    "waiting": Status.WAITING,
+}
+
+
+def map_provider_status(raw: str) -> Status:
+    """Map the provider's status text, compared trimmed and case-insensitively.
+
+    Anything not documented becomes ``unknown``; the caller keeps the raw text.
+    """
+    return _PROVIDER_STATUSES.get(" ".join(raw.split()).lower(), Status.UNKNOWN)
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One number's status as one response reported it."""
+
+    phone_number: str
+    status: Status
+    provider_status: str
+    stop_sms: bool
+    reported_at: datetime | None
+
+
+def supersedes(new: Report, old: Report) -> bool:
+    """Whether ``new`` changes what is stored for ``old`` (same number).
+
+    The forward-only rule of design.md: a final status is never replaced by a pending
+    one; between two provider-final statuses a strictly later ``reported_at`` wins (an
+    undated report never replaces a final one); a provider-final status beats our own
+    ``expired``; pending statuses may change among themselves; ``stop_sms`` only turns on.
+    """
+    if new.stop_sms and not old.stop_sms:
+        return True
+    return status_advances(new, old)
+
+
+def status_advances(new: Report, old: Report) -> bool:
+    """Whether ``new``'s status (not its stop flag) should replace ``old``'s."""
+    if old.status in PENDING:
+        return new.status != old.status or (
+            new.status is Status.UNKNOWN and new.provider_status != old.provider_status
+        )
+    if old.status is Status.EXPIRED:
+        return new.status in PROVIDER_FINAL
+    if new.status not in PROVIDER_FINAL or new.status == old.status:
+        return False
+    if new.reported_at is None:
+        return False
+    return old.reported_at is None or new.reported_at > old.reported_at
+
+
+def merge(new: Report, old: Report) -> Report:
+    """The report to keep when the same number is seen twice (in one poll or across)."""
+    advances = status_advances(new, old)
+    base = new if advances else old
+    return Report(
+        phone_number=old.phone_number,
+        status=base.status,
+        provider_status=base.provider_status,
+        stop_sms=old.stop_sms or new.stop_sms,
+        reported_at=base.reported_at,
+    )
+
+
+def merge_reports(reports: Iterable[Report]) -> dict[str, Report]:
+    """Collapse reports to one per number, each with its most advanced status."""
+    merged: dict[str, Report] = {}
+    for report in reports:
+        seen = merged.get(report.phone_number)
+        merged[report.phone_number] = report if seen is None else merge(report, seen)
+    return merged
+
+
+def parse_provider_date(raw: object) -> datetime | None:
+    """Parse the provider's ``date`` (Unix seconds, usually as a string).
+
+    Returns None for anything that is not a plausible timestamp (empty, garbage,
+    negative, beyond year 9999), so one bad date never loses a status.
+    """
+    if isinstance(raw, bool) or raw is None:
+        return None
+    try:
+        seconds = float(raw.strip()) if isinstance(raw, str) else float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    if not 0 < seconds < 253_402_300_800:  # 9999-12-31
+        return None
+    return datetime.fromtimestamp(int(seconds), tz=UTC)
+
+
+# --- tags ---------------------------------------------------------------------------
+
+_TAG_MAX = 64
+_PROVIDER_TAG_MAX = 20
+
+
+def tag_problem(tag: str) -> str | None:
+    """Why ``tag`` cannot be tracked, or None when it can (1–64 printable, no spaces)."""
+    if not tag:
+        return "tag must not be empty"
+    if len(tag) > _TAG_MAX:
+        return f"tag must be at most {_TAG_MAX} characters (got {len(tag)})"
+    if any(ch.isspace() for ch in tag):
+        return "tag must not contain whitespace"
+    if not tag.isprintable():
+        return "tag must contain printable characters only"
+    return None
+
+
+def tag_warnings(tag: str) -> list[str]:
+    """Valid but suspicious: the provider documents tags as ≤ 20 chars, lowercase."""
+    warnings = []
+    if len(tag) > _PROVIDER_TAG_MAX:
+        warnings.append(f"SMS Partner documents tags of at most {_PROVIDER_TAG_MAX} characters")
+    if tag != tag.lower():
+        warnings.append("SMS Partner documents lowercase tags; the tag is kept as given")
+    return warnings
+
+
+# --- cadence and lifecycle ----------------------------------------------------------
+
+#: One step of the poll cadence: tags younger than ``until`` are polled ``every``.
+@dataclass(frozen=True, slots=True)
+class CadenceStep:
+    """Poll every ``every`` while the tag is younger than ``until``."""
+
+    until: timedelta
+    every: timedelta
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``90s``, ``5m``, ``2h``, ``1d``; raise ValueError with the text otherwise."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 30s, 5m, 2h or 1d")
+    return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+
+
+def parse_cadence(spec: str) -> tuple[CadenceStep, ...]:
+    """Parse ``15m=1m,2h=5m,12h=15m,48h=1h`` (until age = every), ages increasing."""
+    steps = []
+    for part in spec.split(","):
+        until, sep, every = part.partition("=")
+        if not sep:
+            raise ValueError(f"{part.strip()!r} is not AGE=INTERVAL (like 15m=1m)")
+        step = CadenceStep(parse_duration(until), parse_duration(every))
+        if step.every <= timedelta(0):
+            raise ValueError(f"interval in {part.strip()!r} must be positive")
+        if steps and step.until <= steps[-1].until:
+            raise ValueError("cadence ages must increase from left to right")
+        steps.append(step)
+    if not steps:
+        raise ValueError("cadence must have at least one AGE=INTERVAL step")
+    return tuple(steps)
+
+
+def cadence_interval(age: timedelta, cadence: Sequence[CadenceStep]) -> timedelta:
+    """The poll interval for a tag of this age (the last step beyond the last age)."""
+    for step in cadence:
+        if age < step.until:
+            return step.every
+    return cadence[-1].every
+
+
+def next_poll_at(
+    *,
+    sent_at: datetime,
+    window_ends_at: datetime,
+    now: datetime,
+    cadence: Sequence[CadenceStep],
+    consecutive_failures: int = 0,
+    retry_base: timedelta = timedelta(seconds=30),
+) -> datetime:
+    """When a tag polled (or attempted) at ``now`` is due next.
+
+    After failures the wait doubles from ``retry_base`` but never exceeds the tag's
+    cadence, so a flaky tag is never polled less often than a healthy one would be.
+    The last poll is pinned to the window's end so it always happens.
+    """
+    interval = cadence_interval(now - sent_at, cadence)
+    if consecutive_failures > 0:
+        backoff = retry_base * (2 ** min(consecutive_failures - 1, 20))
+        interval = min(interval, backoff)
+    due = now + interval
+    if now < window_ends_at < due:
+        return window_ends_at
+    return due
+
+
+def window_closed(window_ends_at: datetime, now: datetime) -> bool:
+    """Whether the delivery-report window is over."""
+    return now >= window_ends_at
+
+
+def is_complete(
+    *, total: int, pending: int, sent_at: datetime, now: datetime, settle: timedelta
+) -> bool:
+    """A tag is complete when it has numbers, none pending, and has settled."""
+    return total > 0 and pending == 0 and now - sent_at >= settle

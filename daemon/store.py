@@ -1,0 +1,388 @@
+"""The statements: every read and write of our tables, one function each.
+
+Functions take an open :class:`~sqlalchemy.engine.Connection` and never commit: the
+caller owns the transaction (one per poll of a tag). Upserts are single
+``INSERT … ON CONFLICT … DO UPDATE … WHERE <forward-only>`` statements, so the rule
+of :func:`daemon.status.supersedes` holds in the database itself, even when two
+processes write the same row. Before writing, a poll diffs against what is stored and
+sends only the numbers that would change, so a re-poll of an unchanged tag writes
+nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, RowMapping
+
+from daemon.db import (
+    UtcDateTime,
+    delivery_status_events,
+    delivery_statuses,
+    poll_runs,
+    stop_sms_optouts,
+    tracked_tags,
+)
+from daemon.status import FINAL, PENDING, PROVIDER_FINAL, Report, Status, supersedes
+
+_ds = delivery_statuses.c
+_tt = tracked_tags.c
+
+
+def _insert(conn: Connection, table: sa.Table) -> Any:
+    """The dialect's INSERT, which knows ON CONFLICT (both engines spell it the same)."""
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+def _values(statuses: Iterable[Status]) -> list[Any]:
+    """Statuses as SQL literals: an upsert run with executemany cannot expand IN lists."""
+    return [sa.literal_column(f"'{s.value}'") for s in sorted(statuses)]
+
+
+# --- tags -----------------------------------------------------------------------------
+
+
+def get_tag(conn: Connection, tag: str) -> RowMapping | None:
+    """One ``tracked_tags`` row, or None."""
+    return conn.execute(sa.select(tracked_tags).where(_tt.tag == tag)).mappings().first()
+
+
+def list_tags(conn: Connection) -> list[RowMapping]:
+    """Every tracked tag, newest send first."""
+    query = sa.select(tracked_tags).order_by(_tt.sent_at.desc(), _tt.tag)
+    return list(conn.execute(query).mappings())
+
+
+def track(
+    conn: Connection, tag: str, *, sent_at: datetime, window_ends_at: datetime, now: datetime
+) -> None:
+    """Start tracking a tag, or re-activate it.
+
+    Re-tracking moves the window to the new ``sent_at`` only when it is later, and makes
+    the tag due now; a tag's stored numbers are never touched.
+    """
+    stmt = _insert(conn, tracked_tags).values(
+        tag=tag,
+        sent_at=sent_at,
+        window_ends_at=window_ends_at,
+        state="active",
+        next_poll_at=now,
+        created_at=now,
+        updated_at=now,
+    )
+    later = stmt.excluded.sent_at > _tt.sent_at
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[_tt.tag],
+        set_={
+            "state": "active",
+            "sent_at": sa.case((later, stmt.excluded.sent_at), else_=_tt.sent_at),
+            "window_ends_at": sa.case(
+                (later, stmt.excluded.window_ends_at), else_=_tt.window_ends_at
+            ),
+            "next_poll_at": stmt.excluded.next_poll_at,
+            "consecutive_failures": 0,
+            "updated_at": now,
+        },
+    )
+    conn.execute(stmt)
+
+
+def untrack(conn: Connection, tag: str, *, now: datetime) -> bool:
+    """Stop polling a tag (its data stays); False when the tag is not tracked."""
+    result = conn.execute(
+        sa.update(tracked_tags)
+        .where(_tt.tag == tag)
+        .values(state="untracked", next_poll_at=None, updated_at=now)
+    )
+    return result.rowcount > 0
+
+
+def fill_missing_windows(conn: Connection, *, window: Any, now: datetime) -> list[str]:
+    """Complete rows that another program inserted with only a tag (and maybe sent_at).
+
+    Such rows have no ``window_ends_at``; give them one and make them due now.
+    """
+    rows = conn.execute(
+        sa.select(_tt.tag, _tt.sent_at).where(_tt.window_ends_at.is_(None))
+    ).all()
+    for tag, sent_at in rows:
+        conn.execute(
+            sa.update(tracked_tags)
+            .where(_tt.tag == tag)
+            .values(
+                sent_at=sent_at,  # rewritten in our canonical format
+                window_ends_at=sent_at + window,
+                next_poll_at=sa.func.coalesce(_tt.next_poll_at, now),
+                updated_at=now,
+            )
+        )
+    return [tag for tag, _ in rows]
+
+
+def finish_poll(
+    conn: Connection,
+    tag: str,
+    *,
+    now: datetime,
+    ok: bool,
+    state: str,
+    next_poll_at: datetime | None,
+    error: str | None = None,
+) -> None:
+    """Record a poll's effect on its tag: counters, state, next due time, lease released."""
+    values: dict[str, Any] = {
+        "last_polled_at": now,
+        "poll_count": _tt.poll_count + 1,
+        "state": state,
+        "next_poll_at": next_poll_at,
+        "last_error": error,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "updated_at": now,
+    }
+    if ok:
+        values.update(last_success_at=now, consecutive_failures=0)
+    else:
+        values["consecutive_failures"] = _tt.consecutive_failures + 1
+    conn.execute(sa.update(tracked_tags).where(_tt.tag == tag).values(**values))
+
+
+# --- statuses ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Applied:
+    """What one poll changed."""
+
+    changed: int = 0
+    events: int = 0
+    optouts: list[tuple[str, datetime | None]] = field(default_factory=list)
+
+
+def _forward_only(stmt: Any) -> tuple[Any, Any]:
+    """SQL for "the incoming row's status replaces the stored one", and "stop turns on".
+
+    The same rule as :func:`daemon.status.status_advances`, evaluated by the database.
+    """
+    old, new = _ds, stmt.excluded
+    pending, provider_final = _values(PENDING), _values(PROVIDER_FINAL)
+    advances = sa.or_(
+        sa.and_(
+            old.status.in_(pending),
+            sa.or_(
+                new.status != old.status,
+                sa.and_(
+                    new.status == Status.UNKNOWN.value,
+                    new.provider_status.is_distinct_from(old.provider_status),
+                ),
+            ),
+        ),
+        sa.and_(old.status == Status.EXPIRED.value, new.status.in_(provider_final)),
+        sa.and_(
+            old.status.in_(provider_final),
+            new.status.in_(provider_final),
+            new.status != old.status,
+            new.reported_at.is_not(None),
+            sa.or_(old.reported_at.is_(None), new.reported_at > old.reported_at),
+        ),
+    )
+    stop_turns_on = sa.and_(new.stop_sms.is_(True), old.stop_sms.is_(False))
+    return advances, stop_turns_on
+
+
+def _upsert_statuses(conn: Connection) -> Any:
+    stmt = _insert(conn, delivery_statuses)
+    old, new = _ds, stmt.excluded
+    advances, stop_turns_on = _forward_only(stmt)
+    became_final = sa.and_(
+        advances, sa.or_(old.resolved_at.is_(None), old.status == Status.EXPIRED.value)
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=[_ds.tag, _ds.phone_number],
+        set_={
+            "status": sa.case((advances, new.status), else_=old.status),
+            "provider_status": sa.case((advances, new.provider_status), else_=old.provider_status),
+            "reported_at": sa.case((advances, new.reported_at), else_=old.reported_at),
+            "resolved_at": sa.case((became_final, new.resolved_at), else_=old.resolved_at),
+            "stop_sms": sa.or_(old.stop_sms, new.stop_sms),
+            "updated_at": new.updated_at,
+        },
+        where=sa.or_(advances, stop_turns_on),
+    ).returning(_ds.phone_number, _ds.status, _ds.stop_sms, _ds.reported_at)
+
+
+def stored_reports(conn: Connection, tag: str) -> dict[str, Report]:
+    """What is stored for a tag, as reports keyed by number."""
+    rows = conn.execute(
+        sa.select(
+            _ds.phone_number, _ds.status, _ds.provider_status, _ds.stop_sms, _ds.reported_at
+        ).where(_ds.tag == tag)
+    )
+    return {
+        phone: Report(phone, Status(status), provider or "", bool(stop), reported)
+        for phone, status, provider, stop, reported in rows
+    }
+
+
+def apply_reports(
+    conn: Connection, tag: str, reports: Mapping[str, Report], *, now: datetime
+) -> Applied:
+    """Upsert one poll's merged reports; write an event per real status change and an
+    opt-out row per new STOP.
+
+    Only numbers that would change are sent to the database; the statement's WHERE
+    re-checks the rule, and what it RETURNs is what really changed.
+    """
+    stored = stored_reports(conn, tag)
+    rows = []
+    for phone, report in reports.items():
+        old = stored.get(phone)
+        if old is not None and (old == report or not supersedes(report, old)):
+            continue
+        rows.append(
+            {
+                "tag": tag,
+                "phone_number": phone,
+                "status": report.status.value,
+                "provider_status": report.provider_status,
+                "stop_sms": report.stop_sms,
+                "reported_at": report.reported_at,
+                "first_seen_at": now,
+                "resolved_at": now if report.status in FINAL else None,
+                "updated_at": now,
+            }
+        )
+    applied = Applied()
+    if not rows:
+        return applied
+    changed = conn.execute(_upsert_statuses(conn), rows).all()
+    applied.changed = len(changed)
+    events, new_stops = [], []
+    for phone, status, stop_sms, reported_at in changed:
+        old = stored.get(phone)
+        if old is None or old.status.value != status:
+            events.append(
+                {
+                    "tag": tag,
+                    "phone_number": phone,
+                    "old_status": old.status.value if old else None,
+                    "new_status": status,
+                    "reported_at": reported_at,
+                    "observed_at": now,
+                }
+            )
+        if stop_sms and not (old and old.stop_sms):
+            new_stops.append(
+                {"phone_number": phone, "tag": tag, "reported_at": reported_at,
+                 "first_seen_at": now}
+            )
+    if events:
+        conn.execute(sa.insert(delivery_status_events), events)
+        applied.events = len(events)
+    if new_stops:
+        stmt = (
+            _insert(conn, stop_sms_optouts)
+            .on_conflict_do_nothing(index_elements=["phone_number", "tag"])
+            .returning(stop_sms_optouts.c.phone_number, stop_sms_optouts.c.reported_at)
+        )
+        applied.optouts = [(p, r) for p, r in conn.execute(stmt, new_stops).all()]
+    return applied
+
+
+def expire_pending(conn: Connection, tag: str, *, now: datetime) -> int:
+    """Mark every still-pending number of a closed window ``expired``, with its events."""
+    pending = _values(PENDING)
+    where = sa.and_(_ds.tag == tag, _ds.status.in_(pending))
+    source = sa.select(
+        _ds.tag,
+        _ds.phone_number,
+        _ds.status,
+        sa.literal(Status.EXPIRED.value),
+        _ds.reported_at,
+        sa.literal(now, type_=delivery_status_events.c.observed_at.type),
+    ).where(where)
+    conn.execute(
+        sa.insert(delivery_status_events).from_select(
+            ["tag", "phone_number", "old_status", "new_status", "reported_at", "observed_at"],
+            source,
+        )
+    )
+    result = conn.execute(
+        sa.update(delivery_statuses)
+        .where(where)
+        .values(status=Status.EXPIRED.value, resolved_at=now, updated_at=now)
+    )
+    return result.rowcount
+
+
+def status_counts(conn: Connection, tag: str) -> dict[str, int]:
+    """Numbers per status for one tag."""
+    rows = conn.execute(
+        sa.select(_ds.status, sa.func.count()).where(_ds.tag == tag).group_by(_ds.status)
+    )
+    return {status: count for status, count in rows}
+
+
+def record_poll_run(
+    conn: Connection,
+    tag: str,
+    *,
+    started_at: datetime,
+    finished_at: datetime,
+    outcome: str,
+    pages: int = 0,
+    numbers_seen: int = 0,
+    numbers_changed: int = 0,
+    error: str | None = None,
+) -> None:
+    """One ``poll_runs`` row."""
+    conn.execute(
+        sa.insert(poll_runs).values(
+            tag=tag,
+            started_at=started_at,
+            finished_at=finished_at,
+            outcome=outcome,
+            pages=pages,
+            numbers_seen=numbers_seen,
+            numbers_changed=numbers_changed,
+            error=error,
+        )
+    )
+
+
+# --- reports for people ------------------------------------------------------------------
+
+def tag_summary(conn: Connection, tag: str | None = None) -> list[RowMapping]:
+    """Rows of the ``tag_summary`` view (all tags, or one), newest send first."""
+    where = " WHERE tag = :tag" if tag else ""
+    query = sa.text(f"SELECT * FROM tag_summary{where} ORDER BY sent_at DESC, tag").columns(
+        sent_at=UtcDateTime(), window_ends_at=UtcDateTime(), last_polled_at=UtcDateTime()
+    )
+    params = {"tag": tag} if tag else {}
+    return list(conn.execute(query, params).mappings())
+
+
+def numbers(conn: Connection, tag: str) -> Sequence[RowMapping]:
+    """Every number of a tag with its current status."""
+    query = (
+        sa.select(
+            _ds.phone_number, _ds.status, _ds.provider_status, _ds.stop_sms,
+            _ds.reported_at, _ds.first_seen_at, _ds.resolved_at,
+        )
+        .where(_ds.tag == tag)
+        .order_by(_ds.phone_number)
+    )
+    return conn.execute(query).mappings().all()
+
+
+def optouts(conn: Connection) -> Sequence[RowMapping]:
+    """Every STOP opt-out, oldest first."""
+    query = sa.select(stop_sms_optouts).order_by(
+        stop_sms_optouts.c.first_seen_at, stop_sms_optouts.c.id
+    )
+    return conn.execute(query).mappings().all()

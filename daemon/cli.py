@@ -29,7 +29,7 @@ from daemon.log import configure_logging
 from daemon.poller import Poller, PollResult
 from daemon.settings import Settings, load_settings
 from daemon.smspartner import SmsPartnerClient
-from daemon.status import PENDING, tag_problem, tag_warnings
+from daemon.status import tag_problem, tag_warnings
 
 log = structlog.get_logger(__name__)
 
@@ -225,8 +225,17 @@ def cmd_untrack(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-TAG_COLUMNS = ("tag", "state", "sent_at", "window_ends_at", "next_poll_at", "last_success_at",
-               "poll_count", "consecutive_failures", "last_error")
+TAG_COLUMNS = (
+    "tag",
+    "state",
+    "sent_at",
+    "window_ends_at",
+    "next_poll_at",
+    "last_success_at",
+    "poll_count",
+    "consecutive_failures",
+    "last_error",
+)
 
 
 def cmd_tags(ctx: Context, args: argparse.Namespace) -> int:
@@ -259,7 +268,10 @@ def cmd_poll(ctx: Context, args: argparse.Namespace) -> int:
         if store.get_tag(conn, args.tag) is None:
             _warn_tag(args.tag)
             store.track(
-                conn, args.tag, sent_at=now, window_ends_at=now + ctx.settings.report_window,
+                conn,
+                args.tag,
+                sent_at=now,
+                window_ends_at=now + ctx.settings.report_window,
                 now=now,
             )
             print(f"tracking tag {args.tag!r} (sent at now)")
@@ -275,9 +287,22 @@ def cmd_poll(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-SUMMARY_COLUMNS = ("tag", "state", "total", "delivered", "not_delivered", "failed", "waiting",
-                   "unknown", "expired", "stop_sms", "delivery_rate", "sent_at",
-                   "window_ends_at", "last_polled_at")
+SUMMARY_COLUMNS = (
+    "tag",
+    "state",
+    "total",
+    "delivered",
+    "not_delivered",
+    "failed",
+    "waiting",
+    "unknown",
+    "expired",
+    "stop_sms",
+    "delivery_rate",
+    "sent_at",
+    "window_ends_at",
+    "last_polled_at",
+)
 
 
 def cmd_report(ctx: Context, args: argparse.Namespace) -> int:
@@ -295,12 +320,25 @@ def cmd_report(ctx: Context, args: argparse.Namespace) -> int:
         _print_json(data)
         return 0
     print(_table([row], SUMMARY_COLUMNS[:11]))
-    print(f"\nsent at {_iso(row['sent_at'])}, window ends {_iso(row['window_ends_at'])}, "
-          f"last polled {_iso(row['last_polled_at']) or 'never'}")
+    print(
+        f"\nsent at {_iso(row['sent_at'])}, window ends {_iso(row['window_ends_at'])}, "
+        f"last polled {_iso(row['last_polled_at']) or 'never'}"
+    )
     if args.numbers:
         print()
-        print(_table(numbers, ("phone_number", "status", "provider_status", "stop_sms",
-                               "reported_at", "resolved_at")))
+        print(
+            _table(
+                numbers,
+                (
+                    "phone_number",
+                    "status",
+                    "provider_status",
+                    "stop_sms",
+                    "reported_at",
+                    "resolved_at",
+                ),
+            )
+        )
     return 0
 
 
@@ -325,14 +363,15 @@ def cmd_db_upgrade(ctx: Context, args: argparse.Namespace) -> int:
         after = migrate.current_revision(engine)
     except sa.exc.SQLAlchemyError as exc:
         raise StoreError(
-            f"cannot migrate {ctx.settings.safe_database_url}: "
-            f"{getattr(exc, 'orig', None) or exc}"
+            f"cannot migrate {ctx.settings.safe_database_url}: {getattr(exc, 'orig', None) or exc}"
         ) from exc
     finally:
         engine.dispose()
     if changed:
-        print(f"database {ctx.settings.safe_database_url} upgraded from "
-              f"{before or 'empty'} to {after}")
+        print(
+            f"database {ctx.settings.safe_database_url} upgraded from "
+            f"{before or 'empty'} to {after}"
+        )
     else:
         print(f"database {ctx.settings.safe_database_url} already at {after} (head)")
     return 0
@@ -358,13 +397,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=_Parser)
 
-    p = verbs.add_parser("track", help="start polling a tag (or re-activate it)",
-                         description="Track a tag: the daemon polls it until every number's "
-                         "report is final or the report window (48 h by default) closes.")
-    p.add_argument("tag", type=_tag, metavar="TAG", help="the tag given to SMS Partner at send time")
-    p.add_argument("--sent-at", type=parse_sent_at, metavar="ISO-8601",
-                   help="when the campaign was sent (default: now; no offset means UTC); "
-                   "the report window and the poll cadence count from it")
+    p = verbs.add_parser(
+        "track",
+        help="start polling a tag (or re-activate it)",
+        description="Track a tag: the daemon polls it until every number's "
+        "report is final or the report window (48 h by default) closes.",
+    )
+    p.add_argument(
+        "tag", type=_tag, metavar="TAG", help="the tag given to SMS Partner at send time"
+    )
+    p.add_argument(
+        "--sent-at",
+        type=parse_sent_at,
+        metavar="ISO-8601",
+        help="when the campaign was sent (default: now; no offset means UTC); "
+        "the report window and the poll cadence count from it",
+    )
     p.set_defaults(func=cmd_track)
 
     p = verbs.add_parser("untrack", help="stop polling a tag; its data is kept")
@@ -375,10 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_tags)
 
-    p = verbs.add_parser("poll", help="poll one tag now and print a summary",
-                         description="Poll one tag now, whatever the schedule, tracking it "
-                         "first (sent at now) if needed. Exits 1 if the poll fails; 'no "
-                         "messages under this tag yet' (code 4) is not a failure.")
+    p = verbs.add_parser(
+        "poll",
+        help="poll one tag now and print a summary",
+        description="Poll one tag now, whatever the schedule, tracking it "
+        "first (sent at now) if needed. Exits 1 if the poll fails; 'no "
+        "messages under this tag yet' (code 4) is not a failure.",
+    )
     p.add_argument("tag", type=_tag, metavar="TAG")
     p.set_defaults(func=cmd_poll)
 
@@ -393,14 +444,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_optouts)
 
     p = verbs.add_parser("db", help="database maintenance")
-    db_verbs = p.add_subparsers(dest="db_verb", metavar="ACTION", required=True,
-                                parser_class=_Parser)
+    db_verbs = p.add_subparsers(
+        dest="db_verb", metavar="ACTION", required=True, parser_class=_Parser
+    )
     up = db_verbs.add_parser("upgrade", help="migrate the schema to the newest version")
     up.set_defaults(func=cmd_db_upgrade)
 
-    p = verbs.add_parser("simulator", help="run the bundled fake SMS Partner API on loopback",
-                         description="Serve a fake bulk-status-by-tag endpoint with realistic, "
-                         "evolving statuses, for trying the daemon without an account.")
+    p = verbs.add_parser(
+        "simulator",
+        help="run the bundled fake SMS Partner API on loopback",
+        description="Serve a fake bulk-status-by-tag endpoint with realistic, "
+        "evolving statuses, for trying the daemon without an account.",
+    )
     from daemon.simulator import add_cli_arguments
 
     add_cli_arguments(p)

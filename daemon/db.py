@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -23,10 +23,9 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from daemon.status import Status
 
-_SQLITE_DATETIME = sqlite.DATETIME(
+_SQLITE_DATETIME = sqlite.DATETIME(  # type: ignore[no-untyped-call]
     storage_format=(
-        "%(year)04d-%(month)02d-%(day)02dT%(hour)02d:%(minute)02d:%(second)02d"
-        ".%(microsecond)06dZ"
+        "%(year)04d-%(month)02d-%(day)02dT%(hour)02d:%(minute)02d:%(second)02d.%(microsecond)06dZ"
     ),
     # Also reads SQLite's own CURRENT_TIMESTAMP form ("2026-11-26 17:46:53") and the
     # millisecond form of our server default, for rows other programs insert.
@@ -59,7 +58,7 @@ class UtcDateTime(sa.TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-class utcnow(FunctionElement[datetime]):  # noqa: N801 - reads like SQL's now()
+class utcnow(FunctionElement[datetime]):
     """The database's current UTC time, in the column format of each engine."""
 
     type = UtcDateTime()
@@ -210,11 +209,11 @@ class PollRun(Base):
 
 
 metadata = Base.metadata
-tracked_tags = TrackedTag.__table__
-delivery_statuses = DeliveryStatus.__table__
-delivery_status_events = DeliveryStatusEvent.__table__
-stop_sms_optouts = StopSmsOptout.__table__
-poll_runs = PollRun.__table__
+tracked_tags = cast(sa.Table, TrackedTag.__table__)
+delivery_statuses = cast(sa.Table, DeliveryStatus.__table__)
+delivery_status_events = cast(sa.Table, DeliveryStatusEvent.__table__)
+stop_sms_optouts = cast(sa.Table, StopSmsOptout.__table__)
+poll_runs = cast(sa.Table, PollRun.__table__)
 
 
 def _count(status: str) -> str:

@@ -10,36 +10,33 @@ value, so even a log line we did not write cannot leak the key.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
-_KEY_PARAM = re.compile(r"(?i)(api_?key=)[^&\s\"'<>]*")
-_MASK = "***"
+from daemon.smspartner import redact
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 class Redactor:
     """A structlog processor that masks secrets in every string of an event."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        from urllib.parse import quote, quote_plus
-
-        variants = set()
-        for secret in secrets:
-            if len(secret) >= 4:  # masking "a" everywhere would garble logs, not protect
-                variants.update({secret, quote(secret, safe=""), quote_plus(secret)})
-        self._secrets = sorted(variants, key=len, reverse=True)
+        self._secrets = [s for s in secrets if s]
 
     def redact(self, text: str) -> str:
-        """Mask ``apiKey=`` query values and every known secret in ``text``."""
-        text = _KEY_PARAM.sub(rf"\g<1>{_MASK}", text)
+        """Mask ``apiKey=`` query values and every known secret (raw or URL-encoded)."""
+        text = redact(text)
         for secret in self._secrets:
-            text = text.replace(secret, _MASK)
+            text = redact(text, secret)
         return text
 
     def _clean(self, value: Any) -> Any:

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     auto_migrate: bool = True
 
+    @field_validator("api_key", "http_token", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # `SMSPARTNER_API_KEY=` as copied from .env.example means "not set".
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
@@ -101,9 +107,7 @@ class Settings(BaseSettings):
     @property
     def safe_database_url(self) -> str:
         """The database URL with its password masked, for messages and logs."""
-        return make_url(self.database_url.get_secret_value()).render_as_string(
-            hide_password=True
-        )
+        return make_url(self.database_url.get_secret_value()).render_as_string(hide_password=True)
 
     def secrets(self) -> list[str]:
         """Every secret value, for the log redaction processor."""

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 
 class Status(enum.StrEnum):
@@ -49,9 +50,12 @@ def map_provider_status(raw: str) -> Status:
     return _PROVIDER_STATUSES.get(" ".join(raw.split()).lower(), Status.UNKNOWN)
 
 
-@dataclass(frozen=True, slots=True)
-class Report:
-    """One number's status as one response reported it."""
+class Report(NamedTuple):
+    """One number's status as one response reported it.
+
+    A NamedTuple, not a dataclass: a 100,000-number poll builds 100,000 of them, and
+    tuple construction and comparison are several times cheaper.
+    """
 
     phone_number: str
     status: Status
@@ -158,6 +162,7 @@ def tag_warnings(tag: str) -> list[str]:
 
 # --- cadence and lifecycle ----------------------------------------------------------
 
+
 #: One step of the poll cadence: tags younger than ``until`` are polled ``every``.
 @dataclass(frozen=True, slots=True)
 class CadenceStep:
@@ -181,7 +186,7 @@ def parse_duration(text: str) -> timedelta:
 
 def parse_cadence(spec: str) -> tuple[CadenceStep, ...]:
     """Parse ``15m=1m,2h=5m,12h=15m,48h=1h`` (until age = every), ages increasing."""
-    steps = []
+    steps: list[CadenceStep] = []
     for part in spec.split(","):
         until, sep, every = part.partition("=")
         if not sep:

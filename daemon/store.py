@@ -107,9 +107,7 @@ def fill_missing_windows(conn: Connection, *, window: Any, now: datetime) -> lis
 
     Such rows have no ``window_ends_at``; give them one and make them due now.
     """
-    rows = conn.execute(
-        sa.select(_tt.tag, _tt.sent_at).where(_tt.window_ends_at.is_(None))
-    ).all()
+    rows = conn.execute(sa.select(_tt.tag, _tt.sent_at).where(_tt.window_ends_at.is_(None))).all()
     for tag, sent_at in rows:
         conn.execute(
             sa.update(tracked_tags)
@@ -278,8 +276,12 @@ def apply_reports(
             )
         if stop_sms and not (old and old.stop_sms):
             new_stops.append(
-                {"phone_number": phone, "tag": tag, "reported_at": reported_at,
-                 "first_seen_at": now}
+                {
+                    "phone_number": phone,
+                    "tag": tag,
+                    "reported_at": reported_at,
+                    "first_seen_at": now,
+                }
             )
     if events:
         conn.execute(sa.insert(delivery_status_events), events)
@@ -357,6 +359,7 @@ def record_poll_run(
 
 # --- reports for people ------------------------------------------------------------------
 
+
 def tag_summary(conn: Connection, tag: str | None = None) -> list[RowMapping]:
     """Rows of the ``tag_summary`` view (all tags, or one), newest send first."""
     where = " WHERE tag = :tag" if tag else ""
@@ -371,8 +374,13 @@ def numbers(conn: Connection, tag: str) -> Sequence[RowMapping]:
     """Every number of a tag with its current status."""
     query = (
         sa.select(
-            _ds.phone_number, _ds.status, _ds.provider_status, _ds.stop_sms,
-            _ds.reported_at, _ds.first_seen_at, _ds.resolved_at,
+            _ds.phone_number,
+            _ds.status,
+            _ds.provider_status,
+            _ds.stop_sms,
+            _ds.reported_at,
+            _ds.first_seen_at,
+            _ds.resolved_at,
         )
         .where(_ds.tag == tag)
         .order_by(_ds.phone_number)

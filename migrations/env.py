@@ -10,7 +10,9 @@ from daemon.db import create_engine, metadata
 config = context.config
 
 
-def _include_object(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+def _include_object(
+    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
+) -> bool:
     # The view is created by raw SQL; autogenerate must not mistake it for a table.
     return not (type_ == "table" and name == "tag_summary")
 

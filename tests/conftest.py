@@ -69,7 +69,9 @@ class PgServer:
         assert self.pg_ctl and self.datadir
         subprocess.run(
             [self.pg_ctl, "-D", str(self.datadir), "-w", "-l", str(self.datadir / "log"), *args],
-            check=True, capture_output=True, user=self.user,
+            check=True,
+            capture_output=True,
+            user=self.user,
         )
 
 
@@ -83,15 +85,20 @@ def _start_cluster(base: Path) -> PgServer:
         shutil.chown(base, user=user)
     datadir, port = base / "data", _free_port()
     subprocess.run(
-        [initdb, "-D", str(datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-         "--no-sync"],
-        check=True, capture_output=True, user=user,
+        [initdb, "-D", str(datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+        check=True,
+        capture_output=True,
+        user=user,
     )
-    options = (f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
-               "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+    options = (
+        f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
+        "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+    )
     server = PgServer(
         admin_url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres",
-        datadir=datadir, pg_ctl=pg_ctl, user=user,
+        datadir=datadir,
+        pg_ctl=pg_ctl,
+        user=user,
     )
     server.ctl("-o", options, "start")
     return server
@@ -191,6 +198,10 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> CliResult:
     """Run ``python -m daemon ARGS`` as a user would, and capture everything."""
     proc = subprocess.run(
         [sys.executable, "-m", "daemon", *args],
-        env=env, capture_output=True, text=True, timeout=timeout, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)

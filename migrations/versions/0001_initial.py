@@ -18,9 +18,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 _STATES = "state IN ('active', 'completed', 'expired', 'untracked')"
-_STATUSES = (
-    "status IN ('delivered', 'not_delivered', 'failed', 'waiting', 'unknown', 'expired')"
-)
+_STATUSES = "status IN ('delivered', 'not_delivered', 'failed', 'waiting', 'unknown', 'expired')"
 _OUTCOMES = "outcome IN ('ok', 'api_error', 'transient_error', 'auth_error')"
 
 
@@ -72,9 +70,7 @@ def upgrade() -> None:
         ),
     )
     op.create_index(op.f("ix_delivery_statuses_status"), "delivery_statuses", ["status"])
-    op.create_index(
-        op.f("ix_delivery_statuses_tag_status"), "delivery_statuses", ["tag", "status"]
-    )
+    op.create_index(op.f("ix_delivery_statuses_tag_status"), "delivery_statuses", ["tag", "status"])
 
     op.create_table(
         "delivery_status_events",

@@ -27,8 +27,9 @@ def engine(db_url: str) -> Iterator[Engine]:
     eng.dispose()
 
 
-def rep(phone: str, status: Status, at: int | None = None, stop: bool = False,
-        raw: str | None = None) -> Report:
+def rep(
+    phone: str, status: Status, at: int | None = None, stop: bool = False, raw: str | None = None
+) -> Report:
     reported = T0 + timedelta(minutes=at) if at is not None else None
     return Report(phone, status, raw or status.value, stop, reported)
 
@@ -36,24 +37,35 @@ def rep(phone: str, status: Status, at: int | None = None, stop: bool = False,
 def apply(engine: Engine, *reports: Report, minute: int = 1) -> store.Applied:
     with engine.begin() as conn:
         return store.apply_reports(
-            conn, "spring", {r.phone_number: r for r in reports},
+            conn,
+            "spring",
+            {r.phone_number: r for r in reports},
             now=T0 + timedelta(minutes=minute),
         )
 
 
 def stored(engine: Engine) -> dict[str, tuple[str, bool, datetime | None]]:
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(delivery_statuses.c.phone_number, delivery_statuses.c.status,
-                                      delivery_statuses.c.stop_sms, delivery_statuses.c.reported_at))
+        rows = conn.execute(
+            sa.select(
+                delivery_statuses.c.phone_number,
+                delivery_statuses.c.status,
+                delivery_statuses.c.stop_sms,
+                delivery_statuses.c.reported_at,
+            )
+        )
         return {p: (s, bool(stop), r) for p, s, stop, r in rows}
 
 
 def events(engine: Engine) -> list[tuple[str, str | None, str]]:
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(delivery_status_events.c.phone_number,
-                                      delivery_status_events.c.old_status,
-                                      delivery_status_events.c.new_status)
-                            .order_by(delivery_status_events.c.id))
+        rows = conn.execute(
+            sa.select(
+                delivery_status_events.c.phone_number,
+                delivery_status_events.c.old_status,
+                delivery_status_events.c.new_status,
+            ).order_by(delivery_status_events.c.id)
+        )
         return [tuple(r) for r in rows]  # type: ignore[misc]
 
 
@@ -91,8 +103,11 @@ def test_unchanged_repoll_writes_nothing(engine: Engine) -> None:
     assert (first.changed, first.events) == (50, 50)
     assert (again.changed, again.events) == (0, 0)
     with engine.connect() as conn:
-        touched = conn.scalar(sa.select(sa.func.count()).where(
-            delivery_statuses.c.updated_at > T0 + timedelta(minutes=1)))
+        touched = conn.scalar(
+            sa.select(sa.func.count()).where(
+                delivery_statuses.c.updated_at > T0 + timedelta(minutes=1)
+            )
+        )
     assert touched == 0
 
 
@@ -124,15 +139,19 @@ def test_expired_is_replaced_by_a_late_provider_report(engine: Engine) -> None:
     apply(engine, rep("+1", Status.DELIVERED, 60 * 47), minute=60 * 49)
     assert stored(engine)["+1"][0] == "delivered"
     assert [e[1:] for e in events(engine) if e[0] == "+1"] == [
-        (None, "waiting"), ("waiting", "expired"), ("expired", "delivered")]
+        (None, "waiting"),
+        ("waiting", "expired"),
+        ("expired", "delivered"),
+    ]
 
 
 def test_sql_rule_matches_the_pure_rule_for_every_pair(engine: Engine) -> None:
     """The upsert's WHERE and status.supersedes agree on every combination."""
     from daemon.status import supersedes
 
-    variants = [rep("+x", s, at, stop) for s in Status for at in (None, 10, 20)
-                for stop in (False, True)]
+    variants = [
+        rep("+x", s, at, stop) for s in Status for at in (None, 10, 20) for stop in (False, True)
+    ]
     olds, news = {}, []
     for i, (old, new) in enumerate((o, n) for o in variants for n in variants):
         phone = f"+{i}"
@@ -141,11 +160,23 @@ def test_sql_rule_matches_the_pure_rule_for_every_pair(engine: Engine) -> None:
     with engine.begin() as conn:
         store.apply_reports(conn, "spring", olds, now=T0)
         # Bypass the Python pre-filter: send every row straight to the statement.
-        changed = conn.execute(store._upsert_statuses(conn), [{
-            "tag": "spring", "phone_number": n.phone_number, "status": n.status.value,
-            "provider_status": n.provider_status, "stop_sms": n.stop_sms,
-            "reported_at": n.reported_at, "first_seen_at": T0, "resolved_at": None,
-            "updated_at": T0} for n in news]).all()
+        changed = conn.execute(
+            store._upsert_statuses(conn),
+            [
+                {
+                    "tag": "spring",
+                    "phone_number": n.phone_number,
+                    "status": n.status.value,
+                    "provider_status": n.provider_status,
+                    "stop_sms": n.stop_sms,
+                    "reported_at": n.reported_at,
+                    "first_seen_at": T0,
+                    "resolved_at": None,
+                    "updated_at": T0,
+                }
+                for n in news
+            ],
+        ).all()
     changed_phones = {row[0] for row in changed}
     expected = {n.phone_number for n in news if supersedes(n, olds[n.phone_number])}
     assert len(news) == 36 * 36
@@ -156,28 +187,47 @@ def test_track_again_reopens_and_only_moves_the_window_later(engine: Engine) -> 
     later = T0 + timedelta(days=3)
     with engine.begin() as conn:
         store.untrack(conn, "spring", now=T0)
-        store.track(conn, "spring", sent_at=T0 - timedelta(days=1),
-                    window_ends_at=T0 + timedelta(hours=24), now=T0)
+        store.track(
+            conn,
+            "spring",
+            sent_at=T0 - timedelta(days=1),
+            window_ends_at=T0 + timedelta(hours=24),
+            now=T0,
+        )
         row = store.get_tag(conn, "spring")
         assert row is not None
         assert (row["state"], row["sent_at"]) == ("active", T0)
-        store.track(conn, "spring", sent_at=later, window_ends_at=later + timedelta(hours=48),
-                    now=later)
+        store.track(
+            conn, "spring", sent_at=later, window_ends_at=later + timedelta(hours=48), now=later
+        )
         row = store.get_tag(conn, "spring")
         assert row is not None
         assert (row["sent_at"], row["window_ends_at"]) == (later, later + timedelta(hours=48))
 
 
 def test_tag_summary_counts_and_rate(engine: Engine) -> None:
-    apply(engine, rep("+1", Status.DELIVERED, 1, stop=True), rep("+2", Status.DELIVERED, 1),
-          rep("+3", Status.NOT_DELIVERED, 1), rep("+4", Status.WAITING, 0),
-          rep("+5", Status.UNKNOWN, 0, raw="Sent"), rep("+6", Status.FAILED, 1))
+    apply(
+        engine,
+        rep("+1", Status.DELIVERED, 1, stop=True),
+        rep("+2", Status.DELIVERED, 1),
+        rep("+3", Status.NOT_DELIVERED, 1),
+        rep("+4", Status.WAITING, 0),
+        rep("+5", Status.UNKNOWN, 0, raw="Sent"),
+        rep("+6", Status.FAILED, 1),
+    )
     with engine.begin() as conn:
         store.track(conn, "empty", sent_at=T0, window_ends_at=T0 + timedelta(hours=48), now=T0)
         rows = {r["tag"]: dict(r) for r in store.tag_summary(conn)}
     spring = rows["spring"]
-    assert (spring["total"], spring["delivered"], spring["not_delivered"], spring["failed"],
-            spring["waiting"], spring["unknown"], spring["stop_sms"]) == (6, 2, 1, 1, 1, 1, 1)
+    assert (
+        spring["total"],
+        spring["delivered"],
+        spring["not_delivered"],
+        spring["failed"],
+        spring["waiting"],
+        spring["unknown"],
+        spring["stop_sms"],
+    ) == (6, 2, 1, 1, 1, 1, 1)
     assert spring["delivery_rate"] == pytest.approx(2 / 6)
     assert spring["sent_at"] == T0
     assert rows["empty"]["total"] == 0 and rows["empty"]["delivery_rate"] is None

@@ -1,0 +1,907 @@
+"""A fake SMS Partner API on loopback, for tests, benchmarks and the ``demo`` verb.
+
+It serves ``GET /v1/bulk-status-by-tag?apiKey=…&tag=…&page=N`` the way the provider
+documents it (see design.md, "What the provider documents"), over a real HTTP server, so
+the client is exercised down to sockets, keep-alive and URL encoding rather than against
+a mock of itself.
+
+What it models:
+
+- Realistic, evolving statuses: every number gets a report delay (most within seconds,
+  a tail over hours, a few never) and a final outcome, drawn from a generator seeded by
+  ``(seed, tag)`` so a run can be replayed. What is served depends only on the simulated
+  clock, so a test can jump to "48 hours later" without waiting.
+- The undocumented edges the client must survive: pagination servers that ignore or echo
+  ``page``, endless pages, rate limits, HTML error pages, truncated or reset responses,
+  malformed items (:meth:`Simulator.set_items`). Faults are queued with
+  :meth:`Simulator.inject` or drawn at random with ``fault_rate``.
+
+Every request is recorded (:attr:`Simulator.requests`) so tests can assert what the
+client actually sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import random
+import shlex
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType, TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+#: The only path served; everything else is a 404.
+STATUS_PATH = "/v1/bulk-status-by-tag"
+
+#: Fault names accepted by :meth:`Simulator.inject`.
+FAULTS = (
+    "500",
+    "503",
+    "429",
+    "429json",
+    "html",
+    "truncated",
+    "slow",
+    "wrong_key",
+    "not_found",
+    "reset",
+    "ignore_page",
+    "echo_page",
+    "endless",
+)
+#: Transient faults drawn per request when ``fault_rate`` > 0: ones a client must retry.
+RANDOM_FAULTS = ("500", "429", "html", "truncated")
+# Parameters each fault understands; anything else is a typo worth a ValueError.
+_FAULT_PARAMS: dict[str, frozenset[str]] = {
+    "429": frozenset({"retry_after"}),
+    "html": frozenset({"status"}),
+    "slow": frozenset({"seconds"}),
+}
+
+_WINDOW = 48 * 3600.0  # the provider's report window, in seconds
+_ENDLESS_TOTAL = 1_000_000_000
+_HTML_PAGE = (
+    b"<html><head><title>502 Bad Gateway</title></head><body>"
+    b"<center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
+)
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the simulator received it, after URL decoding.
+
+    Attributes:
+        path: The URL path, without the query string.
+        tag: The ``tag`` parameter, or None when absent.
+        page: The ``page`` parameter as an int, or None when absent or not a number.
+        api_key: The ``apiKey`` parameter, or None when absent.
+        at: The simulated time the request arrived (aware UTC).
+    """
+
+    path: str
+    tag: str | None
+    page: int | None
+    api_key: str | None
+    at: datetime
+
+
+@dataclass
+class _Fault:
+    kind: str
+    tag: str | None
+    remaining: int | None  # None: forever
+    params: dict[str, float]
+
+
+@dataclass
+class _Reply:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    reset_after: int | None = None  # send this many body bytes, then reset the connection
+    drop: bool = False  # reset the connection without answering at all
+
+
+@dataclass
+class _TagState:
+    """What one tag serves: generated numbers (evolving), then extra raw items.
+
+    Generated numbers live in parallel lists rather than objects so that 100,000 of them
+    stay cheap to build and a page is a slice.
+    """
+
+    page_size: int | None = None
+    batches: int = 0
+    phones: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+    sent_dates: list[str] = field(default_factory=list)
+    resolve_at: list[float] = field(default_factory=list)  # epoch seconds; inf = never
+    final_status: list[str] = field(default_factory=list)
+    final_stop: list[bool] = field(default_factory=list)
+    final_dates: list[str] = field(default_factory=list)
+    overrides: dict[int, dict[str, object]] = field(default_factory=dict)
+    extra: list[Any] = field(default_factory=list)  # served verbatim, malformed or not
+
+    def __len__(self) -> int:
+        return len(self.phones) + len(self.extra)
+
+    def items(self, start: int, stop: int, t: float) -> list[Any]:
+        """The items at positions ``[start, stop)`` as served at epoch second ``t``."""
+        out: list[Any] = []
+        n_gen = len(self.phones)
+        phones, resolve, overrides = self.phones, self.resolve_at, self.overrides
+        for i in range(start, min(stop, n_gen)):
+            item = overrides.get(i)
+            if item is None:
+                if t >= resolve[i]:
+                    item = {
+                        "phoneNumber": phones[i],
+                        "status": self.final_status[i],
+                        "stopSMS": self.final_stop[i],
+                        "date": self.final_dates[i],
+                    }
+                else:
+                    item = {
+                        "phoneNumber": phones[i],
+                        "status": "Waiting",
+                        "stopSMS": False,
+                        "date": self.sent_dates[i],
+                    }
+            out.append(item)
+        out.extend(self.extra[max(start - n_gen, 0) : max(stop - n_gen, 0)])
+        return out
+
+
+def _aware(moment: datetime) -> datetime:
+    # A naive datetime is taken as UTC: the clock seam is documented as aware UTC, and a
+    # test tool that guesses the local zone would be wrong on half the CI machines.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _truthy(value: object) -> bool:
+    # The provider's stopSMS drifts between bool and "0"/"1"; truth() reports a bool.
+    if isinstance(value, str):
+        return value.strip().lower() in {"1", "true", "yes"}
+    return bool(value) if isinstance(value, bool | int) else False
+
+
+class _Server(ThreadingHTTPServer):
+    """The HTTP server, tracking open connections so :meth:`Simulator.stop` is prompt.
+
+    httpx keeps connections alive, so handler threads sit in ``readline`` until the
+    client hangs up; shutting their sockets down lets ``server_close`` join them.
+    """
+
+    daemon_threads = True
+    block_on_close = True
+
+    def __init__(self, address: tuple[str, int], simulator: Simulator) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.simulator = simulator
+        self.open_connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Tracked here, in the accepting thread, so stop() cannot miss a new connection.
+        with self.connections_lock:
+            self.open_connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.open_connections.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        """Shut every open connection down so idle keep-alive handlers return."""
+        with self.connections_lock:
+            connections = list(self.open_connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):  # already closed by its handler
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients hanging up mid-response (and our own "reset" fault) are routine here.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, so every reply carries Content-Length
+    server_version = "smspartner-simulator/1"
+    # Headers and body are two writes; with Nagle on, a small body waits for the client's
+    # delayed ACK (~40 ms per request).
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Stay silent: the CLI's stdout carries one line only, and tests want quiet."""
+
+    def do_GET(self) -> None:
+        """Answer one request; the simulator decides what, this method only sends it."""
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit():
+            self.rfile.read(int(length))  # keep the keep-alive stream aligned
+        parts = urlsplit(self.path)
+        reply = self.server.simulator._reply(parts.path, parts.query)
+        if reply.drop:
+            self._reset()
+            return
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(reply.body)))
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if reply.reset_after is None:
+            self.wfile.write(reply.body)
+            return
+        self.wfile.write(reply.body[: reply.reset_after])
+        self._reset()
+
+    def _reset(self) -> None:
+        """Close the connection abruptly, as a crashing server or proxy would."""
+        # Linger 0 turns close into a TCP RST instead of an orderly FIN: an abrupt drop.
+        # The close takes effect once finish() releases rfile.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        self.connection.close()
+
+
+class Simulator:
+    """The fake SMS Partner API: state, clock, faults, and the server that serves them.
+
+    Use it as a context manager (``with Simulator() as sim: …``) so the socket and its
+    threads are closed even when a test fails.
+
+    Args:
+        api_key: The only key accepted; others get code 10, none gets code 1.
+        seed: Seeds phone numbers, delays, outcomes and random faults, for replayable runs.
+        page_size: Items per page, unless a tag overrides it.
+        time_scale: Simulated seconds per real second when no ``clock`` is given
+            (5760 plays the 48-hour report window in 30 seconds).
+        clock: Returns the simulated now; lets tests and benchmarks jump in time.
+        host: Address to bind; loopback by default.
+        port: Port to bind; 0 picks a free one (read it back from :attr:`url`).
+        error_http_status: HTTP status sent with provider error bodies (codes 1, 10, 4).
+            The docs show them with 200; elsewhere the API uses 4xx.
+        fault_rate: Probability in [0, 1] that a request gets a random transient fault
+            from :data:`RANDOM_FAULTS` when no injected fault applies.
+
+    Raises:
+        ValueError: On a page size below 1, a non-positive time scale, or a fault rate
+            outside [0, 1].
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str = "sim-key",
+        seed: int = 0,
+        page_size: int = 500,
+        time_scale: float = 1.0,
+        clock: Callable[[], datetime] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        error_http_status: int = 200,
+        fault_rate: float = 0.0,
+    ) -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        if not time_scale > 0:
+            raise ValueError(f"time_scale must be positive, got {time_scale}")
+        if not 0.0 <= fault_rate <= 1.0:
+            raise ValueError(f"fault_rate must be between 0 and 1, got {fault_rate}")
+        self.api_key = api_key
+        self.seed = seed
+        self.page_size = page_size
+        self.time_scale = time_scale
+        self.host = host
+        self.port = port
+        self.error_http_status = error_http_status
+        self.fault_rate = fault_rate
+        self.requests: list[RecordedRequest] = []
+        self._clock = clock
+        # Simulated time runs from construction, so tags added before start() are "now".
+        self._epoch = datetime.now(UTC)
+        self._monotonic = time.monotonic()
+        self._lock = threading.RLock()
+        self._tags: dict[str, _TagState] = {}
+        self._faults: list[_Fault] = []
+        self._fault_rng = random.Random(f"{seed}\x00faults")
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The base URL to give the client, e.g. ``http://127.0.0.1:43817/v1``.
+
+        Raises:
+            RuntimeError: Before :meth:`start`, when no port is bound yet.
+        """
+        if self._server is None:
+            raise RuntimeError("the simulator is not started")
+        address = self._server.server_address
+        host = address[0].decode() if isinstance(address[0], bytes) else str(address[0])
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{address[1]}/v1"
+
+    def start(self) -> Simulator:
+        """Bind the socket and serve in a background thread.
+
+        Returns:
+            The simulator itself, so ``sim = Simulator().start()`` reads naturally.
+
+        Raises:
+            RuntimeError: If already started.
+            OSError: If the address cannot be bound (port in use, bad host).
+        """
+        if self._server is not None:
+            raise RuntimeError("the simulator is already started")
+        self._stopping = threading.Event()
+        self._server = _Server((self.host, self.port), self)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.02},  # stop() waits at most this long
+            name="smspartner-simulator",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, drop open connections and join every thread; idempotent."""
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._server = self._thread = None
+        self._stopping.set()  # wakes "slow" handlers and serve_forever()
+        server.shutdown()
+        server.drop_connections()
+        server.server_close()
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self) -> Simulator:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def serve_forever(self) -> None:
+        """Serve until Ctrl-C (KeyboardInterrupt) or :meth:`stop`; for the CLI verb."""
+        if self._server is None:
+            self.start()
+        stopping = self._stopping
+        try:
+            # A timed wait keeps the main thread responsive to signals on every platform.
+            while not stopping.wait(0.2):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+    # -- time --------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        """The simulated now, aware UTC: the injected clock, or scaled real time."""
+        if self._clock is not None:
+            return _aware(self._clock())
+        elapsed = (time.monotonic() - self._monotonic) * self.time_scale
+        return self._epoch + timedelta(seconds=elapsed)
+
+    # -- what is served ----------------------------------------------------------
+
+    def add_tag(
+        self,
+        tag: str,
+        count: int,
+        *,
+        sent_at: datetime | None = None,
+        page_size: int | None = None,
+        prefix: str = "+3361",
+    ) -> list[str]:
+        """Send ``count`` messages under ``tag``: numbers whose reports arrive over time.
+
+        Calling it again for the same tag adds another batch (new numbers, their own
+        ``sent_at``), as an application sending twice under one tag would.
+
+        Args:
+            tag: The tag, served exactly as given.
+            count: How many numbers to add.
+            sent_at: Send time; defaults to the simulated now.
+            page_size: Overrides the simulator's page size for this tag.
+            prefix: Start of the phone numbers; digits are appended up to 12 characters
+                (``+33612345678``), as French mobile numbers are.
+
+        Returns:
+            The new phone numbers, in the order they are served.
+
+        Raises:
+            ValueError: On a negative count, a page size below 1, or more numbers than the
+                prefix leaves room for.
+        """
+        if count < 0:
+            raise ValueError(f"count must not be negative, got {count}")
+        if page_size is not None and page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        sent = _aware(sent_at or self.now()).timestamp()
+        sent_date = str(int(sent))
+        width = max(12 - len(prefix), 1)
+        with self._lock:
+            state = self._tags.setdefault(tag, _TagState())
+            if page_size is not None:
+                state.page_size = page_size
+            taken = set(state.index) | {
+                item["phoneNumber"]
+                for item in state.extra
+                if isinstance(item, dict) and isinstance(item.get("phoneNumber"), str)
+            }
+            if count + len(taken) > 10**width:
+                raise ValueError(f"prefix {prefix!r} leaves room for only {10**width} numbers")
+            # Seeded by (seed, tag, batch): the same call replays the same numbers and story.
+            rng = random.Random(f"{self.seed}\x00{tag}\x00{state.batches}")
+            state.batches += 1
+            phones: list[str] = []
+            for n in rng.sample(range(10**width), count + len(taken)):
+                phone = f"{prefix}{n:0{width}d}"
+                if phone not in taken:
+                    phones.append(phone)
+                    if len(phones) == count:
+                        break
+            for phone in phones:
+                delay, status, stop = self._draw_report(rng)
+                state.index[phone] = len(state.phones)
+                state.phones.append(phone)
+                state.sent_dates.append(sent_date)
+                state.resolve_at.append(sent + delay)
+                state.final_status.append(status)
+                state.final_stop.append(stop)
+                state.final_dates.append(str(int(sent + delay)) if math.isfinite(delay) else "")
+        return phones
+
+    @staticmethod
+    def _draw_report(rng: random.Random) -> tuple[float, str, bool]:
+        """Draw one number's report delay (seconds; inf = never), final status and stop."""
+        u = rng.random()
+        if u < 0.80:  # the usual case: a report within seconds
+            delay = min(rng.expovariate(1 / 10), 59.0)
+        elif u < 0.97:  # a tail from minutes to many hours, median 20 minutes
+            delay = min(max(rng.lognormvariate(math.log(1200), 1.5), 60.0), _WINDOW - 600)
+        else:  # the report never comes: Waiting until the window closes
+            delay = math.inf
+        outcome = rng.random()
+        if outcome < 0.96:
+            return delay, "Delivered", rng.random() < 0.01
+        return delay, ("Not delivered" if outcome < 0.99 else "ko"), False
+
+    def set_items(
+        self, tag: str, items: list[dict[str, object]], *, page_size: int | None = None
+    ) -> None:
+        """Serve exactly these items for ``tag`` (a deep copy), replacing everything else.
+
+        Nothing is validated: wrong types, missing fields and non-dict entries are served
+        as given, which is the point (the client must skip them one by one).
+
+        Args:
+            tag: The tag, created if needed.
+            items: The raw ``StatutResponse_List`` entries, served in order.
+            page_size: Overrides the simulator's page size for this tag.
+        """
+        state = _TagState(page_size=page_size, extra=copy.deepcopy(items))
+        with self._lock:
+            old = self._tags.get(tag)
+            if old is not None:
+                state.batches = old.batches  # a later add_tag still draws a fresh batch
+                state.page_size = page_size or old.page_size
+            self._tags[tag] = state
+
+    def set_number(
+        self,
+        tag: str,
+        phone: str,
+        status: str,
+        *,
+        date: int | str | None = None,
+        stop_sms: bool | str = False,
+    ) -> None:
+        """Serve a fixed item for ``phone`` under ``tag``, replacing its current one.
+
+        A number not yet in the tag is appended; the tag is created if needed. Values are
+        served as given, so ``date=1517989111`` (an int) or ``stop_sms="1"`` reproduce
+        the provider's type drift; pass strings and bools for the documented shape.
+
+        Args:
+            tag: The tag.
+            phone: The ``phoneNumber`` to add or override.
+            status: The status text, any case or spelling.
+            date: The ``date`` field; defaults to the simulated now in Unix seconds.
+            stop_sms: The ``stopSMS`` field.
+        """
+        item: dict[str, object] = {
+            "phoneNumber": phone,
+            "status": status,
+            "stopSMS": stop_sms,
+            "date": str(int(self.now().timestamp())) if date is None else date,
+        }
+        with self._lock:
+            state = self._tags.setdefault(tag, _TagState())
+            position = state.index.get(phone)
+            if position is not None:
+                state.overrides[position] = item
+                return
+            for i, existing in enumerate(state.extra):
+                if isinstance(existing, dict) and existing.get("phoneNumber") == phone:
+                    state.extra[i] = item
+                    return
+            state.extra.append(item)
+
+    def truth(self, tag: str, at: datetime | None = None) -> dict[str, tuple[str, bool, str]]:
+        """What the tag serves at ``at``, for comparing with what the daemon stored.
+
+        Raw items without a string ``phoneNumber`` are left out; when a number appears
+        twice, the later item wins.
+
+        Args:
+            tag: A tag known to the simulator.
+            at: The simulated moment; defaults to :meth:`now`.
+
+        Returns:
+            ``phone -> (status text, stopSMS as bool, date string)``.
+
+        Raises:
+            KeyError: If the tag is unknown (a typo should not compare equal to nothing).
+        """
+        t = _aware(at or self.now()).timestamp()
+        with self._lock:
+            state = self._tags[tag]
+            items = state.items(0, len(state), t)
+        result: dict[str, tuple[str, bool, str]] = {}
+        for item in items:
+            if isinstance(item, dict) and isinstance(item.get("phoneNumber"), str):
+                date = item.get("date")
+                result[item["phoneNumber"]] = (
+                    str(item.get("status")),
+                    _truthy(item.get("stopSMS")),
+                    "" if date is None else str(date),
+                )
+        return result
+
+    # -- faults ------------------------------------------------------------------
+
+    def inject(
+        self, fault: str, *, tag: str | None = None, times: int | None = 1, **params: float
+    ) -> None:
+        """Queue ``fault`` for the next ``times`` requests that match ``tag``.
+
+        Faults are consumed in FIFO order, one per request; a request matches a fault
+        whose tag is None or equal to the request's ``tag`` parameter.
+
+        Args:
+            fault: One of :data:`FAULTS`.
+            tag: Only requests for this tag; None means any request to the endpoint.
+            times: How many requests; None means until :meth:`clear_faults`.
+            **params: ``retry_after`` for "429" (default 1), ``status`` for "html" (200 or
+                502, default 200), ``seconds`` for "slow" (required).
+
+        Raises:
+            ValueError: On an unknown fault, an unknown or missing parameter, or
+                ``times`` below 1.
+        """
+        if fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; expected one of {', '.join(FAULTS)}")
+        unknown = set(params) - _FAULT_PARAMS.get(fault, frozenset())
+        if unknown:
+            raise ValueError(f"fault {fault!r} takes no parameter {', '.join(sorted(unknown))}")
+        if fault == "slow" and "seconds" not in params:
+            raise ValueError("fault 'slow' needs seconds=…")
+        if times is not None and times < 1:
+            raise ValueError(f"times must be at least 1 or None, got {times}")
+        with self._lock:
+            self._faults.append(_Fault(fault, tag, times, dict(params)))
+
+    def clear_faults(self) -> None:
+        """Forget every queued fault (``fault_rate`` still applies)."""
+        with self._lock:
+            self._faults.clear()
+
+    def _next_fault(self, tag: str | None) -> _Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.tag is None or fault.tag == tag:
+                    if fault.remaining is not None:
+                        fault.remaining -= 1
+                        if fault.remaining == 0:
+                            self._faults.remove(fault)
+                    return fault
+            if self.fault_rate and self._fault_rng.random() < self.fault_rate:
+                return _Fault(self._fault_rng.choice(RANDOM_FAULTS), None, 1, {})
+        return None
+
+    # -- requests ----------------------------------------------------------------
+
+    def request_count(self, tag: str | None = None) -> int:
+        """How many requests arrived, all of them or those for one tag."""
+        with self._lock:
+            if tag is None:
+                return len(self.requests)
+            return sum(1 for r in self.requests if r.tag == tag)
+
+    def _reply(self, path: str, query: str) -> _Reply:
+        """Decide the reply to one request: record it, apply a fault, else serve it."""
+        params = parse_qs(query, keep_blank_values=True)
+        api_key = params.get("apiKey", [None])[0]
+        tag = params.get("tag", [None])[0]
+        page_text = params.get("page", [None])[0]
+        try:
+            page = int(page_text) if page_text is not None else None
+        except ValueError:
+            page = None
+        now = self.now()
+        with self._lock:
+            self.requests.append(RecordedRequest(path, tag, page, api_key, now))
+        if path != STATUS_PATH:
+            return _Reply(404, b"Not Found", "text/plain")
+        # An absent, unparsable or non-positive page is read as the first one.
+        asked = page if page is not None and page >= 1 else 1
+        fault = self._next_fault(tag)
+        kind = fault.kind if fault else ""
+        if kind == "500":
+            return _Reply(500, b"Internal Server Error", "text/plain")
+        if kind == "503":
+            return _error(503, 503, "Service unavailable")
+        if kind == "429":
+            retry_after = fault.params.get("retry_after", 1) if fault else 1
+            reply = _error(429, 429, "Too many requests")
+            reply.headers["Retry-After"] = f"{retry_after:g}"
+            return reply
+        if kind == "429json":
+            return _error(200, 429, "Too many requests")
+        if kind == "html":
+            status = int(fault.params.get("status", 200)) if fault else 200
+            return _Reply(status, _HTML_PAGE, "text/html; charset=utf-8")
+        if kind == "wrong_key":
+            return _error(self.error_http_status, 10, "Incorrect API Key")
+        if kind == "not_found":
+            return _error(self.error_http_status, 4, "Message not found")
+        if kind == "slow" and fault and self._stopping.wait(fault.params["seconds"]):
+            # stop() cut the nap short: drop the request, as a server going down would.
+            return _Reply(200, b"", drop=True)
+        content_page, claimed = asked, asked
+        if kind == "ignore_page":
+            content_page, claimed = 1, 1
+        elif kind == "echo_page":
+            content_page = 1
+        reply = self._serve(api_key, tag, content_page, claimed, now, endless=kind == "endless")
+        if kind == "truncated":
+            reply.body = reply.body[: len(reply.body) // 2]
+        elif kind == "reset":
+            reply.reset_after = len(reply.body) // 2
+        return reply
+
+    def _serve(
+        self,
+        api_key: str | None,
+        tag: str | None,
+        page: int,
+        claimed: int,
+        now: datetime,
+        *,
+        endless: bool = False,
+    ) -> _Reply:
+        """The documented answer: an error body, or one page of the tag."""
+        if not api_key:
+            return _error(self.error_http_status, 1, "API key required")
+        if api_key != self.api_key:
+            return _error(self.error_http_status, 10, "Incorrect API Key")
+        t = now.timestamp()
+        with self._lock:
+            state = self._tags.get(tag) if tag else None
+            if state is None and not (endless and tag):
+                return _error(self.error_http_status, 4, "Message not found")
+            size = (state.page_size if state else None) or self.page_size
+            if endless:
+                # Brand-new numbers on every page, however far: a server that never ends.
+                start = (page - 1) * size
+                items: list[Any] = [
+                    {
+                        "phoneNumber": f"+3367{(start + j) % 10**7:07d}",
+                        "status": "Waiting",
+                        "stopSMS": False,
+                        "date": str(int(t)),
+                    }
+                    for j in range(size)
+                ]
+                total = _ENDLESS_TOTAL
+            else:
+                assert state is not None  # for mypy: only endless serves unknown tags
+                items = state.items((page - 1) * size, page * size, t)
+                total = len(state)
+        payload = {
+            "success": True,
+            "code": 200,
+            "currentPage": claimed,
+            "total": total,
+            "StatutResponse_List": items,
+        }
+        # default=str: set_items may hold anything; serve it rather than fail the request.
+        return _Reply(200, json.dumps(payload, default=str).encode())
+
+
+def _error(http_status: int, code: int, message: str) -> _Reply:
+    body = {"success": False, "code": code, "message": message}
+    return _Reply(http_status, json.dumps(body).encode())
+
+
+# -- the `smspartner-status simulator` verb -----------------------------------------
+
+
+def _tag_spec(text: str) -> tuple[str, int]:
+    name, sep, count_text = text.rpartition(":")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME:COUNT such as demo:1000, got {text!r}")
+    if len(name) > 64 or any(c.isspace() or not c.isprintable() for c in name):
+        raise argparse.ArgumentTypeError(
+            f"tag {name!r} must be 1-64 printable characters without whitespace"
+        )
+    try:
+        count = int(count_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"COUNT in {text!r} must be a whole number, got {count_text!r}"
+        ) from None
+    if not 0 <= count <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"COUNT in {text!r} must be between 0 and 1000000")
+    return name, count
+
+
+def _bounded(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
+        return value
+
+    return parse
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``simulator`` verb's options to ``parser``.
+
+    Args:
+        parser: The verb's (sub)parser.
+    """
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s; keep loopback unless another "
+        "container must reach it)",
+    )
+    parser.add_argument(
+        "--port",
+        type=_bounded(int, 0, 65535),
+        default=8000,
+        help="TCP port (default: %(default)s; 0 picks a free port, printed at start)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default="sim-key",
+        help="the only key accepted; a wrong one gets code 10, none gets code 1 "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds phone numbers, delays and outcomes: the same seed replays the same "
+        "story (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--page-size",
+        type=_bounded(int, 1, 1_000_000),
+        default=500,
+        help="numbers per page of bulk-status-by-tag (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=_bounded(float, 1e-6, 1e9),
+        default=1.0,
+        help="simulated seconds per real second; 5760 plays the whole 48 h report window "
+        "in 30 s (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fault-rate",
+        type=_bounded(float, 0.0, 1.0),
+        default=0.0,
+        help="share of requests (0 to 1) answered with a random transient fault: HTTP "
+        "500, HTTP 429, an HTML page or truncated JSON, to exercise retries "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tag",
+        dest="tags",
+        action="append",
+        type=_tag_spec,
+        metavar="NAME:COUNT",
+        help="serve COUNT numbers sent now under tag NAME, their reports arriving over "
+        "simulated time; repeat for several tags (default: demo:1000)",
+    )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run the simulator until Ctrl-C or SIGTERM.
+
+    Prints one line of environment assignments for the daemon (``eval``-able in a
+    shell), then nothing else on stdout.
+
+    Args:
+        args: Options parsed by a parser set up with :func:`add_cli_arguments`.
+
+    Returns:
+        0 after a clean stop; 1 when the address cannot be bound.
+    """
+    simulator = Simulator(
+        api_key=args.api_key,
+        seed=args.seed,
+        page_size=args.page_size,
+        time_scale=args.time_scale,
+        host=args.host,
+        port=args.port,
+        fault_rate=args.fault_rate,
+    )
+    for name, count in args.tags or [("demo", 1000)]:
+        simulator.add_tag(name, count)
+    try:
+        simulator.start()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        print(f"simulator: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+        return 1
+    print(
+        f"SMSPARTNER_BASE_URL={shlex.quote(simulator.url)} "
+        f"SMSPARTNER_API_KEY={shlex.quote(args.api_key)}",
+        flush=True,
+    )
+    previous: Any = None
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:  # signal handlers can only be set from the main thread
+
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        simulator.serve_forever()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    return 0

@@ -1,0 +1,754 @@
+"""The one module that talks HTTP to SMS Partner (``GET /bulk-status-by-tag``).
+
+It owns the request (URL, User-Agent, URL-encoded ``apiKey``/``tag``/``page``), the
+client-side rate limit, retries, the mapping of transport errors, HTTP statuses and
+provider codes onto :mod:`daemon.errors`, tolerant parsing of the response, and the
+redaction of the API key from everything it lets out (messages, logs, reprs).
+
+Pagination is not documented by the provider: responses carry ``currentPage`` and
+``total`` but no page parameter is documented. So we send ``page=N`` (1-based) and, after
+each page, check in this order:
+
+* ``page_mismatch``: ``currentPage`` is present and is not the page we asked for; that
+  page's items are discarded (a server that ignores ``page`` keeps sending page 1);
+* ``empty_page``: the page has no items (or, on page 2 and later, the provider answers
+  code 4 "message not found", which is how running off the end may look);
+* ``total_reached``: the raw items received so far reach ``total`` (raw items, not unique
+  numbers; a missing or unparsable ``total`` disables this rule);
+* ``no_new_numbers``: the page brought no phone number we had not already seen; its items
+  are kept (they may carry newer statuses) but asking for more would loop forever on a
+  server that ignores ``page`` and sends neither ``currentPage`` nor ``total``;
+* ``max_pages``: the configured hard cap was reached (logged as a warning, not at debug
+  like the others: the tag may be truncated).
+
+Hence a server that ignores ``page`` costs two requests (three at most), never a loop.
+Reports come back in the order received, duplicates included: merging is the poller's
+job (:func:`daemon.status.merge_reports`), so this module never decides which wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import functools
+import importlib.metadata
+import json
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, TypeVar
+from urllib.parse import quote, quote_plus
+
+import httpx
+import pydantic
+import structlog
+import tenacity
+
+from daemon.errors import (
+    ApiError,
+    AuthError,
+    ConfigError,
+    NoMessagesError,
+    PermanentApiError,
+    RateLimitedError,
+    SmsPartnerStatusError,
+    TransientApiError,
+)
+from daemon.status import Report, Status, map_provider_status, parse_provider_date
+
+__all__ = ["FetchResult", "SmsPartnerClient", "redact"]
+
+_log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
+
+#: Longest wait we accept from a ``Retry-After`` header; beyond it a poll would hold a
+#: worker thread for too long, and the scheduler's own backoff takes over anyway.
+MAX_RETRY_AFTER: Final = 300.0
+#: Ceiling for the exponential backoff between retries, for the same reason.
+MAX_BACKOFF: Final = 300.0
+#: Per-fetch cap on per-item warnings, so a provider-wide format change logs a sample
+#: and a count rather than 100,000 lines.
+MAX_ITEM_WARNINGS: Final = 20
+#: How much of an unreadable body goes into an error message.
+_EXCERPT_CHARS: Final = 120
+
+_AUTH_CODES: Final = {1: "API key required", 10: "Incorrect API Key"}
+_NO_MESSAGES_CODE: Final = 4
+_RATE_LIMIT_CODE: Final = 429
+_OK_CODE: Final = 200
+
+_TRUE_TEXT: Final = frozenset({"1", "true"})
+_FALSE_TEXT: Final = frozenset({"0", "false", ""})
+
+
+# --- redaction ----------------------------------------------------------------------
+
+# ``apiKey=`` in any case, up to the next parameter, whitespace or quote: covers URLs in
+# httpx's own log lines, exception messages and reprs such as ``<Request('GET', '…')>``.
+_API_KEY_PARAM = re.compile(r"(apikey=)[^&\s\"']*", re.IGNORECASE)
+
+
+def redact(text: str, secret: str | None = None) -> str:
+    """Hide the API key in ``text`` before it can reach a log, an error or a repr.
+
+    Replaces every ``apiKey=<value>`` query parameter with ``apiKey=***`` and, when
+    ``secret`` is given, every occurrence of the secret itself, raw and URL-encoded
+    (both ``%20`` and ``+`` forms, since httpx encodes query strings the latter way).
+
+    Args:
+        text: any text that may contain a URL or a response excerpt.
+        secret: the API key; an empty secret is ignored (it would match everywhere).
+
+    Returns:
+        The text with the key replaced by ``***``.
+    """
+    text = _API_KEY_PARAM.sub(r"\1***", text)
+    if secret:
+        # Longest first, so an encoded form is not half-replaced by a shorter variant.
+        variants = {secret, quote(secret, safe=""), quote_plus(secret, safe=""), quote(secret)}
+        for variant in sorted(variants, key=len, reverse=True):
+            text = text.replace(variant, "***")
+    return text
+
+
+# --- results and response models ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """Everything one :meth:`SmsPartnerClient.fetch_tag` call learnt about a tag.
+
+    Attributes:
+        reports: every well-formed item, in the order received, not de-duplicated
+            (the poller merges, so a number seen on two pages counts once there).
+        pages: pages requested successfully, including the one that ended pagination.
+        items: raw items received on kept pages (a ``page_mismatch`` page is not kept).
+        skipped: malformed items skipped, each logged as ``api.item_skipped``.
+        stop_reason: why pagination stopped; one of ``empty_page``, ``total_reached``,
+            ``page_mismatch``, ``no_new_numbers``, ``max_pages``.
+    """
+
+    reports: list[Report]
+    pages: int
+    items: int
+    skipped: int
+    stop_reason: str
+
+
+def _lenient_int(value: object) -> int | None:
+    """An int from an int or numeric string; None for anything else (never raises).
+
+    The provider's field types drift, and a garbled ``total`` must only disable the rule
+    that uses it, not fail the page.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                return None
+            return int(number) if number.is_integer() else None
+    return None
+
+
+def _lenient_bool(value: object) -> bool | None:
+    """A bool from ``true``/``false``, ``0``/``1`` (int or text); None when unrecognised."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, int):
+        return {0: False, 1: True}.get(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE_TEXT:
+            return True
+        if text in _FALSE_TEXT:
+            return False
+    return None
+
+
+def _lenient_text(value: object) -> str | None:
+    """The provider's ``message`` as text whatever JSON type it arrived as."""
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class _Envelope(pydantic.BaseModel):
+    """The page envelope. Items stay raw here; :class:`_ItemParser` handles them.
+
+    Validating 1,000 items through a pydantic model per page costs several times more
+    than the hand-written checks in :class:`_ItemParser`, and per-item tolerance (skip one,
+    keep the page) is easier to express there.
+    """
+
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+
+    success: Annotated[bool | None, pydantic.BeforeValidator(_lenient_bool)] = None
+    code: Annotated[int | None, pydantic.BeforeValidator(_lenient_int)] = None
+    message: Annotated[str | None, pydantic.BeforeValidator(_lenient_text)] = None
+    current_page: Annotated[int | None, pydantic.BeforeValidator(_lenient_int)] = pydantic.Field(
+        default=None, alias="currentPage"
+    )
+    total: Annotated[int | None, pydantic.BeforeValidator(_lenient_int)] = None
+    items: list[Any] | None = pydantic.Field(default=None, alias="StatutResponse_List")
+
+    @property
+    def is_error(self) -> bool:
+        """The provider signals errors with ``success: false`` or a non-200 ``code``."""
+        return self.success is False or (self.code is not None and self.code != _OK_CODE)
+
+
+# --- item parsing -------------------------------------------------------------------
+
+
+def _type_problem(value: object) -> str:
+    """Why a required text field was rejected, for the ``api.item_skipped`` warning."""
+    return "missing" if value is None else f"not a string ({type(value).__name__})"
+
+
+class _ItemParser:
+    """Turns raw items into :class:`Report` objects for one fetch, tolerantly.
+
+    One malformed item is skipped (and counted), never the page. Lookups that repeat
+    across items (status text, send-time ``date``) are cached for the fetch: a bulk send
+    shares a handful of statuses and dates, and this keeps the per-item cost at roughly
+    a microsecond.
+    """
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.skipped = 0
+        self._warnings_left = MAX_ITEM_WARNINGS
+        self._status_cache: dict[str, Status] = {}
+        self._date_cache: dict[str, datetime | None] = {}
+
+    def parse_page(self, raw_items: list[Any], page: int) -> list[Report]:
+        """Parse one page's items, in order; skipped items are logged and counted."""
+        reports: list[Report] = []
+        append = reports.append
+        status_cache = self._status_cache
+        date_cache = self._date_cache
+        for index, item in enumerate(raw_items):
+            if type(item) is not dict:
+                self._skip(page, index, "item", f"not an object ({type(item).__name__})")
+                continue
+            phone = item.get("phoneNumber")
+            if type(phone) is str:
+                phone = phone.strip()
+            elif type(phone) is int:
+                phone = str(phone)
+            else:
+                self._skip(page, index, "phoneNumber", _type_problem(phone))
+                continue
+            if not phone:
+                self._skip(page, index, "phoneNumber", "empty")
+                continue
+            raw_status = item.get("status")
+            if type(raw_status) is not str:
+                self._skip(page, index, "status", _type_problem(raw_status))
+                continue
+            status = status_cache.get(raw_status)
+            if status is None:
+                status = status_cache[raw_status] = map_provider_status(raw_status)
+            stop_sms = item.get("stopSMS")
+            if stop_sms is not True and stop_sms is not False:
+                stop_sms = self._coerce_stop_sms(stop_sms, page, index)
+            raw_date = item.get("date")
+            if type(raw_date) is str:
+                try:
+                    reported_at = date_cache[raw_date]
+                except KeyError:
+                    reported_at = date_cache[raw_date] = parse_provider_date(raw_date)
+                if reported_at is None and raw_date.strip():
+                    self._coerced(page, index, "date", raw_date, "kept without a date")
+            else:
+                reported_at = parse_provider_date(raw_date)
+                if reported_at is None and raw_date is not None:
+                    self._coerced(page, index, "date", raw_date, "kept without a date")
+            append(Report(phone, status, raw_status, stop_sms, reported_at))
+        return reports
+
+    def _coerce_stop_sms(self, raw: object, page: int, index: int) -> bool:
+        """``stopSMS`` drifts between bool and "0"/"1"; anything else means False."""
+        if raw is None:
+            return False
+        value = _lenient_bool(raw)
+        if value is None:
+            self._coerced(page, index, "stopSMS", raw, "treated as false")
+            return False
+        return value
+
+    def _skip(self, page: int, index: int, field: str, reason: str) -> None:
+        self.skipped += 1
+        self._warn("api.item_skipped", page=page, index=index, field=field, reason=reason)
+
+    def _coerced(self, page: int, index: int, field: str, raw: object, outcome: str) -> None:
+        self._warn(
+            "api.item_coerced",
+            page=page,
+            index=index,
+            field=field,
+            value=repr(raw)[:40],
+            outcome=outcome,
+        )
+
+    def _warn(self, event: str, **fields: object) -> None:
+        if self._warnings_left <= 0:
+            return
+        self._warnings_left -= 1
+        if self._warnings_left == 0:
+            fields["note"] = "further item warnings for this fetch are suppressed"
+        _log.warning(event, tag=self.tag, **fields)
+
+
+# --- rate limiting ------------------------------------------------------------------
+
+
+class _TokenBucket:
+    """A thread-safe token bucket holding one token: requests are evenly spaced.
+
+    Each caller reserves the next free slot under the lock and sleeps outside it, so
+    concurrent workers queue up one interval apart without holding the lock while they
+    wait. A bucket of one (no burst) is the cautious choice for limits nobody documents.
+    """
+
+    def __init__(
+        self,
+        rate_per_second: float,
+        *,
+        sleep: Callable[[float], None],
+        monotonic: Callable[[], float],
+    ) -> None:
+        self._interval = 1.0 / rate_per_second if rate_per_second > 0 else 0.0
+        self._sleep = sleep
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._next_free: float | None = None
+
+    def acquire(self) -> float:
+        """Wait for a token; return how long we waited (0 when the bucket is off)."""
+        if self._interval <= 0:
+            return 0.0
+        with self._lock:
+            now = self._monotonic()
+            slot = now if self._next_free is None else max(now, self._next_free)
+            self._next_free = slot + self._interval
+        wait = slot - now
+        if wait > 0:
+            self._sleep(wait)
+        return wait
+
+
+# --- the client ---------------------------------------------------------------------
+
+
+@functools.cache
+def _user_agent() -> str:
+    """``smspartner-status/<version>``, read lazily (nothing happens at import time)."""
+    try:
+        version = importlib.metadata.version("smspartner-status")
+    except importlib.metadata.PackageNotFoundError:
+        version = "dev"
+    return f"smspartner-status/{version}"
+
+
+def _parse_retry_after(response: httpx.Response) -> float | None:
+    """``Retry-After`` in seconds, from delta-seconds or an HTTP-date.
+
+    An HTTP-date is measured against the response's own ``Date`` header when present
+    (immune to our clock's skew), else against our UTC clock; a past date means 0.
+    """
+    raw = response.headers.get("Retry-After")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    try:
+        seconds = float(raw)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if seconds == seconds else None  # NaN is not a delay
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    now = datetime.now(UTC)
+    server_date = response.headers.get("Date")
+    if server_date:
+        with contextlib.suppress(TypeError, ValueError, IndexError):
+            now = email.utils.parsedate_to_datetime(server_date)
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def _envelope_or_none(body: dict[str, Any] | None) -> _Envelope | None:
+    """An error response's body as an envelope, or None when unusable (never raises)."""
+    if body is None:
+        return None
+    try:
+        return _Envelope.model_validate(body)
+    except pydantic.ValidationError:
+        return None
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, SmsPartnerStatusError) and exc.transient
+
+
+class SmsPartnerClient:
+    """Fetches every delivery report under a tag, page by page, politely and safely.
+
+    Shared by the poller's thread pool: the only mutable state (the rate limiter) is
+    locked, and each :meth:`fetch_tag` call keeps its own parsing state.
+
+    Args:
+        http: the caller's ``httpx.Client``; it owns timeouts, proxies and its own
+            lifetime (this object never closes it).
+        api_key: the SMS Partner API key; it is never logged, raised or repr'd.
+        base_url: e.g. ``https://api.smspartner.fr/v1``.
+        max_retries: retries per request for transient errors (attempts = this + 1).
+        retry_backoff: base of the full-jitter exponential backoff, in seconds.
+        rate_limit_per_second: client-side request rate; 0 or less turns it off.
+        max_pages: hard cap on pages per fetch.
+        sleep: injected so tests never wait for real.
+        monotonic: injected clock for the rate limiter.
+
+    Raises:
+        ConfigError: ``base_url`` is not an http(s) URL.
+    """
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        *,
+        api_key: str,
+        base_url: str,
+        max_retries: int = 3,
+        retry_backoff: float = 1.0,
+        rate_limit_per_second: float = 5.0,
+        max_pages: int = 1000,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._http = http
+        self._api_key = api_key
+        self._url = f"{base_url.rstrip('/')}/bulk-status-by-tag"
+        try:
+            url = httpx.URL(self._url)
+        except httpx.InvalidURL as exc:
+            raise ConfigError(f"base URL {redact(base_url, api_key)!r} is invalid: {exc}") from None
+        if url.scheme not in {"http", "https"} or not url.host:
+            raise ConfigError(f"base URL {redact(base_url, api_key)!r} must be http(s)://host/…")
+        # Messages name the endpoint by path only: no host, no query string, no key.
+        self._path = redact(url.path, api_key)
+        self._max_retries = max(0, max_retries)
+        self._retry_backoff = max(0.0, retry_backoff)
+        self._max_pages = max(1, max_pages)
+        self._sleep = sleep
+        self._bucket = _TokenBucket(rate_limit_per_second, sleep=sleep, monotonic=monotonic)
+
+    def __repr__(self) -> str:
+        return f"SmsPartnerClient(url={redact(self._url, self._api_key)!r}, api_key='***')"
+
+    def close(self) -> None:
+        """Release what this client owns: nothing, since the ``httpx.Client`` is injected.
+
+        Kept so callers can treat every client-like object alike; the composition root
+        that built the ``httpx.Client`` closes it.
+        """
+
+    def fetch_tag(self, tag: str) -> FetchResult:
+        """Fetch every report under ``tag``, following the pagination rules above.
+
+        Raises:
+            AuthError: codes 1/10, the key is missing or wrong.
+            NoMessagesError: code 4 on the first page (nothing under this tag yet).
+            RateLimitedError: still rate limited after every retry.
+            TransientApiError: transport errors, 5xx or unreadable bodies after retries.
+            PermanentApiError: anything the provider would refuse again.
+        """
+        parser = _ItemParser(tag)
+        reports: list[Report] = []
+        seen: set[str] = set()
+        pages = items = 0
+        page = 1
+        while True:
+            if page > self._max_pages:
+                reason = "max_pages"
+                break
+            try:
+                envelope = self._fetch_page(tag, page)
+            except NoMessagesError:
+                if page == 1:
+                    raise
+                # Running off the end may look like "message not found".
+                pages += 1
+                reason = "empty_page"
+                break
+            pages += 1
+            if envelope.current_page is not None and envelope.current_page != page:
+                reason = "page_mismatch"
+                break
+            raw_items = envelope.items
+            if not raw_items:
+                reason = "empty_page"
+                break
+            items += len(raw_items)
+            page_reports = parser.parse_page(raw_items, page)
+            reports.extend(page_reports)
+            before = len(seen)
+            seen.update([report.phone_number for report in page_reports])
+            if envelope.total is not None and items >= envelope.total:
+                reason = "total_reached"
+                break
+            if len(seen) == before:
+                reason = "no_new_numbers"
+                break
+            page += 1
+        log = _log.warning if reason == "max_pages" else _log.debug
+        log(
+            "api.pagination_stopped",
+            tag=tag,
+            reason=reason,
+            pages=pages,
+            items=items,
+            skipped=parser.skipped,
+        )
+        return FetchResult(
+            reports=reports,
+            pages=pages,
+            items=items,
+            skipped=parser.skipped,
+            stop_reason=reason,
+        )
+
+    # --- one page, with retries --------------------------------------------------------
+
+    def _fetch_page(self, tag: str, page: int) -> _Envelope:
+        """One page, retried on transient errors; raises ours, never httpx's."""
+        return self._with_retries(lambda: self._request_page(tag, page))
+
+    def _with_retries(self, call: Callable[[], _T]) -> _T:
+        attempts = 0
+
+        def attempt() -> _T:
+            nonlocal attempts
+            attempts += 1
+            return call()
+
+        retrying = tenacity.Retrying(
+            sleep=self._sleep,
+            stop=tenacity.stop_after_attempt(self._max_retries + 1),
+            wait=self._wait,
+            retry=tenacity.retry_if_exception(_is_transient),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            return retrying(attempt)
+        except ApiError as exc:
+            if exc.transient and attempts > 1:
+                # Say how hard we tried; our own exception, so amending it is safe.
+                exc.message = f"{exc.message} (gave up after {attempts} attempts)"
+                exc.args = (exc.message,)
+            raise
+
+    def _wait(self, retry_state: tenacity.RetryCallState) -> float:
+        """``Retry-After`` exactly when the provider gave one, else full-jitter backoff."""
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
+            return min(exc.retry_after, MAX_RETRY_AFTER)
+        ceiling = min(self._retry_backoff * 2 ** (retry_state.attempt_number - 1), MAX_BACKOFF)
+        return random.uniform(0.0, ceiling)
+
+    def _log_retry(self, retry_state: tenacity.RetryCallState) -> None:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        _log.warning(
+            "api.retry_scheduled",
+            attempt=retry_state.attempt_number,
+            wait=round(retry_state.upcoming_sleep, 3),
+            error=redact(str(exc), self._api_key),
+            error_type=type(exc).__name__,
+        )
+
+    # --- one HTTP request -------------------------------------------------------------
+
+    def _request_page(self, tag: str, page: int) -> _Envelope:
+        self._bucket.acquire()
+        where = f"GET {self._path} tag={tag!r} page={page}"
+        started = time.perf_counter()
+        try:
+            response = self._http.get(
+                self._url,
+                params={"apiKey": self._api_key, "tag": tag, "page": page},
+                headers={"User-Agent": _user_agent()},
+            )
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, where) from exc
+        except httpx.InvalidURL as exc:
+            # A bad base_url: settings should have caught it; retrying will not help.
+            _scrubbed(exc, self._api_key)
+            raise PermanentApiError(self._redact(f"{where}: invalid URL ({exc})")) from exc
+        _log.debug(
+            "api.request",
+            tag=tag,
+            page=page,
+            status=response.status_code,
+            elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return self._classify(response, where)
+
+    def _transport_error(self, exc: httpx.HTTPError, where: str) -> ApiError:
+        """Translate an httpx error; its message (which may hold the URL) is redacted."""
+        _scrubbed(exc, self._api_key)
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        detail = self._redact(f"{where}: {reason}")
+        if isinstance(exc, httpx.UnsupportedProtocol | httpx.TooManyRedirects):
+            return PermanentApiError(detail)
+        return TransientApiError(detail)
+
+    def _classify(self, response: httpx.Response, where: str) -> _Envelope:
+        """Map a response onto an envelope or one of our errors."""
+        status = response.status_code
+        if status == httpx.codes.TOO_MANY_REQUESTS:
+            raise self._rate_limited(response, where, code=None)
+        if status >= 500 or status == httpx.codes.REQUEST_TIMEOUT:
+            raise TransientApiError(
+                f"{where}: SMS Partner answered HTTP {status}", http_status=status
+            )
+        body = self._json_object(response)
+        if not 200 <= status < 300:
+            # Codes 1/10/4 may come with HTTP 400/401/404: the body says more than the status.
+            envelope = _envelope_or_none(body)
+            if envelope is not None and envelope.is_error:
+                self._raise_provider_error(envelope, response, where)
+            raise PermanentApiError(
+                f"{where}: SMS Partner answered HTTP {status}"
+                + self._excerpt_suffix(response, body),
+                http_status=status,
+            )
+        if body is None:
+            raise TransientApiError(
+                f"{where}: unreadable response (HTTP {status})" + self._excerpt_suffix(response),
+                http_status=status,
+            )
+        envelope = self._envelope(body, where, status)
+        if envelope.is_error:
+            self._raise_provider_error(envelope, response, where)
+        return envelope
+
+    def _json_object(self, response: httpx.Response) -> dict[str, Any] | None:
+        """The body as a JSON object, or None when it is empty, HTML, truncated or a list."""
+        try:
+            body = json.loads(response.content)
+        except ValueError:  # includes JSONDecodeError and UnicodeDecodeError
+            return None
+        return body if isinstance(body, dict) else None
+
+    def _envelope(self, body: dict[str, Any], where: str, status: int) -> _Envelope:
+        try:
+            return _Envelope.model_validate(body)
+        except pydantic.ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(str(part) for part in error["loc"]) or "response"
+            raise TransientApiError(
+                self._redact(f"{where}: unexpected response, field {field}: {error['msg']}"),
+                http_status=status,
+            ) from None  # pydantic's error repeats the input, which could be huge
+
+    def _raise_provider_error(
+        self, envelope: _Envelope, response: httpx.Response, where: str
+    ) -> None:
+        """Raise the error a provider ``code`` means (the body said ``success: false``)."""
+        code = envelope.code
+        status = response.status_code
+        # Redact before truncating, so a key cut in half cannot slip through.
+        text = self._redact((envelope.message or "").strip())[:200]
+        if code in _AUTH_CODES:
+            raise AuthError(
+                f"SMS Partner rejected the API key (code {code}: {text or _AUTH_CODES[code]})",
+                code=code,
+                http_status=status,
+            )
+        if code == _NO_MESSAGES_CODE:
+            raise NoMessagesError(
+                f"{where}: no messages under this tag (code 4: {text or 'message not found'})",
+                code=code,
+                http_status=status,
+            )
+        if code == _RATE_LIMIT_CODE:
+            raise self._rate_limited(response, where, code=code)
+        detail = f"code {code}" if code is not None else "no code"
+        raise PermanentApiError(
+            f"{where}: SMS Partner refused the request ({detail}: {text or 'no message'})",
+            code=code,
+            http_status=status,
+        )
+
+    def _rate_limited(
+        self, response: httpx.Response, where: str, *, code: int | None
+    ) -> RateLimitedError:
+        retry_after = _parse_retry_after(response)
+        _log.warning(
+            "api.rate_limited",
+            http_status=response.status_code,
+            code=code,
+            retry_after=retry_after,
+            where=where,
+        )
+        suffix = f", retry after {retry_after:g}s" if retry_after is not None else ""
+        return RateLimitedError(
+            f"{where}: rate limited by SMS Partner (HTTP {response.status_code}"
+            f"{f', code {code}' if code is not None else ''}{suffix})",
+            retry_after=retry_after,
+            code=code,
+            http_status=response.status_code,
+        )
+
+    def _excerpt_suffix(self, response: httpx.Response, body: object = None) -> str:
+        """A short, redacted excerpt of a body we could not use, for the error message."""
+        if body is not None:
+            return ""
+        # Redact a generous prefix first, then cut: cutting first could split the key.
+        raw = response.content[:4096].decode("utf-8", "replace")
+        excerpt = " ".join(self._redact(raw).split())[:_EXCERPT_CHARS]
+        if not excerpt:
+            return ": empty body"
+        return f": body starts {excerpt!r}"
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self._api_key)
+
+
+def _scrubbed(exc: BaseException, secret: str) -> None:
+    """Redact a third-party exception's message, and its chain's, in place.
+
+    ``raise … from exc`` keeps the original as ``__cause__``, and a traceback printer
+    would show its message (and its own causes'), which for httpx may hold the full URL
+    with the key.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.args = tuple(
+            redact(arg, secret) if isinstance(arg, str) else arg for arg in current.args
+        )
+        current = current.__cause__ or current.__context__

@@ -1,0 +1,154 @@
+"""The CLI as a user runs it: a subprocess, the simulator over loopback, a SQLite file.
+Checks exit codes, what is printed, and that no secret and no traceback ever shows."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+
+from daemon.simulator import Simulator
+from tests.conftest import API_KEY, run_cli
+
+
+def assert_clean(*outputs: str) -> None:
+    for text in outputs:
+        assert "Traceback" not in text
+        assert API_KEY not in text
+        assert "k3y-Secret" not in text
+
+
+def test_track_tags_report_untrack_round_trip(cli_env: dict[str, str]) -> None:
+    res = run_cli("track", "spring-sale", "--sent-at", "2026-11-26T09:00:00+01:00", env=cli_env)
+    assert res.code == 0, res.err
+    assert "2026-11-26T08:00:00Z" in res.out and "2026-11-28T08:00:00Z" in res.out
+
+    res = run_cli("tags", "--json", env=cli_env)
+    tags = json.loads(res.out)
+    assert [(t["tag"], t["state"], t["sent_at"]) for t in tags] == [
+        ("spring-sale", "active", "2026-11-26T08:00:00Z")
+    ]
+
+    res = run_cli("report", "spring-sale", "--json", env=cli_env)
+    summary = json.loads(res.out)["summary"]
+    assert (summary["total"], summary["delivery_rate"]) == (0, None)
+
+    assert run_cli("untrack", "spring-sale", env=cli_env).code == 0
+    res = run_cli("tags", env=cli_env)
+    assert "spring-sale" in res.out and "untracked" in res.out
+    assert_clean(res.out, res.err)
+
+
+def test_poll_prints_a_summary_and_report_lists_numbers(
+    cli_env: dict[str, str], simulator: Simulator
+) -> None:
+    simulator.add_tag("promo", 40, sent_at=simulator.now() - timedelta(hours=2))
+    res = run_cli("poll", "promo", env=cli_env)
+    assert res.code == 0, res.err
+    assert "40 numbers seen" in res.out and "statuses:" in res.out
+    res = run_cli("report", "promo", "--numbers", "--json", env=cli_env)
+    data = json.loads(res.out)
+    assert data["summary"]["total"] == 40 and len(data["numbers"]) == 40
+    res = run_cli("report", "promo", "--numbers", env=cli_env)
+    assert res.code == 0 and res.out.count("+33") == 40
+    assert_clean(res.out, res.err)
+
+
+def test_poll_of_an_unknown_tag_is_not_a_failure(cli_env: dict[str, str]) -> None:
+    res = run_cli("poll", "nothing-yet", env=cli_env)
+    assert res.code == 0, res.err
+    assert "no messages under this tag yet" in res.out
+
+
+@pytest.mark.parametrize("key", ["wrong-key-4242", API_KEY + "x"])
+def test_wrong_key_fails_clearly_writes_nothing_and_leaks_nothing(
+    cli_env: dict[str, str], simulator: Simulator, key: str
+) -> None:
+    simulator.add_tag("promo", 10)
+    env = {**cli_env, "SMSPARTNER_API_KEY": key, "SMSPARTNER_LOG_LEVEL": "debug"}
+    res = run_cli("poll", "promo", env=env)
+    assert res.code == 1
+    assert "API key" in res.err and res.err.count("error:") == 1
+    assert key not in res.out + res.err
+    assert_clean(res.out, res.err)
+    report = run_cli("report", "promo", "--json", env=cli_env)
+    assert json.loads(report.out)["summary"]["total"] == 0
+
+
+def test_debug_logs_of_a_successful_poll_never_show_the_key(
+    cli_env: dict[str, str], simulator: Simulator
+) -> None:
+    simulator.add_tag("promo", 10)
+    simulator.inject("500", tag="promo", times=1)
+    res = run_cli("poll", "promo", env={**cli_env, "SMSPARTNER_LOG_LEVEL": "debug"})
+    assert res.code == 0, res.err
+    assert "api.retry_scheduled" in res.err and "poll.completed" in res.err
+    assert "bulk-status-by-tag" in res.err  # httpx's own request log is there, redacted
+    assert_clean(res.out, res.err)
+
+
+def test_retries_exhausted_exit_non_zero(cli_env: dict[str, str], simulator: Simulator) -> None:
+    simulator.add_tag("promo", 10)
+    simulator.inject("503", tag="promo", times=None)
+    res = run_cli("poll", "promo", env={**cli_env, "SMSPARTNER_MAX_RETRIES": "1"})
+    assert res.code == 1 and "failed" in res.err
+    assert_clean(res.out, res.err)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("track", "has space"), "whitespace"),
+        (("track", "x" * 65), "at most 64"),
+        (("track", "ok", "--sent-at", "yesterday"), "--sent-at"),
+        (("untrack", "never-tracked"), "not tracked"),
+        (("report", "never-tracked"), "not tracked"),
+        (("frobnicate",), "invalid choice"),
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_2(
+    cli_env: dict[str, str], args: tuple[str, ...], words: str
+) -> None:
+    res = run_cli(*args, env=cli_env)
+    assert res.code == 2
+    assert words in res.err and len(res.err.strip().splitlines()) == 1
+    assert_clean(res.out, res.err)
+
+
+def test_bad_setting_names_the_variable(cli_env: dict[str, str]) -> None:
+    res = run_cli("tags", env={**cli_env, "SMSPARTNER_CONCURRENCY": "lots"})
+    assert res.code == 2 and res.err.startswith("error: SMSPARTNER_CONCURRENCY:")
+    res = run_cli("poll", "x", env={k: v for k, v in cli_env.items() if k != "SMSPARTNER_API_KEY"})
+    assert res.code == 2 and "SMSPARTNER_API_KEY" in res.err
+
+
+def test_suspicious_tag_is_accepted_with_a_warning(cli_env: dict[str, str]) -> None:
+    res = run_cli("track", "Spring-Sale-2026-November", env=cli_env)
+    assert res.code == 0
+    assert res.err.count("warning:") == 2
+
+
+def test_db_upgrade_and_auto_migrate_off(cli_env: dict[str, str], tmp_path: object) -> None:
+    env = {**cli_env, "SMSPARTNER_DATABASE_URL": cli_env["SMSPARTNER_DATABASE_URL"] + "2"}
+    res = run_cli("tags", env={**env, "SMSPARTNER_AUTO_MIGRATE": "false"})
+    assert res.code == 1 and "db upgrade" in res.err
+    first = run_cli("db", "upgrade", env=env)
+    second = run_cli("db", "upgrade", env=env)
+    assert "upgraded from empty" in first.out and "already at" in second.out
+    assert run_cli("tags", env={**env, "SMSPARTNER_AUTO_MIGRATE": "false"}).code == 0
+
+
+def test_optouts_lists_stop_numbers(cli_env: dict[str, str], simulator: Simulator) -> None:
+    simulator.set_number("promo", "+33699", "Delivered", date="1764144000", stop_sms=True)
+    assert run_cli("poll", "promo", env=cli_env).code == 0
+    res = run_cli("optouts", "--json", env=cli_env)
+    assert [(o["phone_number"], o["tag"]) for o in json.loads(res.out)] == [("+33699", "promo")]
+    assert "+33699" in run_cli("optouts", env=cli_env).out
+
+
+def test_help_teaches(cli_env: dict[str, str]) -> None:
+    res = run_cli("--help", env=cli_env)
+    assert res.code == 0 and "examples:" in res.out and "SMSPARTNER_API_KEY" in res.out
+    res = run_cli("track", "--help", env=cli_env)
+    assert "--sent-at" in res.out and "report window" in res.out

@@ -1,0 +1,297 @@
+"""One poll of one tag, end to end: the real client over loopback HTTP to the simulator,
+the real store on SQLite and PostgreSQL. Assertions are on stored rows and log events."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from structlog.testing import capture_logs
+
+from daemon import migrate, store
+from daemon.db import (
+    create_engine,
+    delivery_status_events,
+    delivery_statuses,
+    poll_runs,
+    stop_sms_optouts,
+)
+from daemon.poller import Poller
+from daemon.settings import load_settings
+from daemon.simulator import Simulator
+from daemon.smspartner import SmsPartnerClient
+from tests.conftest import API_KEY
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+@dataclass
+class Clock:
+    """A clock the test moves by hand."""
+
+    now: datetime = NOW
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class Rig:
+    """A poller wired to the simulator and a fresh database."""
+
+    engine: Engine
+    poller: Poller
+    clock: Clock
+    sim: Simulator
+
+    def track(self, tag: str, sent_at: datetime | None = None) -> None:
+        sent = sent_at or self.clock.now
+        with self.engine.begin() as conn:
+            store.track(
+                conn,
+                tag,
+                sent_at=sent,
+                window_ends_at=sent + timedelta(hours=48),
+                now=self.clock.now,
+            )
+
+    def rows(self, tag: str) -> dict[str, dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return {r["phone_number"]: dict(r) for r in store.numbers(conn, tag)}
+
+    def count(self, table: sa.Table) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.scalar(sa.select(sa.func.count()).select_from(table)) or 0)
+
+
+@pytest.fixture
+def rig(db_url: str, simulator: Simulator) -> Iterator[Callable[..., Rig]]:
+    engines: list[Engine] = []
+    clients: list[httpx.Client] = []
+
+    def build(**overrides: Any) -> Rig:
+        values: dict[str, Any] = dict(
+            api_key=API_KEY,
+            base_url=simulator.url,
+            database_url=db_url,
+            retry_backoff_seconds=0.01,
+            rate_limit_per_second=0,
+            max_retries=4,
+        )
+        values.update(overrides)
+        settings = load_settings({}, **values)
+        engine = create_engine(db_url)
+        migrate.upgrade(engine)
+        http = httpx.Client(timeout=5)
+        engines.append(engine)
+        clients.append(http)
+        assert settings.api_key is not None
+        client = SmsPartnerClient(
+            http,
+            api_key=settings.api_key.get_secret_value(),
+            base_url=settings.base_url,
+            max_retries=settings.max_retries,
+            retry_backoff=settings.retry_backoff_seconds,
+            rate_limit_per_second=0,
+            max_pages=settings.max_pages,
+        )
+        clock = Clock()
+        poller = Poller(engine=engine, client=client, settings=settings, clock=clock)
+        return Rig(engine, poller, clock, simulator)
+
+    yield build
+    for http in clients:
+        http.close()
+    for engine in engines:
+        engine.dispose()
+
+
+def unix(dt: datetime) -> str:
+    return str(int(dt.timestamp()))
+
+
+def test_waiting_becomes_delivered_and_final_never_regresses(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    r.track("spring")
+    r.sim.set_number("spring", "+33611111111", "Waiting", date=unix(NOW))
+    assert r.poller.poll("spring").ok
+    assert r.rows("spring")["+33611111111"]["status"] == "waiting"
+
+    r.sim.set_number("spring", "+33611111111", "Delivered", date=unix(NOW + timedelta(minutes=2)))
+    r.clock.now += timedelta(minutes=3)
+    assert r.poller.poll("spring").changed == 1
+    # The provider flip-flops back to Waiting, then sends an older final report.
+    r.sim.set_number("spring", "+33611111111", "Waiting", date=unix(NOW))
+    r.clock.now += timedelta(minutes=3)
+    assert r.poller.poll("spring").changed == 0
+    r.sim.set_number(
+        "spring", "+33611111111", "Not delivered", date=unix(NOW + timedelta(minutes=1))
+    )
+    r.clock.now += timedelta(minutes=3)
+    assert r.poller.poll("spring").changed == 0
+
+    row = r.rows("spring")["+33611111111"]
+    assert (row["status"], row["reported_at"]) == ("delivered", NOW + timedelta(minutes=2))
+    with r.engine.connect() as conn:
+        events = conn.execute(
+            sa.select(
+                delivery_status_events.c.old_status, delivery_status_events.c.new_status
+            ).order_by(delivery_status_events.c.id)
+        ).all()
+    assert [tuple(e) for e in events] == [(None, "waiting"), ("waiting", "delivered")]
+    assert r.count(poll_runs) == 4
+
+
+def test_1234_numbers_over_3_pages_are_all_stored(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    r.track("big")
+    phones = r.sim.add_tag("big", 1234, sent_at=NOW - timedelta(hours=1), page_size=500)
+    result = r.poller.poll("big")
+    assert (result.pages, result.numbers_seen) == (3, 1234)
+    assert set(r.rows("big")) == set(phones)
+    assert r.sim.request_count("big") == 3
+    assert r.count(delivery_status_events) == 1234
+
+
+def test_a_server_ignoring_page_does_not_make_the_client_loop(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    r.track("loop")
+    r.sim.add_tag("loop", 1234, sent_at=NOW - timedelta(hours=1), page_size=500)
+    r.sim.inject("ignore_page", tag="loop", times=None)
+    result = r.poller.poll("loop")
+    assert result.ok
+    assert r.sim.request_count("loop") <= 3
+    assert len(r.rows("loop")) == 500  # what it got is kept
+
+
+def test_transient_faults_in_a_row_are_retried_and_the_poll_succeeds(
+    rig: Callable[..., Rig],
+) -> None:
+    r = rig()
+    r.track("flaky")
+    r.sim.add_tag("flaky", 20, sent_at=NOW - timedelta(hours=1))
+    r.sim.inject("500", tag="flaky")
+    r.sim.inject("429", tag="flaky", retry_after=0.2)
+    r.sim.inject("html", tag="flaky")
+    r.sim.inject("truncated", tag="flaky")
+    with capture_logs() as logs:
+        result = r.poller.poll("flaky")
+    assert result.ok and len(r.rows("flaky")) == 20
+    assert r.sim.request_count("flaky") == 5
+    assert sum(e["event"] == "api.retry_scheduled" for e in logs) == 4
+
+
+def test_exhausted_retries_fail_the_poll_and_leave_stored_data_untouched(
+    rig: Callable[..., Rig],
+) -> None:
+    r = rig(max_retries=2)
+    r.track("down")
+    r.sim.add_tag("down", 30, sent_at=NOW - timedelta(hours=1))
+    assert r.poller.poll("down").ok
+    before = r.rows("down")
+    r.sim.inject("500", tag="down", times=None)
+    r.clock.now += timedelta(minutes=5)
+    result = r.poller.poll("down")
+    assert (result.ok, result.outcome) == (False, "transient_error")
+    assert r.rows("down") == before
+    with r.engine.connect() as conn:
+        row = store.get_tag(conn, "down")
+        outcomes = conn.execute(sa.select(poll_runs.c.outcome).order_by(poll_runs.c.id)).all()
+    assert row is not None and row["consecutive_failures"] == 1
+    assert row["next_poll_at"] == r.clock.now + timedelta(seconds=30)
+    assert [o for (o,) in outcomes] == ["ok", "transient_error"]
+
+
+def test_every_odd_provider_value_is_handled_as_designed(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    r.track("odd")
+    when = unix(NOW - timedelta(minutes=5))
+    r.sim.set_items(
+        "odd",
+        [
+            {"phoneNumber": "+331", "status": "delivered", "stopSMS": False, "date": when},
+            {"phoneNumber": "+332", "status": "KO", "stopSMS": False, "date": when},
+            {"phoneNumber": "+333", "status": "Sent", "stopSMS": False, "date": when},
+            {"phoneNumber": "+334", "status": "Delivered", "stopSMS": "1", "date": when},
+            {"status": "Delivered", "stopSMS": False, "date": when},
+            {"phoneNumber": "+335", "status": "Delivered", "stopSMS": False, "date": "garbage"},
+        ],
+    )
+    with capture_logs() as logs:
+        result = r.poller.poll("odd")
+    rows = r.rows("odd")
+    assert {p: row["status"] for p, row in rows.items()} == {
+        "+331": "delivered",
+        "+332": "failed",
+        "+333": "unknown",
+        "+334": "delivered",
+        "+335": "delivered",
+    }
+    assert rows["+333"]["provider_status"] == "Sent"
+    assert rows["+334"]["stop_sms"] is True and rows["+331"]["stop_sms"] is False
+    assert rows["+335"]["reported_at"] is None
+    assert result.skipped == 1
+    assert [e["phone_number"] for e in logs if e["event"] == "stop_sms.opt_out"] == ["+334"]
+    assert any(e["event"] == "api.item_skipped" for e in logs)
+    assert r.count(stop_sms_optouts) == 1
+
+
+def test_key_and_tag_needing_url_encoding_reach_the_server_intact(
+    rig: Callable[..., Rig],
+) -> None:
+    r = rig()
+    tag = "a+b&c=d/é%20?#"
+    r.track(tag)
+    r.sim.set_number(tag, "+331", "Delivered", date=unix(NOW))
+    assert r.poller.poll(tag).numbers_seen == 1
+    last = r.sim.requests[-1]
+    assert (last.tag, last.api_key) == (tag, API_KEY)
+
+
+def test_no_messages_yet_is_not_a_failure(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    r.track("early")
+    result = r.poller.poll("early")
+    assert (result.ok, result.no_messages, result.state) == (True, True, "active")
+    assert r.count(delivery_statuses) == 0
+
+
+def test_closed_window_expires_waiting_numbers_and_the_tag(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    r.track("old", sent_at=NOW - timedelta(hours=50))
+    r.sim.set_number("old", "+331", "Waiting", date=unix(NOW - timedelta(hours=50)))
+    r.sim.set_number("old", "+332", "Delivered", date=unix(NOW - timedelta(hours=49)))
+    result = r.poller.poll("old")
+    assert (result.state, result.expired) == ("expired", 1)
+    assert {p: row["status"] for p, row in r.rows("old").items()} == {
+        "+331": "expired",
+        "+332": "delivered",
+    }
+    with r.engine.connect() as conn:
+        row = store.get_tag(conn, "old")
+    assert row is not None and (row["state"], row["next_poll_at"]) == ("expired", None)
+
+
+def test_resolved_tag_completes_after_the_settle_period(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    r.track("done", sent_at=NOW - timedelta(minutes=5))
+    r.sim.set_number("done", "+331", "Delivered", date=unix(NOW))
+    assert r.poller.poll("done").state == "active"  # too young to settle
+    r.clock.now += timedelta(minutes=6)
+    assert r.poller.poll("done").state == "completed"
+
+
+def test_wrong_key_writes_no_statuses_and_marks_an_auth_error(rig: Callable[..., Rig]) -> None:
+    r = rig(api_key="wrong-key-123")
+    r.track("spring")
+    r.sim.add_tag("spring", 10, sent_at=NOW)
+    result = r.poller.poll("spring")
+    assert result.outcome == "auth_error" and "API key" in (result.error or "")
+    assert "wrong-key-123" not in (result.error or "")
+    assert r.count(delivery_statuses) == 0

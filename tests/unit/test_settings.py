@@ -1,0 +1,92 @@
+"""Settings: defaults, one clear line naming a bad variable, secrets from files."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from daemon.errors import ConfigError
+from daemon.settings import load_settings
+
+
+def test_defaults_match_the_design() -> None:
+    s = load_settings({})
+    assert s.base_url == "https://api.smspartner.fr/v1"
+    assert s.database_url.get_secret_value() == "sqlite:///smspartner-status.db"
+    assert (s.report_window, s.settle) == (timedelta(hours=48), timedelta(minutes=10))
+    assert (s.max_retries, s.rate_limit_per_second, s.concurrency, s.max_pages) == (3, 5, 4, 1000)
+    assert (s.http_host, s.http_port, s.log_level, s.auto_migrate) == (
+        "127.0.0.1",
+        8787,
+        "info",
+        True,
+    )
+    assert s.cadence[0].every == timedelta(minutes=1)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        ("SMSPARTNER_CONCURRENCY", "zero", "SMSPARTNER_CONCURRENCY"),
+        ("SMSPARTNER_CONCURRENCY", "0", "greater than or equal to 1"),
+        ("SMSPARTNER_HTTP_PORT", "70000", "SMSPARTNER_HTTP_PORT"),
+        ("SMSPARTNER_POLL_CADENCE", "15m=1m,5m=1m", "must increase"),
+        ("SMSPARTNER_BASE_URL", "api.smspartner.fr", "http://"),
+        ("SMSPARTNER_DATABASE_URL", "mysql://x/y", "only sqlite"),
+        ("SMSPARTNER_LOG_LEVEL", "loud", "SMSPARTNER_LOG_LEVEL"),
+        ("SMSPARTNER_AUTO_MIGRATE", "perhaps", "SMSPARTNER_AUTO_MIGRATE"),
+    ],
+)
+def test_bad_value_names_the_variable_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, words: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings({})
+    message = str(caught.value)
+    assert message.startswith(name + ":") and words in message and "\n" not in message
+
+
+def test_env_file_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("SMSPARTNER_CONCURRENCY=7\n")
+    assert load_settings({}).concurrency == 7
+
+
+def test_api_key_from_file_and_credentials_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "key").write_text("from-file\n")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "api_key").write_text("from-credentials")
+    key = load_settings({"SMSPARTNER_API_KEY_FILE": str(tmp_path / "key")}).api_key
+    assert key is not None and key.get_secret_value() == "from-file"
+    key = load_settings({"CREDENTIALS_DIRECTORY": str(creds)}).api_key
+    assert key is not None and key.get_secret_value() == "from-credentials"
+    monkeypatch.setenv("SMSPARTNER_API_KEY", "direct")
+    key = load_settings(
+        {"SMSPARTNER_API_KEY": "direct", "CREDENTIALS_DIRECTORY": str(creds)}
+    ).api_key
+    assert key is not None and key.get_secret_value() == "direct"
+
+
+def test_unreadable_key_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^SMSPARTNER_API_KEY_FILE: cannot read"):
+        load_settings({"SMSPARTNER_API_KEY_FILE": str(tmp_path / "missing")})
+
+
+def test_secrets_are_hidden_from_repr_and_the_safe_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMSPARTNER_API_KEY", "sekr1t-key")
+    monkeypatch.setenv("SMSPARTNER_DATABASE_URL", "postgresql://app:pa55word@db/sms")
+    s = load_settings({})
+    assert "sekr1t-key" not in repr(s) and "pa55word" not in repr(s)
+    assert "pa55word" not in s.safe_database_url
+    assert set(s.secrets()) == {"sekr1t-key", "pa55word"}
+
+
+def test_blank_secrets_count_as_unset(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("SMSPARTNER_API_KEY=\nSMSPARTNER_HTTP_TOKEN=\n")
+    s = load_settings({})
+    assert s.api_key is None and s.http_token is None

@@ -1,0 +1,182 @@
+"""The pure core: status mapping, the forward-only rule, cadence, window, completion."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from daemon.status import (
+    Report,
+    Status,
+    is_complete,
+    map_provider_status,
+    merge_reports,
+    next_poll_at,
+    parse_cadence,
+    parse_provider_date,
+    supersedes,
+    tag_problem,
+    tag_warnings,
+)
+
+T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+CADENCE = parse_cadence("15m=1m,2h=5m,12h=15m,48h=1h")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Delivered", Status.DELIVERED),
+        ("delivered", Status.DELIVERED),
+        ("  DELIVERED ", Status.DELIVERED),
+        ("Not delivered", Status.NOT_DELIVERED),
+        ("not  delivered", Status.NOT_DELIVERED),
+        ("ko", Status.FAILED),
+        ("KO", Status.FAILED),
+        ("Waiting", Status.WAITING),
+        ("waiting", Status.WAITING),
+        ("Sent", Status.UNKNOWN),
+        ("", Status.UNKNOWN),
+    ],
+)
+def test_provider_statuses_map_case_insensitively(raw: str, expected: Status) -> None:
+    assert map_provider_status(raw) is expected
+
+
+def r(status: Status, minute: int | None = None, stop: bool = False, phone: str = "+1") -> Report:
+    at = T0 + timedelta(minutes=minute) if minute is not None else None
+    return Report(phone, status, status.value, stop, at)
+
+
+def test_final_never_goes_back_to_pending() -> None:
+    for final in (Status.DELIVERED, Status.NOT_DELIVERED, Status.FAILED, Status.EXPIRED):
+        for pending in (Status.WAITING, Status.UNKNOWN):
+            assert not supersedes(r(pending, 99), r(final, 1))
+
+
+def test_between_finals_the_strictly_later_report_wins() -> None:
+    assert supersedes(r(Status.DELIVERED, 2), r(Status.NOT_DELIVERED, 1))
+    assert not supersedes(r(Status.DELIVERED, 1), r(Status.NOT_DELIVERED, 2))
+    assert not supersedes(r(Status.DELIVERED, 1), r(Status.NOT_DELIVERED, 1))
+    assert not supersedes(r(Status.DELIVERED, None), r(Status.NOT_DELIVERED, 1))
+    assert supersedes(r(Status.DELIVERED, 1), r(Status.NOT_DELIVERED, None))
+
+
+def test_provider_final_beats_expired_and_stop_only_turns_on() -> None:
+    assert supersedes(r(Status.DELIVERED, None), r(Status.EXPIRED))
+    assert not supersedes(r(Status.WAITING), r(Status.EXPIRED))
+    assert supersedes(r(Status.DELIVERED, 1, stop=True), r(Status.DELIVERED, 1))
+    assert not supersedes(r(Status.DELIVERED, 1), r(Status.DELIVERED, 1, stop=True))
+
+
+def test_unknown_raw_text_change_is_a_change() -> None:
+    old = Report("+1", Status.UNKNOWN, "Sent", False, None)
+    assert supersedes(Report("+1", Status.UNKNOWN, "Queued", False, None), old)
+    assert not supersedes(Report("+1", Status.UNKNOWN, "Sent", False, None), old)
+
+
+def test_duplicates_in_one_poll_keep_the_most_advanced_status_in_any_order() -> None:
+    reports = [r(Status.WAITING, 0), r(Status.DELIVERED, 3, stop=True), r(Status.WAITING, 4)]
+    results = {tuple(merge_reports(p).values()) for p in itertools.permutations(reports)}
+    assert results == {(r(Status.DELIVERED, 3, stop=True),)}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("1517989111", datetime(2018, 2, 7, 7, 38, 31, tzinfo=UTC)),
+        (1517989111, datetime(2018, 2, 7, 7, 38, 31, tzinfo=UTC)),
+        (" 1517989111 ", datetime(2018, 2, 7, 7, 38, 31, tzinfo=UTC)),
+        ("garbage", None),
+        ("", None),
+        (None, None),
+        (True, None),
+        ("-5", None),
+        ("1e30", None),
+        ([], None),
+    ],
+)
+def test_provider_dates_parse_or_become_none(raw: object, expected: datetime | None) -> None:
+    assert parse_provider_date(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("tag", "problem"),
+    [
+        ("spring-sale", None),
+        ("", "empty"),
+        ("a b", "whitespace"),
+        ("x" * 65, "at most 64"),
+        ("tab\x07", "printable"),
+        ("x" * 64, None),
+    ],
+)
+def test_tag_validation(tag: str, problem: str | None) -> None:
+    found = tag_problem(tag)
+    assert (found is None) if problem is None else (problem in (found or ""))
+
+
+def test_tag_warnings_follow_the_provider_documentation() -> None:
+    assert tag_warnings("spring") == []
+    assert len(tag_warnings("Spring")) == 1
+    assert len(tag_warnings("a" * 21)) == 1
+
+
+@pytest.mark.parametrize(
+    ("age", "interval"),
+    [
+        (timedelta(minutes=0), 1),
+        (timedelta(minutes=14), 1),
+        (timedelta(minutes=15), 5),
+        (timedelta(hours=3), 15),
+        (timedelta(hours=13), 60),
+        (timedelta(hours=47), 60),
+    ],
+)
+def test_cadence_by_age(age: timedelta, interval: int) -> None:
+    now = T0 + age
+    due = next_poll_at(
+        sent_at=T0, window_ends_at=T0 + timedelta(hours=48), now=now, cadence=CADENCE
+    )
+    assert due - now == timedelta(minutes=interval)
+
+
+def test_last_poll_is_pinned_to_the_window_end() -> None:
+    now = T0 + timedelta(hours=47, minutes=30)
+    end = T0 + timedelta(hours=48)
+    assert next_poll_at(sent_at=T0, window_ends_at=end, now=now, cadence=CADENCE) == end
+
+
+def test_failure_backoff_doubles_but_never_exceeds_the_cadence() -> None:
+    now = T0 + timedelta(hours=3)  # cadence 15 min
+    waits = [
+        next_poll_at(
+            sent_at=T0,
+            window_ends_at=T0 + timedelta(hours=48),
+            now=now,
+            cadence=CADENCE,
+            consecutive_failures=n,
+        )
+        - now
+        for n in range(1, 8)
+    ]
+    assert waits[:3] == [timedelta(seconds=30), timedelta(seconds=60), timedelta(seconds=120)]
+    assert max(waits) == timedelta(minutes=15)
+
+
+@pytest.mark.parametrize("spec", ["", "15m", "15m=0m", "2h=5m,15m=1m", "15x=1m", "15m=1m,,"])
+def test_bad_cadence_is_refused(spec: str) -> None:
+    with pytest.raises(ValueError):
+        parse_cadence(spec)
+
+
+def test_completion_needs_numbers_none_pending_and_settling() -> None:
+    settle = timedelta(minutes=10)
+    assert is_complete(total=3, pending=0, sent_at=T0, now=T0 + settle, settle=settle)
+    assert not is_complete(
+        total=3, pending=0, sent_at=T0, now=T0 + timedelta(minutes=9), settle=settle
+    )
+    assert not is_complete(total=3, pending=1, sent_at=T0, now=T0 + settle, settle=settle)
+    assert not is_complete(total=0, pending=0, sent_at=T0, now=T0 + settle, settle=settle)

@@ -29,7 +29,7 @@ from daemon.log import configure_logging
 from daemon.poller import Poller, PollResult
 from daemon.settings import Settings, load_settings
 from daemon.smspartner import SmsPartnerClient
-from daemon.status import tag_problem, tag_warnings
+from daemon.status import parse_timestamp, tag_problem, tag_warnings
 
 log = structlog.get_logger(__name__)
 
@@ -175,12 +175,11 @@ def _tag(value: str) -> str:
 def parse_sent_at(value: str) -> datetime:
     """ISO-8601 date-time; without an offset it is taken as UTC."""
     try:
-        parsed = datetime.fromisoformat(value.strip())
+        return parse_timestamp(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--sent-at: {value!r} is not an ISO-8601 date-time like 2026-11-26T09:00:00Z"
         ) from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def _warn_tag(tag: str) -> None:

@@ -23,14 +23,41 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from daemon.status import Status
 
-_SQLITE_DATETIME = sqlite.DATETIME(  # type: ignore[no-untyped-call]
-    storage_format=(
-        "%(year)04d-%(month)02d-%(day)02dT%(hour)02d:%(minute)02d:%(second)02d.%(microsecond)06dZ"
-    ),
-    # Also reads SQLite's own CURRENT_TIMESTAMP form ("2026-11-26 17:46:53") and the
-    # millisecond form of our server default, for rows other programs insert.
-    regexp=r"(\d+)-(\d+)-(\d+)[T ](\d+):(\d+):(\d+)(?:\.(\d{6}))?",
-)
+
+def sqlite_text(value: datetime) -> str:
+    """How SQLite stores a timestamp: ISO-8601 UTC with microseconds and ``Z``.
+
+    Fixed width, so text order is time order. Also used by the store's bulk statements,
+    which hand values to the driver directly.
+    """
+    if value.tzinfo is not UTC:
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def _sqlite_parse(value: str | None) -> datetime | None:
+    # fromisoformat reads our format, SQLite's CURRENT_TIMESTAMP ("2026-11-26 17:46:53")
+    # and the millisecond form of our server default, for rows other programs insert.
+    if value is None:
+        return None
+    parsed = datetime.fromisoformat(value)
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+
+
+class _SqliteUtc(sqlite.DATETIME):
+    """SQLite's DATETIME column type with fast, fixed-format processors.
+
+    SQLAlchemy's own regexp-based processors cost ~8 µs a value, which dominated a
+    100,000-number poll; ``isoformat``/``fromisoformat`` are C and cost well under 1 µs.
+    """
+
+    def bind_processor(self, dialect: Dialect) -> Any:
+        return lambda value: None if value is None else sqlite_text(value)
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        return _sqlite_parse
 
 
 class UtcDateTime(sa.TypeDecorator[datetime]):
@@ -41,20 +68,17 @@ class UtcDateTime(sa.TypeDecorator[datetime]):
 
     def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
         if dialect.name == "sqlite":
-            return dialect.type_descriptor(_SQLITE_DATETIME)
+            return dialect.type_descriptor(_SqliteUtc())  # type: ignore[no-untyped-call]
         return dialect.type_descriptor(sa.DateTime(timezone=True))
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
+        if value is not None and value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        return value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
+        if value is None or value.tzinfo is UTC:
+            return value
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
@@ -267,4 +291,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
+    # 64 MiB of page cache: a 100,000-number poll touches several indexes at once.
+    cursor.execute("PRAGMA cache_size=-65536")
     cursor.close()

@@ -130,6 +130,7 @@ class Poller:
         sent_at: datetime = row["sent_at"]
         window_ends_at: datetime = row["window_ends_at"] or sent_at + self._settings.report_window
         ok = outcome == "ok"
+        store.lock_tag(conn, tag, now=now)
         applied = store.Applied()
         merged = merge_reports(fetched.reports)
         if ok:

@@ -131,6 +131,16 @@ def parse_provider_date(raw: object) -> datetime | None:
     return datetime.fromtimestamp(int(seconds), tz=UTC)
 
 
+def parse_timestamp(text: str) -> datetime:
+    """Parse an ISO-8601 date-time given by a user; without an offset it is UTC.
+
+    Raises:
+        ValueError: not an ISO-8601 date-time.
+    """
+    parsed = datetime.fromisoformat(text.strip())
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
 # --- tags ---------------------------------------------------------------------------
 
 _TAG_MAX = 64

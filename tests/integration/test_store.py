@@ -160,9 +160,12 @@ def test_sql_rule_matches_the_pure_rule_for_every_pair(engine: Engine) -> None:
     with engine.begin() as conn:
         store.apply_reports(conn, "spring", olds, now=T0)
         # Bypass the Python pre-filter: send every row straight to the statement.
-        changed = conn.execute(
-            store._upsert_statuses(conn),
-            [
+        stmt = store._upsert_statuses(conn).returning(delivery_statuses.c.phone_number)
+        changed = [
+            row
+            for n in news
+            for row in conn.execute(
+                stmt,
                 {
                     "tag": "spring",
                     "phone_number": n.phone_number,
@@ -173,10 +176,9 @@ def test_sql_rule_matches_the_pure_rule_for_every_pair(engine: Engine) -> None:
                     "first_seen_at": T0,
                     "resolved_at": None,
                     "updated_at": T0,
-                }
-                for n in news
-            ],
-        ).all()
+                },
+            )
+        ]
     changed_phones = {row[0] for row in changed}
     expected = {n.phone_number for n in news if supersedes(n, olds[n.phone_number])}
     assert len(news) == 36 * 36

@@ -1,0 +1,219 @@
+"""Benchmark: poll a 100,000-number tag from the simulator into SQLite (or PostgreSQL).
+
+Compares, in the same run and over the same loopback pages:
+  * baseline: fetch the pages with httpx, ``json.loads``, one ``executemany`` upsert with
+    the bare driver (sqlite3, or psycopg for PostgreSQL);
+  * first poll: the daemon's full poll (client, merge, diff, forward-only upsert with
+    events, poll_runs, lifecycle) into an empty database;
+  * re-poll: the same tag after 1 % of the numbers changed.
+Goals (issue): first poll ≤ 2× baseline (never > 3×), re-poll ≤ ½ first poll.
+
+Run:  .venv/bin/python -m tests.benchmarks.poll_100k [--numbers 100000] [--postgres URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from daemon import migrate, store
+from daemon.db import create_engine
+from daemon.log import configure_logging
+from daemon.poller import Poller
+from daemon.settings import load_settings
+from daemon.simulator import Simulator
+from daemon.smspartner import SmsPartnerClient
+
+KEY = "bench-key"
+TAG = "bench"
+SENT = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
+
+
+def items(n: int, changed: bool) -> list[dict[str, object]]:
+    """99 % delivered, 1 % waiting; with ``changed`` that 1 % is delivered too."""
+    out: list[dict[str, object]] = []
+    for i in range(n):
+        waiting = i % 100 == 0 and not changed
+        date = (
+            SENT
+            + timedelta(seconds=30 if not waiting else 0)
+            + timedelta(minutes=90 if changed and i % 100 == 0 else 0)
+        )
+        out.append(
+            {
+                "phoneNumber": f"+336{i:08d}",
+                "status": "Waiting" if waiting else "Delivered",
+                "stopSMS": i % 997 == 0,
+                "date": str(int(date.timestamp())),
+            }
+        )
+    return out
+
+
+def baseline_sqlite(sim: Simulator, path: Path) -> float:
+    """Fetch every page, json.loads, one executemany upsert: the least any poller does."""
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS s (tag TEXT, phone TEXT, status TEXT, stop INTEGER, "
+        "date TEXT, UNIQUE (tag, phone))"
+    )
+    start = time.perf_counter()
+    rows = fetch_rows(sim)
+    conn.executemany(
+        "INSERT INTO s VALUES (?, ?, ?, ?, ?) ON CONFLICT (tag, phone) DO UPDATE SET "
+        "status = excluded.status, stop = excluded.stop, date = excluded.date",
+        rows,
+    )
+    conn.commit()
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return elapsed
+
+
+def baseline_postgres(sim: Simulator, url: str) -> float:
+    """The same with psycopg's executemany."""
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_baseline")
+        conn.execute(
+            "CREATE TABLE bench_baseline (tag TEXT, phone TEXT, status TEXT, stop BOOLEAN, "
+            "date TEXT, UNIQUE (tag, phone))"
+        )
+        conn.commit()
+        start = time.perf_counter()
+        rows = [(t, p, s, bool(st), d) for t, p, s, st, d in fetch_rows(sim)]
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO bench_baseline VALUES (%s, %s, %s, %s, %s) ON CONFLICT (tag, phone) "
+                "DO UPDATE SET status = excluded.status, stop = excluded.stop, "
+                "date = excluded.date",
+                rows,
+            )
+        conn.commit()
+        elapsed = time.perf_counter() - start
+        conn.execute("DROP TABLE bench_baseline")
+        conn.commit()
+    return elapsed
+
+
+def fetch_rows(sim: Simulator) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    with httpx.Client() as http:
+        page = 1
+        while True:
+            body = json.loads(
+                http.get(
+                    f"{sim.url}/bulk-status-by-tag",
+                    params={"apiKey": KEY, "tag": TAG, "page": page},
+                ).content
+            )
+            batch = body["StatutResponse_List"]
+            if not batch:
+                break
+            rows.extend(
+                (TAG, i["phoneNumber"], i["status"], i["stopSMS"], i["date"]) for i in batch
+            )
+            if len(rows) >= int(body["total"]):
+                break
+            page += 1
+    return rows
+
+
+def make_poller(sim: Simulator, url: str) -> tuple[Poller, Callable[[], None]]:
+    settings = load_settings(
+        {}, api_key=KEY, base_url=sim.url, database_url=url, rate_limit_per_second=0
+    )
+    engine = create_engine(url)
+    migrate.upgrade(engine)
+    with engine.begin() as conn:
+        store.track(conn, TAG, sent_at=SENT, window_ends_at=SENT + timedelta(hours=48), now=SENT)
+    http = httpx.Client(timeout=30)
+    client = SmsPartnerClient(
+        http, api_key=KEY, base_url=sim.url, rate_limit_per_second=0, max_pages=1000
+    )
+    clock = [SENT + timedelta(hours=1)]
+    poller = Poller(engine=engine, client=client, settings=settings, clock=lambda: clock[0])
+
+    def close() -> None:
+        http.close()
+        engine.dispose()
+
+    return poller, close
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--numbers", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--postgres", metavar="URL", help="benchmark PostgreSQL instead")
+    args = parser.parse_args()
+    configure_logging(level="warning")
+
+    first_items, changed_items = items(args.numbers, False), items(args.numbers, True)
+    base_times, first_times, repoll_times = [], [], []
+    with Simulator(api_key=KEY, page_size=1000) as sim, tempfile.TemporaryDirectory() as tmp:
+        for rnd in range(args.rounds):
+            sim.set_items(TAG, first_items, page_size=1000)
+            if args.postgres:
+                base_times.append(baseline_postgres(sim, args.postgres))
+                url = args.postgres
+                _reset_postgres(url)
+            else:
+                base_times.append(baseline_sqlite(sim, Path(tmp) / f"base{rnd}.db"))
+                url = f"sqlite:///{tmp}/ours{rnd}.db"
+            poller, close = make_poller(sim, url)
+            first_times.append(timed(lambda: _check(poller.poll(TAG), args.numbers)))
+            sim.set_items(TAG, changed_items, page_size=1000)
+            repoll_times.append(
+                timed(lambda: _check(poller.poll(TAG), args.numbers, changed=args.numbers // 100))
+            )
+            close()
+
+    base, first, repoll = (statistics.median(t) for t in (base_times, first_times, repoll_times))
+    engine = "PostgreSQL" if args.postgres else "SQLite"
+    print(f"{args.numbers:,} numbers, pages of 1,000, {engine}, median of {args.rounds} rounds")
+    print(f"  baseline (httpx + json.loads + executemany upsert): {base:6.2f} s")
+    print(
+        f"  first poll (daemon):                               {first:6.2f} s"
+        f"  = {first / base:.2f}x baseline (goal <= 2x, never > 3x)"
+    )
+    print(
+        f"  re-poll, 1% changed (daemon):                      {repoll:6.2f} s"
+        f"  = {repoll / first:.2f}x first poll (goal <= 0.5x)"
+    )
+
+
+def _check(result: Any, numbers: int, changed: int | None = None) -> None:
+    assert result.ok and result.numbers_seen == numbers, result
+    assert changed is None or result.changed == changed, (result.changed, changed)
+
+
+def _reset_postgres(url: str) -> None:
+    engine = create_engine(url)
+    migrate.downgrade(engine)
+    engine.dispose()
+
+
+if __name__ == "__main__":
+    main()

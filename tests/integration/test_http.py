@@ -1,0 +1,551 @@
+"""The HTTP surface over loopback: a real server, a real database, a real httpx client.
+
+Raw paths (``/tags/../x``) go through ``http.client``, because httpx normalises dot
+segments before sending, as browsers do.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.engine import Engine
+from structlog.testing import capture_logs
+
+from daemon import migrate, store
+from daemon.db import create_engine
+from daemon.errors import ConfigError
+from daemon.health import Health
+from daemon.http import MAX_BODY, HttpServer
+from daemon.metrics import Metrics
+from daemon.settings import load_settings
+from daemon.status import Report, Status
+
+T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+TOKEN = "T0ken-s3cret/+="
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: datetime = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+@dataclass
+class App:
+    """A running server and everything around it."""
+
+    server: HttpServer
+    client: httpx.Client
+    engine: Engine
+    health: Health
+    clock: Clock
+    metrics: Metrics
+    wakes: list[datetime] = field(default_factory=list)
+
+    def raw(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], Any]:
+        """One request with the path sent exactly as given."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=5)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            data = response.read()
+            found = {k.lower(): v for k, v in response.getheaders()}
+        finally:
+            conn.close()
+        assert found["content-type"] == "application/json"
+        return response.status, found, json.loads(data) if data else None
+
+
+@pytest.fixture
+def make_app(tmp_path: Path) -> Iterator[Callable[..., App]]:
+    """Build and start servers; everything is closed at the end of the test."""
+    closers: list[Callable[[], None]] = []
+
+    def make(
+        url: str | None = None,
+        *,
+        token: str | None = None,
+        beat: bool = True,
+        migrated: bool = True,
+        wake: Callable[[], None] | None = None,
+    ) -> App:
+        url = url or f"sqlite:///{tmp_path / 't.db'}"
+        engine = create_engine(url)
+        closers.append(engine.dispose)
+        if migrated:
+            migrate.upgrade(engine)
+        overrides: dict[str, object] = {"database_url": url, "http_port": 0}
+        if token:
+            overrides["http_token"] = token
+        settings = load_settings({}, **overrides)
+        clock = Clock()
+        health = Health(clock)
+        if beat:
+            health.beat()
+        metrics = Metrics()
+        wakes: list[datetime] = []
+        server = HttpServer(
+            host="127.0.0.1",
+            port=0,
+            engine=engine,
+            health=health,
+            metrics=metrics,
+            settings=settings,
+            clock=clock,
+            wake=wake or (lambda: wakes.append(clock())),
+        )
+        server.start()
+        closers.append(server.stop)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=5)
+        closers.append(client.close)
+        return App(server, client, engine, health, clock, metrics, wakes)
+
+    yield make
+    for close in reversed(closers):
+        close()
+
+
+@pytest.fixture
+def app(make_app: Callable[..., App]) -> App:
+    return make_app()
+
+
+def body(response: httpx.Response) -> Any:
+    """The JSON answer (every route but /metrics answers JSON)."""
+    assert response.headers["content-type"] == "application/json"
+    return response.json()
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- probes ---------------------------------------------------------------------------------
+
+
+def test_healthz_is_ok_while_the_loop_beats_and_stalled_after(app: App) -> None:
+    response = app.client.get("/healthz")
+    assert (response.status_code, body(response)) == (200, {"status": "ok"})
+
+    app.clock.advance(seconds=61)
+    response = app.client.get("/healthz")
+    assert (response.status_code, body(response)) == (503, {"status": "stalled"})
+
+
+def test_readyz_is_ready_then_lists_the_rejected_key(app: App) -> None:
+    response = app.client.get("/readyz")
+    assert (response.status_code, body(response)) == (200, {"status": "ready"})
+
+    app.health.auth("Incorrect API Key")
+    response = app.client.get("/readyz")
+    assert response.status_code == 503
+    assert body(response) == {
+        "status": "not ready",
+        "problems": ["API key rejected: Incorrect API Key"],
+    }
+
+
+def test_readyz_fails_when_the_loop_never_beat(make_app: Callable[..., App]) -> None:
+    app = make_app(beat=False)
+    response = app.client.get("/readyz")
+    assert response.status_code == 503
+    assert body(response)["problems"] == ["scheduler loop not running"]
+    assert app.client.get("/healthz").status_code == 503
+
+
+# --- /tags on both engines ------------------------------------------------------------------
+
+
+def test_track_list_metrics_and_untrack(make_app: Callable[..., App], db_url: str) -> None:
+    app = make_app(db_url)
+
+    response = app.client.post("/tags", json={"tag": "nov-promo", "sent_at": "2026-11-26T08:30"})
+    assert response.status_code == 201
+    created = body(response)
+    assert created["tag"] == "nov-promo"
+    assert created["sent_at"] == "2026-11-26T08:30:00Z"  # no offset means UTC
+    assert created["window_ends_at"] == "2026-11-28T08:30:00Z"
+    assert created["state"] == "active"
+    assert created["warnings"] == []
+    assert "lease_owner" not in created and "lease_expires_at" not in created
+    assert response.headers["location"] == "/tags/nov-promo"
+    assert app.wakes == [T0]
+
+    with app.engine.begin() as conn:
+        waiting = Report("+33600000001", Status.WAITING, "Waiting", False, None)
+        delivered = Report("+33600000002", Status.DELIVERED, "Delivered", True, T0)
+        store.apply_reports(
+            conn, "nov-promo", {r.phone_number: r for r in (waiting, delivered)}, now=T0
+        )
+    app.clock.advance(minutes=30)
+
+    response = app.client.get("/tags")
+    assert response.status_code == 200
+    [listed] = body(response)
+    assert listed["tag"] == "nov-promo"
+    assert listed["created_at"] == "2026-11-26T09:00:00Z"
+    assert {k: listed[k] for k in ("total", "waiting", "delivered", "stop_sms")} == {
+        "total": 2,
+        "waiting": 1,
+        "delivered": 1,
+        "stop_sms": 1,
+    }
+    assert listed["delivery_rate"] == pytest.approx(0.5)
+    assert "lease_owner" not in listed
+
+    response = app.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = metric_samples(response.text)
+    assert samples[("smspartner_status_numbers_waiting", ())] == 1
+    assert samples[("smspartner_status_oldest_waiting_seconds", ())] == 30 * 60
+    assert samples[("smspartner_status_tags", (("state", "active"),))] == 1
+
+    response = app.client.delete("/tags/nov-promo")
+    assert (response.status_code, body(response)) == (
+        200,
+        {"tag": "nov-promo", "state": "untracked"},
+    )
+    assert body(app.client.get("/tags"))[0]["state"] == "untracked"
+    samples = metric_samples(app.client.get("/metrics").text)
+    # An untracked tag's numbers are no longer waiting for anything.
+    assert samples[("smspartner_status_numbers_waiting", ())] == 0
+    assert samples[("smspartner_status_oldest_waiting_seconds", ())] == 0
+    assert samples[("smspartner_status_tags", (("state", "untracked"),))] == 1
+
+    app.health.beat()
+    assert app.client.get("/readyz").status_code == 200
+
+
+def test_sent_at_defaults_to_now_and_offsets_become_utc(app: App) -> None:
+    response = app.client.post("/tags", json={"tag": "a"})
+    assert body(response)["sent_at"] == "2026-11-26T09:00:00Z"
+
+    response = app.client.post("/tags", json={"tag": "b", "sent_at": "2026-11-26T10:00:00+02:00"})
+    assert body(response)["sent_at"] == "2026-11-26T08:00:00Z"
+
+    assert [t["tag"] for t in body(app.client.get("/tags"))] == ["a", "b"]  # newest send first
+    assert len(app.wakes) == 2
+
+
+def test_suspicious_tags_are_tracked_with_warnings_and_unknown_fields_ignored(app: App) -> None:
+    response = app.client.post("/tags", json={"tag": "Campaign-November-2026", "priority": "high"})
+    assert response.status_code == 201
+    warnings = body(response)["warnings"]
+    assert len(warnings) == 2
+    assert any("20 characters" in w for w in warnings)
+    assert any("lowercase" in w for w in warnings)
+
+
+def test_re_tracking_re_activates_an_untracked_tag(app: App) -> None:
+    app.client.post("/tags", json={"tag": "t", "sent_at": "2026-11-26T08:00:00Z"})
+    app.client.delete("/tags/t")
+    response = app.client.post("/tags", json={"tag": "t", "sent_at": "2026-11-27T08:00:00Z"})
+    assert response.status_code == 201
+    assert body(response)["state"] == "active"
+    assert body(response)["window_ends_at"] == "2026-11-29T08:00:00Z"
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "names"),
+    [
+        pytest.param(b'{"tag": "a"', "JSON", id="broken-json"),
+        pytest.param(b"", "JSON", id="empty"),
+        pytest.param(b'{"tag": "caf\xe9"}', "UTF-8", id="latin-1-bytes"),
+        pytest.param(b"[]", "body must be a JSON object", id="array"),
+        pytest.param(b'"nov-promo"', "body must be a JSON object", id="string"),
+        pytest.param(b"{}", "tag is required", id="missing-tag"),
+        pytest.param(b'{"tag": null}', "tag is required", id="null-tag"),
+        pytest.param(b'{"tag": 5}', "tag must be a string", id="number-tag"),
+        pytest.param(b'{"tag": ""}', "tag must not be empty", id="empty-tag"),
+        pytest.param(b'{"tag": "nov promo"}', "tag must not contain whitespace", id="space"),
+        pytest.param(b'{"tag": "a\\u0007b"}', "tag must contain printable", id="control"),
+        pytest.param(b'{"tag": "\\ud800"}', "tag must contain printable", id="surrogate"),
+        pytest.param(
+            json.dumps({"tag": "x" * 65}).encode(), "tag must be at most 64", id="65-chars"
+        ),
+        pytest.param(b'{"tag": "a", "sent_at": "yesterday"}', "sent_at", id="bad-sent-at"),
+        pytest.param(b'{"tag": "a", "sent_at": 1764147600}', "sent_at", id="number-sent-at"),
+        pytest.param(
+            b'{"tag": "a", "sent_at": "0001-01-01T00:00:00+01:00"}', "sent_at", id="overflow"
+        ),
+        pytest.param(
+            b'{"tag": "a", "sent_at": "9999-12-31T23:00:00Z"}', "sent_at", id="window-overflow"
+        ),
+        pytest.param(b"[" * 50_000, "JSON", id="deeply-nested"),
+    ],
+)
+def test_bad_bodies_get_400_naming_the_field(app: App, content: bytes, names: str) -> None:
+    response = app.client.post(
+        "/tags", content=content, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    error = body(response)["error"]
+    assert names in error
+    assert "\n" not in error
+    assert body(app.client.get("/tags")) == []
+    assert app.wakes == []
+
+
+def test_a_body_over_64_kib_is_refused_before_reading(app: App) -> None:
+    content = json.dumps({"tag": "big", "pad": "x" * 100 * 1024}).encode()
+    response = app.client.post("/tags", content=content)
+    assert response.status_code == 413
+    assert str(MAX_BODY) in body(response)["error"]
+    assert body(app.client.get("/tags")) == []
+
+
+def test_content_type_and_length_rules(app: App) -> None:
+    response = app.client.post(
+        "/tags", content=b'{"tag": "a"}', headers={"Content-Type": "text/plain"}
+    )
+    assert response.status_code == 415
+    assert "Content-Type" in body(response)["error"]
+
+    response = app.client.post(
+        "/tags",
+        content=b'{"tag": "a"}',
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
+    assert response.status_code == 201
+
+    # A generator body goes out chunked, without Content-Length.
+    response = app.client.post("/tags", content=iter([b'{"tag": "b"}']))
+    assert response.status_code == 411
+    assert "Content-Length" in body(response)["error"]
+
+    status, _, answer = app.raw(
+        "POST", "/tags", body=b'{"tag": "c"}', headers={"Content-Length": "twelve"}
+    )
+    assert status == 400 and "Content-Length" in answer["error"]
+
+    status, _, answer = app.raw("POST", "/tags")  # http.client sends Content-Length: 0
+    assert status == 400 and "JSON" in answer["error"]
+
+    with socket.create_connection(("127.0.0.1", app.server.port), timeout=5) as sock:
+        sock.sendall(b"POST /tags HTTP/1.0\r\nHost: x\r\n\r\n")  # no Content-Length at all
+        answer_bytes = sock.makefile("rb").read()
+    assert answer_bytes.startswith(b"HTTP/1.0 411 ")
+    assert b"Content-Length is required" in answer_bytes
+
+
+# --- DELETE and paths ------------------------------------------------------------------------
+
+
+def test_delete_of_an_unknown_tag_is_404(app: App) -> None:
+    response = app.client.delete("/tags/nope")
+    assert (response.status_code, body(response)) == (404, {"error": "tag 'nope' is not tracked"})
+
+
+def test_delete_decodes_the_path_segment_once(app: App) -> None:
+    app.client.post("/tags", json={"tag": "a/b%41"})
+    assert app.client.delete("/tags/a%2Fb%2541").status_code == 200
+    assert body(app.client.get("/tags"))[0]["state"] == "untracked"
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/tags/../healthz", 404),
+        ("/tags/a/b", 404),
+        ("/tags//", 404),
+        ("/tags/", 400),
+        ("/tags/%20", 400),
+        ("/tags/a%09b", 400),
+        ("/tags/%FF", 400),
+        ("/tags/" + "x" * 65, 400),
+        ("/tags/..", 404),
+        ("/tags/%2e%2e%2fhealthz", 404),
+        ("/tags/%00", 400),
+    ],
+)
+def test_path_tricks_never_reach_5xx(app: App, path: str, status: int) -> None:
+    got, _, answer = app.raw("DELETE", path)
+    assert got == status
+    assert answer["error"]
+
+
+def test_unknown_routes_and_wrong_methods(app: App) -> None:
+    response = app.client.get("/nope")
+    assert response.status_code == 404 and body(response)["error"]
+    assert app.client.get("/healthz/").status_code == 404
+
+    for method, path, allow in [
+        ("PUT", "/tags", "GET, POST"),
+        ("POST", "/healthz", "GET"),
+        ("DELETE", "/metrics", "GET"),
+        ("GET", "/tags/x", "DELETE"),
+        ("PATCH", "/readyz", "GET"),
+    ]:
+        response = app.client.request(method, path)
+        assert response.status_code == 405, (method, path)
+        assert response.headers["allow"] == allow
+        assert "not allowed" in body(response)["error"]
+
+    response = app.client.head("/healthz")
+    assert response.status_code == 405 and response.content == b""
+
+    status, _, answer = app.raw("BREW", "/healthz")  # not a method http.server knows
+    assert status == 501 and answer["error"]
+
+
+def test_query_strings_are_ignored(app: App) -> None:
+    assert app.client.get("/healthz", params={"verbose": "1"}).status_code == 200
+
+
+# --- the bearer token --------------------------------------------------------------------
+
+
+def test_writes_need_the_token_and_it_never_reaches_the_logs(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app(token=TOKEN)
+    good = {"Authorization": "Bearer " + TOKEN}
+    with capture_logs() as logs:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+            response = app.client.post("/tags", json={"tag": "a"}, headers=headers)
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert "Bearer" in body(response)["error"]
+        assert app.client.delete("/tags/a").status_code == 401
+        assert app.wakes == []
+
+        response = app.client.post("/tags", json={"tag": "a"}, headers=good)
+        assert response.status_code == 201
+        assert app.client.delete("/tags/a", headers=good).status_code == 200
+        # Reads stay open: probes and scrapers carry no token.
+        for path in ("/tags", "/healthz", "/readyz", "/metrics"):
+            assert app.client.get(path).status_code == 200
+
+    assert any(e["event"] == "http.request" and e["status"] == 401 for e in logs)
+    assert any(e["event"] == "http.request" and e["method"] == "DELETE" for e in logs)
+    assert TOKEN not in repr(logs)
+    assert "Authorization" not in repr(logs)
+
+
+# --- a database that is down ---------------------------------------------------------------
+
+
+def test_database_down_gives_503_without_secrets_and_metrics_still_serve(
+    make_app: Callable[..., App],
+) -> None:
+    url = f"postgresql://smsp:hunter2@127.0.0.1:{free_port()}/nowhere"
+    app = make_app(url, migrated=False)
+    with capture_logs() as logs:
+        response = app.client.get("/readyz")
+        assert response.status_code == 503
+        assert body(response) == {"status": "not ready", "problems": ["database unreachable"]}
+
+        for response in (
+            app.client.get("/tags"),
+            app.client.post("/tags", json={"tag": "a"}),
+            app.client.delete("/tags/a"),
+        ):
+            assert response.status_code == 503
+            assert body(response) == {"error": "database unavailable"}
+
+        response = app.client.get("/metrics")
+        assert response.status_code == 200
+        samples = metric_samples(response.text)
+        assert samples[("smspartner_status_polls_total", (("outcome", "ok"),))] == 0
+
+    assert app.wakes == []
+    errors = [e for e in logs if e["event"] == "http.database_error"]
+    assert len(errors) == 5
+    assert "hunter2" not in repr(logs)
+
+
+# --- robustness -----------------------------------------------------------------------------
+
+
+def test_an_unexpected_error_is_a_json_500_and_the_write_is_kept(
+    make_app: Callable[..., App],
+) -> None:
+    def broken_wake() -> None:
+        raise RuntimeError("scheduler gone")
+
+    app = make_app(wake=broken_wake)
+    with capture_logs() as logs:
+        response = app.client.post("/tags", json={"tag": "a"})
+    assert (response.status_code, body(response)) == (500, {"error": "internal error"})
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["http.internal_error"]
+    assert body(app.client.get("/tags"))[0]["tag"] == "a"  # committed before the wake
+
+
+def test_a_stalled_client_does_not_block_others(app: App) -> None:
+    with socket.create_connection(("127.0.0.1", app.server.port), timeout=5) as stalled:
+        stalled.sendall(b"GET /heal")  # and never finishes the request line
+        assert app.client.get("/healthz").status_code == 200
+
+
+def test_requests_timed_by_the_httpx_hooks_show_in_metrics(app: App) -> None:
+    url = f"http://127.0.0.1:{app.server.port}/healthz"
+    with httpx.Client(event_hooks=app.metrics.httpx_event_hooks(), timeout=5) as client:
+        assert client.get(url).status_code == 200
+    samples = metric_samples(app.client.get("/metrics").text)
+    assert samples[("smspartner_status_api_request_seconds_count", (("status", "200"),))] == 1
+
+
+def test_port_stop_and_a_busy_port(make_app: Callable[..., App], tmp_path: Path) -> None:
+    app = make_app()
+    assert app.server.port > 0
+    engine = create_engine(f"sqlite:///{tmp_path / 'other.db'}")
+    clash = HttpServer(
+        host="127.0.0.1",
+        port=app.server.port,
+        engine=engine,
+        health=app.health,
+        metrics=Metrics(),
+        settings=load_settings({}, http_port=0),
+        clock=app.clock,
+        wake=lambda: None,
+    )
+    try:
+        with pytest.raises(ConfigError, match="SMSPARTNER_HTTP_PORT"):
+            clash.start()
+    finally:
+        clash.stop()  # never started: a no-op
+        engine.dispose()
+
+    app.server.stop()
+    app.server.stop()  # idempotent
+    with pytest.raises(httpx.ConnectError):
+        app.client.get("/healthz")
+    with pytest.raises(RuntimeError):
+        app.server.start()

@@ -23,10 +23,10 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from daemon.db import (
     UtcDateTime,
-    sqlite_text,
     delivery_status_events,
     delivery_statuses,
     poll_runs,
+    sqlite_text,
     stop_sms_optouts,
     tracked_tags,
 )

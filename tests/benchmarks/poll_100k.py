@@ -183,10 +183,12 @@ def main() -> None:
                 base_times.append(baseline_sqlite(sim, Path(tmp) / f"base{rnd}.db"))
                 url = f"sqlite:///{tmp}/ours{rnd}.db"
             poller, close = make_poller(sim, url)
-            first_times.append(timed(lambda: _check(poller.poll(TAG), args.numbers)))
+            first_times.append(timed(lambda p=poller: _check(p.poll(TAG), args.numbers)))
             sim.set_items(TAG, changed_items, page_size=1000)
             repoll_times.append(
-                timed(lambda: _check(poller.poll(TAG), args.numbers, changed=args.numbers // 100))
+                timed(
+                    lambda p=poller: _check(p.poll(TAG), args.numbers, changed=args.numbers // 100)
+                )
             )
             close()
 

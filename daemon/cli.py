@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,10 +24,20 @@ import structlog
 from sqlalchemy.engine import Engine
 
 from daemon import migrate, store
-from daemon.db import create_engine
+from daemon.db import create_engine, sqlite_run_lock
 from daemon.errors import ConfigError, InputError, SmsPartnerStatusError, StoreError
+from daemon.health import (
+    LIVENESS_TIMEOUT,
+    Health,
+    Notifier,
+    heartbeat_age,
+    heartbeat_path,
+)
+from daemon.http import HttpServer
 from daemon.log import configure_logging
+from daemon.metrics import Metrics
 from daemon.poller import Poller, PollResult
+from daemon.scheduler import Daemon
 from daemon.settings import Settings, load_settings
 from daemon.smspartner import SmsPartnerClient
 from daemon.status import parse_timestamp, tag_problem, tag_warnings
@@ -86,14 +97,27 @@ class Context:
         return self._engine
 
     @contextmanager
-    def poller(self) -> Iterator[Poller]:
-        """A poller with its own HTTP client, closed afterwards."""
+    def poller(
+        self,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        event_hooks: dict[str, list[Callable[..., Any]]] | None = None,
+    ) -> Iterator[Poller]:
+        """A poller with its own HTTP client, closed afterwards.
+
+        Args:
+            sleep: what retries and the rate limit wait with (the daemon's returns early
+                and aborts on shutdown).
+            event_hooks: httpx hooks (the daemon times API requests for its metrics).
+        """
         if self.settings.api_key is None:
             raise ConfigError(
                 "SMSPARTNER_API_KEY: not set (also read from SMSPARTNER_API_KEY_FILE "
                 "or $CREDENTIALS_DIRECTORY/api_key)"
             )
-        with httpx.Client(timeout=self.settings.http_timeout_seconds) as http:
+        with httpx.Client(
+            timeout=self.settings.http_timeout_seconds, event_hooks=event_hooks
+        ) as http:
             client = SmsPartnerClient(
                 http,
                 api_key=self.settings.api_key.get_secret_value(),
@@ -102,6 +126,7 @@ class Context:
                 retry_backoff=self.settings.retry_backoff_seconds,
                 rate_limit_per_second=self.settings.rate_limit_per_second,
                 max_pages=self.settings.max_pages,
+                sleep=sleep,
             )
             yield Poller(
                 engine=self.engine, client=client, settings=self.settings, clock=self.clock
@@ -376,6 +401,88 @@ def cmd_db_upgrade(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
+    """The daemon: poll every tracked tag on its cadence until stopped (or once)."""
+    settings = ctx.settings
+    run_lock = sqlite_run_lock(settings.database_url.get_secret_value())
+    try:
+        engine = ctx.engine
+        health, metrics = Health(ctx.clock), Metrics()
+        holder: list[Daemon] = []
+        with ctx.poller(
+            sleep=lambda seconds: holder[0].interruptible_sleep(seconds),
+            event_hooks=metrics.httpx_event_hooks(),
+        ) as poller:
+            daemon = Daemon(
+                engine=engine,
+                poll=poller.poll,
+                clock=ctx.clock,
+                health=health,
+                concurrency=settings.concurrency,
+                report_window=settings.report_window,
+                on_result=metrics.observe_poll,
+                notifier=Notifier(),
+                heartbeat=heartbeat_path(settings.database_url.get_secret_value()),
+            )
+            holder.append(daemon)
+            if args.once:
+                return _run_once(daemon)
+            server = None
+            if settings.http_port:
+                server = HttpServer(
+                    host=settings.http_host,
+                    port=settings.http_port,
+                    engine=engine,
+                    health=health,
+                    metrics=metrics,
+                    settings=settings,
+                    clock=ctx.clock,
+                    wake=daemon.wake,
+                )
+                server.start()
+            try:
+                daemon.run_until_signal()
+            finally:
+                if server is not None:
+                    server.stop()
+        return 0
+    finally:
+        if run_lock is not None:
+            run_lock.close()
+
+
+def _run_once(daemon: Daemon) -> int:
+    stats = daemon.run_once()
+    failed = [r for r in stats.results if not r.ok]
+    print(
+        f"polled {stats.polls} tag(s): {stats.polls - stats.failures} ok, {stats.failures} failed"
+    )
+    for result in failed:
+        print(f"error: poll of {result.tag!r} failed: {result.error}", file=sys.stderr)
+    return 1 if stats.failures else 0
+
+
+def cmd_check(ctx: Context, args: argparse.Namespace) -> int:
+    """Exit 0 when the daemon on this database beat recently (container health)."""
+    path = heartbeat_path(ctx.settings.database_url.get_secret_value())
+    age = heartbeat_age(path, utcnow())
+    if age is None:
+        print("unhealthy: no heartbeat from a running daemon", file=sys.stderr)
+        return 1
+    if age > LIVENESS_TIMEOUT:
+        print(f"unhealthy: last heartbeat {int(age.total_seconds())} s ago", file=sys.stderr)
+        return 1
+    print(f"healthy: last heartbeat {age.total_seconds():.1f} s ago")
+    return 0
+
+
+def cmd_demo(ctx: Context | None, args: argparse.Namespace) -> int:
+    """Run everything against the bundled simulator in accelerated time."""
+    from daemon.demo import run_demo
+
+    return run_demo(args)
+
+
 def cmd_simulator(ctx: Context | None, args: argparse.Namespace) -> int:
     """Run the bundled fake SMS Partner API (needs no settings or database)."""
     from daemon.simulator import run_cli
@@ -450,6 +557,42 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_db_upgrade)
 
     p = verbs.add_parser(
+        "run",
+        help="the daemon: poll every tracked tag until stopped",
+        description="Poll every tracked tag on its cadence, re-check numbers still Waiting "
+        "until they resolve or the window closes, and serve /healthz, /readyz, /metrics and "
+        "/tags on SMSPARTNER_HTTP_HOST:SMSPARTNER_HTTP_PORT. Stops cleanly on SIGTERM or "
+        "Ctrl-C.",
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="poll every due tag once, close windows that ended, and exit (non-zero if a "
+        "poll failed) — for cron and Kubernetes CronJobs",
+    )
+    p.set_defaults(func=cmd_run, log_to_stdout=True)
+
+    p = verbs.add_parser(
+        "check",
+        help="exit 0 when the running daemon is healthy",
+        description="Exit 0 when the `run` daemon using this database beat in the last "
+        "minute (for a Docker HEALTHCHECK), 1 otherwise.",
+    )
+    p.set_defaults(func=cmd_check)
+
+    p = verbs.add_parser(
+        "demo",
+        help="see it work: simulator + daemon, 48 h in ~30 s",
+        description="Start the bundled simulator on a free loopback port, track a few "
+        "campaigns of realistic sizes in a local SQLite file, run the real daemon in "
+        "accelerated time and show what happened.",
+    )
+    from daemon.demo import add_cli_arguments as add_demo_arguments
+
+    add_demo_arguments(p)
+    p.set_defaults(func=cmd_demo, standalone=True)
+
+    p = verbs.add_parser(
         "simulator",
         help="run the bundled fake SMS Partner API on loopback",
         description="Serve a fake bulk-status-by-tag endpoint with realistic, "
@@ -475,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=settings.log_level,
             fmt=settings.log_format,
             secrets=settings.secrets(),
-            stream=sys.stderr,
+            stream=sys.stdout if getattr(args, "log_to_stdout", False) else sys.stderr,
         )
         ctx = Context(settings=settings, clock=utcnow)
         return int(args.func(ctx, args))

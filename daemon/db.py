@@ -8,9 +8,11 @@ PostgreSQL stores ``timestamp with time zone``, SQLite ISO-8601 text ending in `
 
 from __future__ import annotations
 
+import fcntl
+import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TextIO, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -21,6 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
+from daemon.errors import DatabaseBusyError
 from daemon.status import Status
 
 
@@ -284,6 +287,38 @@ def create_engine(url: str, *, echo: bool = False) -> Engine:
     if sa_url.drivername == "postgresql":
         sa_url = sa_url.set(drivername="postgresql+psycopg")
     return sa.create_engine(sa_url, echo=echo, pool_pre_ping=True)
+
+
+def sqlite_run_lock(url: str) -> TextIO | None:
+    """Make sure only one ``run`` writes a SQLite file; None for other databases.
+
+    Holds an exclusive ``flock`` on ``<file>.lock`` for the life of the process (the OS
+    drops it when the process dies, so a crash never leaves a stale lock).
+
+    Raises:
+        DatabaseBusyError: another daemon holds it.
+    """
+    sa_url = sa.engine.make_url(url)
+    if sa_url.get_backend_name() != "sqlite" or sa_url.database in (None, "", ":memory:"):
+        return None
+    path = Path(str(sa_url.database)).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path.with_name(path.name + ".lock"), "a+", encoding="utf-8")  # noqa: SIM115
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise DatabaseBusyError(
+            f"another smspartner-status run ({holder}) is already using {path}; a SQLite "
+            "database has one writer — stop it first, or use PostgreSQL for several replicas"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -55,6 +55,8 @@ REQUEST_TIMEOUT = 10.0
 #: connection closes cleanly: closing with unread data makes the kernel send a reset,
 #: which can destroy our answer before the client reads it.
 _DRAIN_LIMIT = 1024 * 1024
+#: How often the serving loop checks for stop(): the worst-case delay of a shutdown.
+_SHUTDOWN_POLL = 0.1
 
 _ROUTES: dict[str, tuple[str, ...]] = {
     "/healthz": ("GET",),
@@ -168,7 +170,10 @@ class HttpServer:
                     f"{self._host}:{self._port}: {reason}"
                 ) from None
             thread = threading.Thread(
-                target=server.serve_forever, name="smspartner-status-http", daemon=True
+                target=server.serve_forever,
+                kwargs={"poll_interval": _SHUTDOWN_POLL},
+                name="smspartner-status-http",
+                daemon=True,
             )
             thread.start()
             self._server, self._thread = server, thread

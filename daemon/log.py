@@ -114,9 +114,16 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
-    # httpx logs every request at INFO; keep it for debug runs only.
-    for noisy in ("httpx", "httpcore", "apscheduler", "sqlalchemy", "alembic"):
-        logging.getLogger(noisy).setLevel(
-            logging.DEBUG if level == "debug" and noisy != "httpcore" else logging.WARNING
-        )
+    # httpx logs every request at INFO; keep it for debug runs only. APScheduler warns
+    # each time a dispatch is skipped because the previous one still runs, which is the
+    # intended back-pressure, not a problem.
+    for noisy, quiet in (
+        ("httpx", logging.WARNING),
+        ("httpcore", logging.WARNING),
+        ("sqlalchemy", logging.WARNING),
+        ("alembic", logging.WARNING),
+        ("apscheduler", logging.ERROR),
+    ):
+        verbose = level == "debug" and noisy != "httpcore"
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else quiet)
     return redactor

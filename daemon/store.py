@@ -138,6 +138,68 @@ def fill_missing_windows(conn: Connection, *, window: Any, now: datetime) -> lis
     return [tag for tag, _ in rows]
 
 
+def claim_due(
+    conn: Connection,
+    *,
+    now: datetime,
+    owner: str,
+    lease_until: datetime,
+    limit: int,
+    exclude: Iterable[str] | None = None,
+) -> list[str]:
+    """Lease up to ``limit`` due active tags to ``owner``; the caller commits at once.
+
+    A tag is due when its ``next_poll_at`` has come (or was never set) and nobody holds a
+    live lease on it. On PostgreSQL the candidate rows are locked with
+    ``FOR UPDATE SKIP LOCKED``, so replicas claiming at the same moment get disjoint
+    sets instead of waiting on each other; SQLite has a single writer anyway.
+    """
+    query = (
+        sa.select(_tt.tag)
+        .where(
+            _tt.state == "active",
+            sa.or_(_tt.next_poll_at.is_(None), _tt.next_poll_at <= now),
+            sa.or_(_tt.lease_expires_at.is_(None), _tt.lease_expires_at <= now),
+        )
+        .order_by(_tt.next_poll_at.is_not(None), _tt.next_poll_at, _tt.tag)
+        .limit(limit)
+    )
+    if exclude:
+        query = query.where(_tt.tag.not_in(list(exclude)))
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    tags = list(conn.scalars(query))
+    if tags:
+        conn.execute(
+            sa.update(tracked_tags)
+            .where(_tt.tag.in_(tags))
+            .values(lease_owner=owner, lease_expires_at=lease_until)
+        )
+    return tags
+
+
+def renew_leases(
+    conn: Connection, tags: Iterable[str], *, owner: str, lease_until: datetime
+) -> None:
+    """Extend ``owner``'s leases on tags it is still polling."""
+    tags = list(tags)
+    if tags:
+        conn.execute(
+            sa.update(tracked_tags)
+            .where(_tt.tag.in_(tags), _tt.lease_owner == owner)
+            .values(lease_expires_at=lease_until)
+        )
+
+
+def release_leases(conn: Connection, *, owner: str) -> None:
+    """Drop every lease ``owner`` holds (clean shutdown: others may poll at once)."""
+    conn.execute(
+        sa.update(tracked_tags)
+        .where(_tt.lease_owner == owner)
+        .values(lease_owner=None, lease_expires_at=None)
+    )
+
+
 def finish_poll(
     conn: Connection,
     tag: str,

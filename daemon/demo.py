@@ -1,0 +1,188 @@
+"""``smspartner-status demo``: the whole product against the bundled simulator.
+
+The simulator runs in this process on a free loopback port with accelerated time; the
+daemon's clock *is* the simulator's clock, so cadence, settling and the 48-hour window
+all play out in about 30 real seconds. Nothing here is demo-only logic: the same
+Daemon, Poller, client and store as ``run`` do the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import httpx
+from sqlalchemy.engine import Engine
+
+from daemon import migrate, store
+from daemon.db import create_engine
+from daemon.health import Health
+from daemon.log import configure_logging
+from daemon.poller import Poller
+from daemon.scheduler import Daemon
+from daemon.settings import load_settings
+from daemon.simulator import Simulator
+from daemon.smspartner import SmsPartnerClient
+from daemon.status import PENDING
+
+DEMO_KEY = "demo-key"
+#: (tag, numbers, sent this long before the demo starts)
+CAMPAIGNS = (
+    ("spring-sale", 2500, timedelta(minutes=2)),
+    ("flash-promo", 800, timedelta(minutes=40)),
+    ("appointment-reminders", 300, timedelta(hours=3)),
+    ("newsletter-nov", 1500, timedelta(0)),
+)
+SAMPLE_SQL = (
+    "SELECT tag, total, delivered, not_delivered, expired, stop_sms,\n"
+    "       ROUND(delivery_rate * 100, 1) AS delivered_pct\n"
+    "FROM tag_summary ORDER BY sent_at;"
+)
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the ``demo`` verb."""
+    parser.add_argument(
+        "--database",
+        default="smspartner-demo.db",
+        metavar="PATH",
+        help="SQLite file to create (replaced if it exists; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=30.0,
+        help="real seconds that 48 simulated hours take (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="simulator seed (default: 1)")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo; returns the exit code."""
+    if args.seconds <= 0:
+        print("error: --seconds must be positive", file=sys.stderr)
+        return 2
+    db = Path(args.database).expanduser().resolve()
+    for suffix in ("", "-wal", "-shm"):
+        db.with_name(db.name + suffix).unlink(missing_ok=True)
+    scale = 48 * 3600 / args.seconds
+    configure_logging(level="error", fmt="console", stream=sys.stderr)
+
+    with Simulator(api_key=DEMO_KEY, seed=args.seed, time_scale=scale, fault_rate=0.01) as sim:
+        settings = load_settings(
+            {},
+            api_key=DEMO_KEY,
+            base_url=sim.url,
+            database_url=f"sqlite:///{db}",
+            rate_limit_per_second=0,
+            retry_backoff_seconds=0.05,
+            http_port=0,
+            auto_migrate=True,
+        )
+        engine = create_engine(settings.database_url.get_secret_value())
+        migrate.upgrade(engine)
+        start = sim.now()
+        print(f"simulator on {sim.url}; 48 simulated hours take ~{args.seconds:.0f} s")
+        with engine.begin() as conn:
+            for tag, count, ago in CAMPAIGNS:
+                sent_at = start - ago
+                sim.add_tag(tag, count, sent_at=sent_at)
+                store.track(
+                    conn,
+                    tag,
+                    sent_at=sent_at,
+                    window_ends_at=sent_at + settings.report_window,
+                    now=start,
+                )
+                print(f"  tracking {tag!r}: {count:,} numbers, sent {_ago(ago)}")
+
+        with httpx.Client(timeout=10) as http:
+            client = SmsPartnerClient(
+                http,
+                api_key=DEMO_KEY,
+                base_url=sim.url,
+                rate_limit_per_second=0,
+                retry_backoff=0.05,
+            )
+            poller = Poller(engine=engine, client=client, settings=settings, clock=sim.now)
+            daemon = Daemon(
+                engine=engine,
+                poll=poller.poll,
+                clock=sim.now,
+                health=Health(sim.now),
+                concurrency=4,
+                report_window=settings.report_window,
+                dispatch_interval=0.05,
+            )
+            daemon.start()
+            try:
+                _watch(engine, daemon, sim, start, deadline=time.monotonic() + args.seconds * 2)
+            finally:
+                daemon.stop()
+
+    _final_report(engine, daemon.stats.polls, daemon.stats.failures, db)
+    engine.dispose()
+    return 0
+
+
+def _ago(delta: timedelta) -> str:
+    if not delta:
+        return "just now"
+    minutes = int(delta.total_seconds() // 60)
+    return f"{minutes} min ago" if minutes < 60 else f"{minutes // 60} h ago"
+
+
+def _watch(
+    engine: Engine, daemon: Daemon, sim: Simulator, start: datetime, deadline: float
+) -> None:
+    """Print a progress line until every tag is completed or expired."""
+    tty = sys.stdout.isatty()
+    last = ""
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        with engine.connect() as conn:
+            rows = store.tag_summary(conn)
+            counts: dict[str, int] = {}
+            for row in rows:
+                for key in ("delivered", "not_delivered", "failed", "expired", "stop_sms"):
+                    counts[key] = counts.get(key, 0) + int(row[key] or 0)
+                counts["pending"] = counts.get("pending", 0) + sum(
+                    int(row[s.value] or 0) for s in PENDING
+                )
+            active = sum(1 for row in rows if row["state"] == "active")
+        hours = (sim.now() - start).total_seconds() / 3600
+        line = (
+            f"[+{hours:5.1f} h] polls {daemon.stats.polls:4d} | delivered "
+            f"{counts.get('delivered', 0):5,d} | waiting {counts.get('pending', 0):5,d} | "
+            f"not delivered {counts.get('not_delivered', 0):3d} | failed "
+            f"{counts.get('failed', 0):3d} | expired {counts.get('expired', 0):3d} | "
+            f"opt-outs {counts.get('stop_sms', 0):3d} | active tags {active}"
+        )
+        if line != last:
+            print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
+            last = line
+        if active == 0:
+            break
+    if tty:
+        print()
+
+
+def _final_report(engine: Engine, polls: int, failures: int, db: Path) -> None:
+    from daemon.cli import SUMMARY_COLUMNS, _table  # cli imports this module lazily too
+
+    with engine.connect() as conn:
+        summary = [dict(r) for r in store.tag_summary(conn)]
+        optouts = [dict(r) for r in store.optouts(conn)]
+    print(f"\n{polls} polls ({failures} failed and retried later by the schedule)\n")
+    print("tag_summary")
+    print(_table(summary, SUMMARY_COLUMNS[:11]))
+    print(f"\nSTOP opt-outs: {len(optouts)}")
+    print(_table(optouts[:10], ("phone_number", "tag", "reported_at")))
+    if len(optouts) > 10:
+        print(f"… and {len(optouts) - 10} more (smspartner-status optouts)")
+    print(f"\ndatabase: {db}")
+    print(f'try:  sqlite3 {db} \\\n  "{SAMPLE_SQL}"')
+    print(f"or:   SMSPARTNER_DATABASE_URL=sqlite:///{db} smspartner-status report spring-sale")

@@ -1,0 +1,291 @@
+"""The daemon loop: an APScheduler job claims due tags and polls them on a bounded pool.
+
+Every ``dispatch_interval`` (and at once when woken, e.g. after ``POST /tags``) the
+dispatcher:
+
+1. beats (health, heartbeat file, systemd ``WATCHDOG=1``) and renews the leases of the
+   tags it is polling;
+2. completes tags other programs inserted by hand (window, due time);
+3. unless an API key problem pauses polling, leases as many due tags as the pool has free
+   workers (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so replicas share the work) and
+   submits one poll each. A tag is never polled twice at once: the lease guards other
+   replicas, the in-flight set guards this one.
+
+Codes 1/10 pause all claiming for five minutes, then one tag is polled as a probe. On
+SIGTERM/SIGINT the daemon stops claiming, lets polls in flight finish and commit (a poll
+waiting to retry gives up at once), releases its leases and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.engine import Engine
+
+from daemon import store
+from daemon.errors import DatabaseUnavailableError, TransientApiError
+from daemon.health import Health, Notifier, write_heartbeat
+from daemon.poller import AUTH_RETRY, PollResult
+
+log = structlog.get_logger(__name__)
+
+#: How long a claimed tag stays leased without renewal (a crashed replica's tags are
+#: taken over after this). Renewed on every dispatch while the poll runs.
+LEASE = timedelta(seconds=60)
+
+
+class ShutdownRequested(TransientApiError):
+    """Raised inside a poll waiting to retry when the daemon is stopping."""
+
+
+class PollFn(Protocol):
+    """What the scheduler needs of a poller."""
+
+    def __call__(self, tag: str) -> PollResult: ...
+
+
+@dataclass
+class DaemonStats:
+    """Counts for ``run --once`` and the demo's progress line."""
+
+    polls: int = 0
+    failures: int = 0
+    results: list[PollResult] = field(default_factory=list)
+
+
+class Daemon:
+    """Owns the dispatcher, the worker pool and the shutdown sequence."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        poll: PollFn,
+        clock: Callable[[], datetime],
+        health: Health,
+        concurrency: int,
+        report_window: timedelta,
+        on_result: Callable[[PollResult], None] | None = None,
+        notifier: Notifier | None = None,
+        heartbeat: Path | None = None,
+        dispatch_interval: float = 2.0,
+        owner: str | None = None,
+    ) -> None:
+        self._engine = engine
+        self._poll = poll
+        self._clock = clock
+        self._health = health
+        self._concurrency = concurrency
+        self._window = report_window
+        self._on_result = on_result
+        self._notifier = notifier or Notifier(socket_path="")
+        self._heartbeat = heartbeat
+        self._interval = dispatch_interval
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="poll")
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, Future[None]] = {}
+        self._stopping = threading.Event()
+        self._auth_paused_until: datetime | None = None
+        self._scheduler: BackgroundScheduler | None = None
+        self.stats = DaemonStats()
+
+    # --- the stop signal seen by polls waiting to retry --------------------------------
+
+    def interruptible_sleep(self, seconds: float) -> None:
+        """A ``sleep`` for the API client: returns early and aborts when stopping."""
+        if self._stopping.wait(seconds):
+            raise ShutdownRequested("stopped while waiting to retry; nothing was written")
+
+    # --- dispatching ---------------------------------------------------------------------
+
+    def dispatch(self) -> int:
+        """One dispatcher pass; returns how many polls it started."""
+        now = self._clock()
+        self._health.beat()
+        if self._heartbeat is not None:
+            write_heartbeat(self._heartbeat, now)
+        self._notifier.notify("WATCHDOG=1")
+        if self._stopping.is_set():
+            return 0
+        try:
+            started = self._claim_and_submit(now)
+        except sa.exc.OperationalError as exc:
+            self._health.database(str(exc.orig))
+            log.error("daemon.database_unavailable", error=str(exc.orig))
+            return 0
+        self._health.database(None)
+        return started
+
+    def _claim_and_submit(self, now: datetime, exclude: set[str] | None = None) -> int:
+        with self._lock:
+            in_flight = list(self._in_flight)
+        free = self._concurrency - len(in_flight)
+        if self._auth_paused_until is not None:
+            if now < self._auth_paused_until:
+                free = 0
+            else:
+                free = min(free, 1)  # one probe poll tells whether the key works again
+                self._auth_paused_until = now + AUTH_RETRY
+        with self._engine.begin() as conn:
+            store.renew_leases(conn, in_flight, owner=self.owner, lease_until=now + LEASE)
+            filled = store.fill_missing_windows(conn, window=self._window, now=now)
+            tags = (
+                store.claim_due(
+                    conn,
+                    now=now,
+                    owner=self.owner,
+                    lease_until=now + LEASE,
+                    limit=free,
+                    exclude=exclude,
+                )
+                if free > 0
+                else []
+            )
+        for tag in filled:
+            log.info("tag.adopted", tag=tag)
+        for tag in tags:
+            self._submit(tag)
+        if exclude is not None:
+            exclude.update(tags)
+        return len(tags)
+
+    def _submit(self, tag: str) -> None:
+        with self._lock:
+            if tag in self._in_flight:
+                return
+            self._in_flight[tag] = self._pool.submit(self._run_poll, tag)
+
+    def _run_poll(self, tag: str) -> None:
+        try:
+            result = self._poll(tag)
+        except DatabaseUnavailableError as exc:
+            self._health.database(str(exc))
+            self._health.poll_finished(False)
+            log.error("poll.database_error", tag=tag, error=str(exc))
+            self._count(None)
+        except Exception:  # a bug must not kill the worker or leak the lease forever
+            log.exception("poll.crashed", tag=tag)
+            self._health.poll_finished(False)
+            self._count(None)
+        else:
+            self._after_poll(result)
+        finally:
+            with self._lock:
+                self._in_flight.pop(tag, None)
+
+    def _after_poll(self, result: PollResult) -> None:
+        self._health.poll_finished(result.ok)
+        if result.outcome == "auth_error":
+            if self._health.auth_error is None:
+                log.error(
+                    "daemon.auth_paused",
+                    error=result.error,
+                    retry_in_seconds=int(AUTH_RETRY.total_seconds()),
+                    hint="check SMSPARTNER_API_KEY",
+                )
+            self._health.auth(result.error)
+            self._auth_paused_until = self._clock() + AUTH_RETRY
+        elif result.ok and self._health.auth_error is not None:
+            log.info("daemon.auth_resumed")
+            self._health.auth(None)
+            self._auth_paused_until = None
+        self._count(result)
+        if self._on_result is not None:
+            self._on_result(result)
+
+    def _count(self, result: PollResult | None) -> None:
+        with self._lock:
+            self.stats.polls += 1
+            if result is None or not result.ok:
+                self.stats.failures += 1
+            if result is not None:
+                self.stats.results.append(result)
+
+    def wake(self) -> None:
+        """Dispatch as soon as possible (a tag was just registered)."""
+        if self._scheduler is not None and not self._stopping.is_set():
+            self._scheduler.modify_job("dispatch", next_run_time=datetime.now().astimezone())
+
+    # --- lifecycles ----------------------------------------------------------------------
+
+    def run_once(self) -> DaemonStats:
+        """Poll every due tag once, then return (``run --once``, for cron jobs)."""
+        polled: set[str] = set()
+        while True:
+            if self._auth_paused_until is None:  # a wrong key would fail every tag alike
+                self._claim_and_submit(self._clock(), exclude=polled)
+            with self._lock:
+                futures = list(self._in_flight.values())
+            if not futures:
+                break
+            wait(futures, return_when=FIRST_COMPLETED)
+        self._drain()
+        return self.stats
+
+    def start(self) -> None:
+        """Start the dispatcher in the background (``run`` and the demo)."""
+        self._scheduler = BackgroundScheduler(timezone="UTC")
+        self._scheduler.add_job(
+            self.dispatch,
+            "interval",
+            seconds=self._interval,
+            id="dispatch",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=datetime.now().astimezone(),
+        )
+        self._scheduler.start()
+        self._notifier.notify("READY=1")
+        log.info("daemon.started", owner=self.owner, concurrency=self._concurrency)
+
+    def stop(self) -> None:
+        """Stop claiming, let polls in flight finish and commit, release leases."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._notifier.notify("STOPPING=1")
+        log.info("daemon.stopping", in_flight=len(self._in_flight))
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+        self._drain()
+
+    def _drain(self) -> None:
+        self._pool.shutdown(wait=True)
+        try:
+            with self._engine.begin() as conn:
+                store.release_leases(conn, owner=self.owner)
+        except sa.exc.OperationalError as exc:
+            log.warning("daemon.release_failed", error=str(exc.orig))
+
+    def run_until_signal(self) -> None:
+        """Start, block until SIGTERM or SIGINT, then stop cleanly."""
+        received = threading.Event()
+
+        def handler(signum: int, _frame: Any) -> None:
+            log.info("daemon.signal", signal=signal.Signals(signum).name)
+            received.set()
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not received.wait(1.0):
+                pass
+        finally:
+            self.stop()
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        log.info("daemon.stopped", polls=self.stats.polls, failures=self.stats.failures)

@@ -543,6 +543,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, reply: _Reply) -> None:
         body = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+        # Logged before answering, so whoever reads the answer can already see the line.
+        started = self._started or time.perf_counter()
+        log.debug(
+            "http.request",
+            method=getattr(self, "command", None) or "-",
+            path=_clip(self._path()),
+            status=int(reply.status),
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -552,11 +561,3 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        started = self._started or time.perf_counter()
-        log.debug(
-            "http.request",
-            method=getattr(self, "command", None) or "-",
-            path=_clip(self._path()),
-            status=int(reply.status),
-            duration_ms=round((time.perf_counter() - started) * 1000, 1),
-        )

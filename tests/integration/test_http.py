@@ -360,7 +360,8 @@ def test_content_type_and_length_rules(app: App) -> None:
 
     with socket.create_connection(("127.0.0.1", app.server.port), timeout=5) as sock:
         sock.sendall(b"POST /tags HTTP/1.0\r\nHost: x\r\n\r\n")  # no Content-Length at all
-        answer_bytes = sock.makefile("rb").read()
+        with sock.makefile("rb") as answer:
+            answer_bytes = answer.read()
     assert answer_bytes.startswith(b"HTTP/1.0 411 ")
     assert b"Content-Length is required" in answer_bytes
 
@@ -512,6 +513,10 @@ def test_a_stalled_client_does_not_block_others(app: App) -> None:
     with socket.create_connection(("127.0.0.1", app.server.port), timeout=5) as stalled:
         stalled.sendall(b"GET /heal")  # and never finishes the request line
         assert app.client.get("/healthz").status_code == 200
+        # Hanging up ends that request (read as "GET /heal"): its thread is not left over.
+        stalled.shutdown(socket.SHUT_WR)
+        with stalled.makefile("rb") as answer:
+            assert answer.read().startswith(b"HTTP/1.0 404 ")
 
 
 def test_requests_timed_by_the_httpx_hooks_show_in_metrics(app: App) -> None:

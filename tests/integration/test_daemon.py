@@ -1,0 +1,291 @@
+"""The daemon as users run it: `run` and `run --once` as subprocesses against the
+simulator, with the HTTP surface, sd_notify, signals and the single-writer lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from daemon.simulator import Simulator
+from tests.conftest import API_KEY, run_cli
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Running:
+    """A `run` daemon in a subprocess, its log lines in a file."""
+
+    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
+        self.log = log
+        self._out = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", *args],
+            env=env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+    def events(self) -> list[dict[str, object]]:
+        found = []
+        for line in self.lines():
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
+        return found
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, float]:
+        start = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=20)
+        finally:
+            self._out.close()
+        return code, time.monotonic() - start
+
+
+@pytest.fixture
+def daemon_env(cli_env: dict[str, str]) -> dict[str, str]:
+    return {**cli_env, "SMSPARTNER_HTTP_PORT": str(free_port())}
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
+
+    def start(env: dict[str, str], *args: str) -> Running:
+        proc = Running(env, tmp_path / f"daemon{len(started)}.log", *args)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait()
+        proc._out.close()
+
+
+def test_run_once_makes_one_last_poll_of_a_closed_window(
+    cli_env: dict[str, str], simulator: Simulator, db_url: str
+) -> None:
+    env = {**cli_env, "SMSPARTNER_DATABASE_URL": db_url}
+    sent = datetime.now(UTC) - timedelta(hours=50)
+    simulator.set_number("old", "+33610000001", "Waiting", date=str(int(sent.timestamp())))
+    simulator.set_number("old", "+33610000002", "Delivered", date=str(int(sent.timestamp())))
+    assert run_cli("track", "old", "--sent-at", sent.isoformat(), env=env).code == 0
+    res = run_cli("run", "--once", env=env)
+    assert res.code == 0, res.out + res.err
+    assert "polled 1 tag(s): 1 ok, 0 failed" in res.out
+    tags = json.loads(run_cli("tags", "--json", env=env).out)
+    assert tags[0]["state"] == "expired"
+    summary = json.loads(run_cli("report", "old", "--json", env=env).out)["summary"]
+    assert (summary["expired"], summary["delivered"], summary["waiting"]) == (1, 1, 0)
+    assert simulator.request_count("old") == 1
+    # Nothing is due any more: a second pass polls nothing.
+    assert "polled 0 tag(s)" in run_cli("run", "--once", env=env).out
+
+
+def test_run_once_exits_non_zero_when_a_poll_fails(
+    cli_env: dict[str, str], simulator: Simulator
+) -> None:
+    simulator.add_tag("good", 5)
+    simulator.add_tag("bad", 5)
+    simulator.inject("503", tag="bad", times=None)
+    for tag in ("good", "bad"):
+        run_cli("track", tag, env=cli_env)
+    res = run_cli("run", "--once", env={**cli_env, "SMSPARTNER_MAX_RETRIES": "1"})
+    assert res.code == 1
+    assert "1 ok, 1 failed" in res.out and "'bad' failed" in res.err
+    assert API_KEY not in res.out + res.err
+
+
+def test_run_serves_http_polls_new_tags_fast_and_stops_on_sigterm(
+    daemon_env: dict[str, str], simulator: Simulator, running: Callable[..., Running]
+) -> None:
+    simulator.add_tag("live", 700)
+    base = f"http://127.0.0.1:{daemon_env['SMSPARTNER_HTTP_PORT']}"
+    daemon = running(daemon_env)
+    with httpx.Client(base_url=base, timeout=5) as http:
+        wait_for(lambda: _get(http, "/healthz") == 200, 20, "/healthz")
+        posted = time.monotonic()
+        answer = http.post("/tags", json={"tag": "live"})
+        assert answer.status_code == 201, answer.text
+
+        def polled() -> bool:
+            tags = http.get("/tags").json()
+            return any(t["tag"] == "live" and t.get("total") == 700 for t in tags)
+
+        wait_for(polled, 5, "the new tag to be polled and stored")
+        assert time.monotonic() - posted < 5
+
+        for body in (
+            b"{broken",
+            b'{"tag": "has space"}',
+            b'{"tag": "x", "sent_at": "soon"}',
+            b"[]",
+        ):
+            bad = http.post("/tags", content=body, headers={"Content-Type": "application/json"})
+            assert bad.status_code == 400 and "error" in bad.json()
+        metrics = http.get("/metrics")
+        assert metrics.status_code == 200
+        assert 'smspartner_status_polls_total{outcome="ok"}' in metrics.text
+        assert _get(http, "/readyz") == 200
+    code, took = daemon.stop()
+    assert code == 0 and took < 10
+    events = [e["event"] for e in daemon.events()]
+    assert "daemon.started" in events and "poll.completed" in events
+    assert "daemon.stopped" in events and "http.stopped" in events
+    assert API_KEY not in daemon.log.read_text()
+
+
+def _get(http: httpx.Client, path: str) -> int:
+    try:
+        return http.get(path).status_code
+    except httpx.TransportError:
+        return 0
+
+
+def test_a_row_inserted_by_another_program_is_polled_within_5_seconds(
+    cli_env: dict[str, str], simulator: Simulator, running: Callable[..., Running]
+) -> None:
+    simulator.add_tag("sidecar", 50)
+    env = {**cli_env, "SMSPARTNER_HTTP_PORT": "0"}
+    assert run_cli("db", "upgrade", env=env).code == 0
+    daemon = running(env)
+    wait_for(lambda: "daemon.started" in daemon.log.read_text(), 20, "start")
+    db = env["SMSPARTNER_DATABASE_URL"].removeprefix("sqlite:///")
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO tracked_tags (tag) VALUES ('sidecar')")
+    inserted = time.monotonic()
+
+    def stored() -> bool:
+        with sqlite3.connect(db) as conn:
+            return (
+                conn.execute(
+                    "SELECT count(*) FROM delivery_statuses WHERE tag = 'sidecar'"
+                ).fetchone()[0]
+                == 50
+            )
+
+    wait_for(stored, 5, "the inserted tag to be polled")
+    assert time.monotonic() - inserted < 5
+    assert daemon.stop()[0] == 0
+
+
+def test_second_run_on_the_same_sqlite_file_refuses(
+    cli_env: dict[str, str], running: Callable[..., Running]
+) -> None:
+    env = {**cli_env, "SMSPARTNER_HTTP_PORT": "0"}
+    first = running(env)
+    wait_for(lambda: "daemon.started" in first.log.read_text(), 20, "start")
+    second = run_cli("run", env=env, timeout=30)
+    assert second.code == 1
+    assert "already using" in second.err and len(second.err.strip().splitlines()) == 1
+    assert first.stop()[0] == 0
+
+
+def test_sd_notify_ready_watchdog_stopping_and_check(
+    cli_env: dict[str, str], tmp_path: Path, running: Callable[..., Running]
+) -> None:
+    sock_path = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(sock_path)
+    listener.settimeout(20)
+    env = {**cli_env, "SMSPARTNER_HTTP_PORT": "0", "NOTIFY_SOCKET": sock_path}
+    assert run_cli("check", env=env).code == 1  # nothing running yet
+    try:
+        daemon = running(env)
+        messages = []
+        while "READY=1" not in messages or "WATCHDOG=1" not in messages:
+            messages.append(listener.recv(256).decode())
+        check = run_cli("check", env=env)
+        assert check.code == 0 and "healthy" in check.out
+        daemon.proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in messages:
+            messages.append(listener.recv(256).decode())
+        assert daemon.stop()[0] == 0
+        assert messages.index("READY=1") < messages.index("STOPPING=1")
+    finally:
+        listener.close()
+
+
+def test_wrong_key_pauses_polling_with_one_error_and_fails_readiness(
+    daemon_env: dict[str, str], simulator: Simulator, running: Callable[..., Running]
+) -> None:
+    for tag in ("a", "b", "c"):
+        simulator.add_tag(tag, 5)
+        run_cli("track", tag, env=daemon_env)
+    env = {**daemon_env, "SMSPARTNER_API_KEY": "wrong-key-777", "SMSPARTNER_CONCURRENCY": "1"}
+    daemon = running(env)
+    base = f"http://127.0.0.1:{env['SMSPARTNER_HTTP_PORT']}"
+    with httpx.Client(base_url=base, timeout=5) as http:
+        wait_for(
+            lambda: _get(http, "/readyz") == 503 and "auth_paused" in daemon.log.read_text(),
+            20,
+            "readiness to fail",
+        )
+        problems = http.get("/readyz").json()["problems"]
+        assert any("API key" in p for p in problems)
+        time.sleep(4.5)  # two more dispatches: still paused, nothing more sent
+    assert simulator.request_count() == 1
+    events = [e["event"] for e in daemon.events()]
+    assert events.count("daemon.auth_paused") == 1
+    assert daemon.stop()[0] == 0
+    assert "wrong-key-777" not in daemon.log.read_text()
+
+
+def test_sigint_also_stops_cleanly(
+    cli_env: dict[str, str], running: Callable[..., Running]
+) -> None:
+    daemon = running({**cli_env, "SMSPARTNER_HTTP_PORT": "0"})
+    wait_for(lambda: "daemon.started" in daemon.log.read_text(), 20, "start")
+    code, took = daemon.stop(signal.SIGINT)
+    assert code == 0 and took < 10
+
+
+def test_leases_are_released_on_clean_stop(
+    cli_env: dict[str, str], simulator: Simulator, running: Callable[..., Running]
+) -> None:
+    simulator.add_tag("t", 5)
+    run_cli("track", "t", env=cli_env)
+    daemon = running({**cli_env, "SMSPARTNER_HTTP_PORT": "0"})
+    wait_for(lambda: "poll.completed" in daemon.log.read_text(), 20, "a poll")
+    assert daemon.stop()[0] == 0
+    url = cli_env["SMSPARTNER_DATABASE_URL"]
+    eng = sa.create_engine(url)
+    with eng.connect() as conn:
+        owners = conn.execute(sa.text("SELECT lease_owner FROM tracked_tags")).all()
+    eng.dispose()
+    assert owners == [(None,)]
+    assert os.path.exists(url.removeprefix("sqlite:///") + ".lock")

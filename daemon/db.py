@@ -286,7 +286,11 @@ def create_engine(url: str, *, echo: bool = False) -> Engine:
         return engine
     if sa_url.drivername == "postgresql":
         sa_url = sa_url.set(drivername="postgresql+psycopg")
-    return sa.create_engine(sa_url, echo=echo, pool_pre_ping=True)
+    # A bounded connect timeout: an unreachable server must fail a readiness probe or a
+    # dispatch quickly, not hang until the kernel gives up on TCP.
+    return sa.create_engine(
+        sa_url, echo=echo, pool_pre_ping=True, connect_args={"connect_timeout": 5}
+    )
 
 
 def sqlite_run_lock(url: str) -> TextIO | None:

@@ -102,6 +102,7 @@ class Metrics:
             self._rows_changed.inc(result.changed)
         if result.optouts > 0:
             self._optouts.inc(result.optouts)
+        self.observe_final_delays(result.final_delays)
 
     def observe_api_request(self, seconds: float, status: int | None) -> None:
         """Record one API request's latency; ``status`` None means no response came."""

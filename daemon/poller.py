@@ -56,6 +56,8 @@ class PollResult:
     error: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    #: Seconds from sending to the final report, for numbers that became final now.
+    final_delays: tuple[float, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -183,6 +185,9 @@ class Poller:
             error=error,
             counts=store.status_counts(conn, tag),
             seconds=(finished - now).total_seconds(),
+            final_delays=tuple(
+                ((reported or now) - sent_at).total_seconds() for reported in applied.newly_final
+            ),
         )
 
     def _next_due(self, row: RowMapping, now: datetime, ok: bool, outcome: str) -> datetime:

@@ -238,6 +238,8 @@ class Applied:
     changed: int = 0
     events: int = 0
     optouts: list[tuple[str, datetime | None]] = field(default_factory=list)
+    #: Provider dates of numbers that got their first provider-final status (metrics).
+    newly_final: list[datetime | None] = field(default_factory=list)
 
 
 def _forward_only(stmt: Any) -> tuple[Any, Any]:
@@ -377,6 +379,7 @@ def apply_reports(
     to_db = _db_time(conn)
     now_db = to_db(now)
     rows, events, stops = [], [], []
+    newly_final: list[datetime | None] = []
     first_seen = 0
     for phone, new in reports.items():
         old = stored.get(phone)
@@ -409,6 +412,8 @@ def apply_reports(
             )
         elif old is None:
             first_seen += 1
+        if new.status in PROVIDER_FINAL and (old is None or old.status not in PROVIDER_FINAL):
+            newly_final.append(new.reported_at)
         if new.stop_sms and not (old and old.stop_sms):
             stops.append(
                 {
@@ -418,7 +423,7 @@ def apply_reports(
                     "first_seen_at": now,
                 }
             )
-    applied = Applied(changed=len(rows), events=len(events) + first_seen)
+    applied = Applied(changed=len(rows), events=len(events) + first_seen, newly_final=newly_final)
     if events:
         _bulk(conn, sa.insert(delivery_status_events), events)
     if rows:

@@ -125,7 +125,9 @@ def test_waiting_becomes_delivered_and_final_never_regresses(rig: Callable[..., 
 
     r.sim.set_number("spring", "+33611111111", "Delivered", date=unix(NOW + timedelta(minutes=2)))
     r.clock.now += timedelta(minutes=3)
-    assert r.poller.poll("spring").changed == 1
+    delivered = r.poller.poll("spring")
+    assert delivered.changed == 1
+    assert delivered.final_delays == (120.0,)  # sent at NOW, reported 2 minutes later
     # The provider flip-flops back to Waiting, then sends an older final report.
     r.sim.set_number("spring", "+33611111111", "Waiting", date=unix(NOW))
     r.clock.now += timedelta(minutes=3)

@@ -40,7 +40,8 @@ def sqlite_text(value: datetime) -> str:
     return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
-def _sqlite_parse(value: str | None) -> datetime | None:
+def sqlite_parse(value: str | None) -> datetime | None:
+    """Read a SQLite timestamp back as an aware UTC datetime."""
     # fromisoformat reads our format, SQLite's CURRENT_TIMESTAMP ("2026-11-26 17:46:53")
     # and the millisecond form of our server default, for rows other programs insert.
     if value is None:
@@ -60,7 +61,7 @@ class _SqliteUtc(sqlite.DATETIME):
         return lambda value: None if value is None else sqlite_text(value)
 
     def result_processor(self, dialect: Dialect, coltype: object) -> Any:
-        return _sqlite_parse
+        return sqlite_parse
 
 
 class UtcDateTime(sa.TypeDecorator[datetime]):

@@ -140,15 +140,16 @@ class Poller:
 
         expired = 0
         closed = window_closed(window_ends_at, now)
-        if closed and (ok or window_closed(window_ends_at + EXPIRY_GRACE, now)):
+        expire = closed and (ok or window_closed(window_ends_at + EXPIRY_GRACE, now))
+        if expire:
             expired = store.expire_pending(conn, tag, now=now)
+        counts = store.status_counts(conn, tag)
+        if expire:
             state, due = "expired", None
         else:
-            counts = store.status_counts(conn, tag)
-            pending = sum(counts.get(s.value, 0) for s in PENDING)
             complete = ok and is_complete(
                 total=sum(counts.values()),
-                pending=pending,
+                pending=sum(counts.get(s.value, 0) for s in PENDING),
                 sent_at=sent_at,
                 now=now,
                 settle=self._settings.settle,
@@ -183,7 +184,7 @@ class Poller:
             expired=expired,
             no_messages=no_messages,
             error=error,
-            counts=store.status_counts(conn, tag),
+            counts=counts,
             seconds=(finished - now).total_seconds(),
             final_delays=tuple(
                 ((reported or now) - sent_at).total_seconds() for reported in applied.newly_final

@@ -9,7 +9,6 @@ non-zero exit: 2 for bad input or configuration, 1 for a failure at run time.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +35,7 @@ from daemon.health import (
 from daemon.http import HttpServer
 from daemon.log import configure_logging
 from daemon.metrics import Metrics
+from daemon.output import SUMMARY_COLUMNS, TAG_COLUMNS, iso, print_json, table
 from daemon.poller import Poller, PollResult
 from daemon.scheduler import Daemon
 from daemon.settings import Settings, load_settings
@@ -141,52 +141,6 @@ class Context:
 # --- formatting -------------------------------------------------------------------------
 
 
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-ready value: datetimes as ISO-8601 UTC."""
-    return _iso(value) if isinstance(value, datetime) else value
-
-
-def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A plain aligned text table; numbers right-aligned. Small enough not to need a
-    library, and it keeps the output stable for scripts that grep it."""
-    if not rows:
-        return "(none)"
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    numeric = [all(isinstance(row.get(c), int | float) for row in rows) for c in columns]
-
-    def line(values: Sequence[str]) -> str:
-        parts = [
-            v.rjust(w) if num else v.ljust(w)
-            for v, w, num in zip(values, widths, numeric, strict=True)
-        ]
-        return "  ".join(parts).rstrip()
-
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, datetime):
-        return _iso(value) or "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.1%}" if value <= 1 else f"{value:.1f}"
-    return str(value)
-
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=_plain))
-
-
 # --- argument types ---------------------------------------------------------------------
 
 
@@ -233,8 +187,8 @@ def cmd_track(ctx: Context, args: argparse.Namespace) -> int:
     assert row is not None
     verb = "re-activated" if existed else "tracking"
     print(
-        f"{verb} tag {args.tag!r}: sent at {_iso(row['sent_at'])}, "
-        f"reports accepted until {_iso(row['window_ends_at'])}"
+        f"{verb} tag {args.tag!r}: sent at {iso(row['sent_at'])}, "
+        f"reports accepted until {iso(row['window_ends_at'])}"
     )
     return 0
 
@@ -249,28 +203,15 @@ def cmd_untrack(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-TAG_COLUMNS = (
-    "tag",
-    "state",
-    "sent_at",
-    "window_ends_at",
-    "next_poll_at",
-    "last_success_at",
-    "poll_count",
-    "consecutive_failures",
-    "last_error",
-)
-
-
 def cmd_tags(ctx: Context, args: argparse.Namespace) -> int:
     """List tracked tags."""
     with ctx.engine.connect() as conn:
         rows = [dict(r) for r in store.list_tags(conn)]
     if args.json:
-        _print_json([{c: r[c] for c in TAG_COLUMNS} for r in rows])
+        print_json([{c: r[c] for c in TAG_COLUMNS} for r in rows])
     else:
         shown = ("tag", "state", "sent_at", "next_poll_at", "last_success_at", "last_error")
-        print(_table(rows, shown))
+        print(table(rows, shown))
     return 0
 
 
@@ -311,24 +252,6 @@ def cmd_poll(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-SUMMARY_COLUMNS = (
-    "tag",
-    "state",
-    "total",
-    "delivered",
-    "not_delivered",
-    "failed",
-    "waiting",
-    "unknown",
-    "expired",
-    "stop_sms",
-    "delivery_rate",
-    "sent_at",
-    "window_ends_at",
-    "last_polled_at",
-)
-
-
 def cmd_report(ctx: Context, args: argparse.Namespace) -> int:
     """Print one tag's summary (and optionally every number)."""
     with ctx.engine.connect() as conn:
@@ -341,17 +264,17 @@ def cmd_report(ctx: Context, args: argparse.Namespace) -> int:
         data: dict[str, Any] = {"summary": {c: row[c] for c in SUMMARY_COLUMNS}}
         if args.numbers:
             data["numbers"] = numbers
-        _print_json(data)
+        print_json(data)
         return 0
-    print(_table([row], SUMMARY_COLUMNS[:11]))
+    print(table([row], SUMMARY_COLUMNS[:11]))
     print(
-        f"\nsent at {_iso(row['sent_at'])}, window ends {_iso(row['window_ends_at'])}, "
-        f"last polled {_iso(row['last_polled_at']) or 'never'}"
+        f"\nsent at {iso(row['sent_at'])}, window ends {iso(row['window_ends_at'])}, "
+        f"last polled {iso(row['last_polled_at']) or 'never'}"
     )
     if args.numbers:
         print()
         print(
-            _table(
+            table(
                 numbers,
                 (
                     "phone_number",
@@ -372,9 +295,9 @@ def cmd_optouts(ctx: Context, args: argparse.Namespace) -> int:
         rows = [dict(r) for r in store.optouts(conn)]
     columns = ("phone_number", "tag", "reported_at", "first_seen_at")
     if args.json:
-        _print_json([{c: r[c] for c in columns} for r in rows])
+        print_json([{c: r[c] for c in columns} for r in rows])
     else:
-        print(_table(rows, columns))
+        print(table(rows, columns))
     return 0
 
 

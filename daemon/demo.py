@@ -21,6 +21,7 @@ from daemon import migrate, store
 from daemon.db import create_engine
 from daemon.health import Health
 from daemon.log import configure_logging
+from daemon.output import SUMMARY_COLUMNS, table
 from daemon.poller import Poller
 from daemon.scheduler import Daemon
 from daemon.settings import load_settings
@@ -171,16 +172,14 @@ def _watch(
 
 
 def _final_report(engine: Engine, polls: int, failures: int, db: Path) -> None:
-    from daemon.cli import SUMMARY_COLUMNS, _table  # cli imports this module lazily too
-
     with engine.connect() as conn:
         summary = [dict(r) for r in store.tag_summary(conn)]
         optouts = [dict(r) for r in store.optouts(conn)]
     print(f"\n{polls} polls ({failures} failed and retried later by the schedule)\n")
     print("tag_summary")
-    print(_table(summary, SUMMARY_COLUMNS[:11]))
+    print(table(summary, SUMMARY_COLUMNS[:11]))
     print(f"\nSTOP opt-outs: {len(optouts)}")
-    print(_table(optouts[:10], ("phone_number", "tag", "reported_at")))
+    print(table(optouts[:10], ("phone_number", "tag", "reported_at")))
     if len(optouts) > 10:
         print(f"… and {len(optouts) - 10} more (smspartner-status optouts)")
     print(f"\ndatabase: {db}")

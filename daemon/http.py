@@ -27,8 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from decimal import Decimal
+from datetime import datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
@@ -42,6 +41,7 @@ from daemon import store
 from daemon.errors import ConfigError, InputError
 from daemon.health import Health
 from daemon.metrics import Metrics
+from daemon.output import plain
 from daemon.settings import Settings
 from daemon.status import parse_timestamp, tag_problem, tag_warnings
 
@@ -247,7 +247,7 @@ class HttpServer:
         tags = []
         for row in rows:
             summary = summaries.get(row["tag"])
-            counts = {n: _plain(summary[n] if summary else None) for n in _SUMMARY_COUNTS}
+            counts = {n: plain(summary[n] if summary else None) for n in _SUMMARY_COUNTS}
             tags.append({**_public(row), **counts})
         return _Reply(HTTPStatus.OK, tags)
 
@@ -353,18 +353,9 @@ def _kind(value: object) -> str:
     return "array" if isinstance(value, list) else "object"
 
 
-def _plain(value: Any) -> Any:
-    """A JSON-ready value: datetimes as ISO-8601 UTC with ``Z``, decimals as floats."""
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    if isinstance(value, Decimal):
-        return float(value)
-    return value
-
-
 def _public(row: RowMapping) -> dict[str, Any]:
     """A ``tracked_tags`` row as the API shows it."""
-    return {str(k): _plain(v) for k, v in row.items() if k not in _HIDDEN_COLUMNS}
+    return {str(k): plain(v) for k, v in row.items() if k not in _HIDDEN_COLUMNS}
 
 
 def _log_db_error(path: str, exc: Exception) -> None:

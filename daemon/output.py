@@ -1,0 +1,93 @@
+"""How the CLI and the demo print things: aligned tables, JSON, ISO-8601 UTC times.
+
+Tables are a 20-line formatter rather than a library: alignment is all they need, and
+the output stays stable for scripts that grep it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+#: Columns of `tags --json` (lease columns are the scheduler's business).
+TAG_COLUMNS = (
+    "tag",
+    "state",
+    "sent_at",
+    "window_ends_at",
+    "next_poll_at",
+    "last_success_at",
+    "poll_count",
+    "consecutive_failures",
+    "last_error",
+)
+
+#: Columns of the `tag_summary` view, in the order `report` prints them.
+SUMMARY_COLUMNS = (
+    "tag",
+    "state",
+    "total",
+    "delivered",
+    "not_delivered",
+    "failed",
+    "waiting",
+    "unknown",
+    "expired",
+    "stop_sms",
+    "delivery_rate",
+    "sent_at",
+    "window_ends_at",
+    "last_polled_at",
+)
+
+
+def iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def plain(value: Any) -> Any:
+    """A JSON-ready value: datetimes as ISO-8601 UTC with ``Z``, decimals as floats."""
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, Decimal):
+        return float(value)
+    return value
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain aligned text table; numbers right-aligned."""
+    if not rows:
+        return "(none)"
+    cells = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(row.get(c), int | float) for row in rows) for c in columns]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return iso(value) or "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.1%}" if value <= 1 else f"{value:.1f}"
+    return str(value)
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=plain))

@@ -103,6 +103,10 @@ def _utcnow_default(element: utcnow, compiler: SQLCompiler, **kw: Any) -> str:
     return "CURRENT_TIMESTAMP"
 
 
+#: Driver errors that mean "the database cannot be reached or used right now" (as opposed
+#: to a constraint violation, which is a bug): retried by the schedule, fail readiness.
+UNAVAILABLE_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError)
+
 TAG_STATES = ("active", "completed", "expired", "untracked")
 POLL_OUTCOMES = ("ok", "api_error", "transient_error", "auth_error")
 _STATUSES = tuple(s.value for s in Status)

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from daemon import store
+from daemon.db import UNAVAILABLE_ERRORS
 from daemon.errors import (
     ApiError,
     AuthError,
@@ -93,7 +93,7 @@ class Poller:
         try:
             with self._engine.connect() as conn:
                 row = store.get_tag(conn, tag)
-        except sa.exc.OperationalError as exc:
+        except UNAVAILABLE_ERRORS as exc:
             raise DatabaseUnavailableError(f"database error: {exc.orig}") from exc
         if row is None:
             raise InputError(f"tag {tag!r} is not tracked; run `smspartner-status track {tag}`")
@@ -113,7 +113,7 @@ class Poller:
         try:
             with self._engine.begin() as conn:
                 result = self._store(conn, row, now, fetched, outcome, error, no_messages)
-        except sa.exc.OperationalError as exc:
+        except UNAVAILABLE_ERRORS as exc:
             raise DatabaseUnavailableError(f"database error: {exc.orig}") from exc
         self._log(result)
         return result

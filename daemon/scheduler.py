@@ -30,12 +30,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-import sqlalchemy as sa
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.engine import Engine
 
 from daemon import store
+from daemon.db import UNAVAILABLE_ERRORS
 from daemon.errors import DatabaseUnavailableError, TransientApiError
 from daemon.health import Health, Notifier, write_heartbeat
 from daemon.poller import AUTH_RETRY, PollResult
@@ -123,7 +123,7 @@ class Daemon:
             return 0
         try:
             started = self._claim_and_submit(now)
-        except sa.exc.OperationalError as exc:
+        except UNAVAILABLE_ERRORS as exc:
             self._health.database(str(exc.orig))
             log.error("daemon.database_unavailable", error=str(exc.orig))
             return 0
@@ -133,13 +133,13 @@ class Daemon:
     def _claim_and_submit(self, now: datetime, exclude: set[str] | None = None) -> int:
         with self._lock:
             in_flight = list(self._in_flight)
-        free = self._concurrency - len(in_flight)
-        if self._auth_paused_until is not None:
-            if now < self._auth_paused_until:
-                free = 0
-            else:
-                free = min(free, 1)  # one probe poll tells whether the key works again
-                self._auth_paused_until = now + AUTH_RETRY
+            free = self._concurrency - len(in_flight)
+            if self._auth_paused_until is not None:
+                if now < self._auth_paused_until:
+                    free = 0
+                else:
+                    free = min(free, 1)  # one probe poll tells whether the key works again
+                    self._auth_paused_until = now + AUTH_RETRY
         with self._engine.begin() as conn:
             store.renew_leases(conn, in_flight, owner=self.owner, lease_until=now + LEASE)
             filled = store.fill_missing_windows(conn, window=self._window, now=now)
@@ -189,20 +189,24 @@ class Daemon:
 
     def _after_poll(self, result: PollResult) -> None:
         self._health.poll_finished(result.ok)
+        with self._lock:  # several polls may hit the wrong key at once: log it once
+            was_paused = self._auth_paused_until is not None
+            if result.outcome == "auth_error":
+                self._auth_paused_until = self._clock() + AUTH_RETRY
+            elif result.ok:
+                self._auth_paused_until = None
         if result.outcome == "auth_error":
-            if self._health.auth_error is None:
+            self._health.auth(result.error)
+            if not was_paused:
                 log.error(
                     "daemon.auth_paused",
                     error=result.error,
                     retry_in_seconds=int(AUTH_RETRY.total_seconds()),
                     hint="check SMSPARTNER_API_KEY",
                 )
-            self._health.auth(result.error)
-            self._auth_paused_until = self._clock() + AUTH_RETRY
-        elif result.ok and self._health.auth_error is not None:
-            log.info("daemon.auth_resumed")
+        elif result.ok and was_paused:
             self._health.auth(None)
-            self._auth_paused_until = None
+            log.info("daemon.auth_resumed")
         self._count(result)
         if self._on_result is not None:
             self._on_result(result)
@@ -268,7 +272,7 @@ class Daemon:
         try:
             with self._engine.begin() as conn:
                 store.release_leases(conn, owner=self.owner)
-        except sa.exc.OperationalError as exc:
+        except UNAVAILABLE_ERRORS as exc:
             log.warning("daemon.release_failed", error=str(exc.orig))
 
     def run_until_signal(self) -> None:

@@ -67,29 +67,48 @@ class Report(NamedTuple):
 def supersedes(new: Report, old: Report) -> bool:
     """Whether ``new`` changes what is stored for ``old`` (same number).
 
-    The forward-only rule of design.md: a final status is never replaced by a pending
-    one; between two provider-final statuses a strictly later ``reported_at`` wins (an
-    undated report never replaces a final one); a provider-final status beats our own
-    ``expired``; pending statuses may change among themselves; ``stop_sms`` only turns on.
+    True when its status should replace the stored one (:func:`status_advances`) or when
+    it turns ``stop_sms`` on (it never turns off).
     """
     if new.stop_sms and not old.stop_sms:
         return True
     return status_advances(new, old)
 
 
+def _later(new: Report, old: Report) -> bool:
+    """A dated report is later than an undated one; equal dates are not later."""
+    return new.reported_at is not None and (
+        old.reported_at is None or new.reported_at > old.reported_at
+    )
+
+
 def status_advances(new: Report, old: Report) -> bool:
-    """Whether ``new``'s status (not its stop flag) should replace ``old``'s."""
-    if old.status in PENDING:
-        return new.status != old.status or (
-            new.status is Status.UNKNOWN and new.provider_status != old.provider_status
-        )
-    if old.status is Status.EXPIRED:
-        return new.status in PROVIDER_FINAL
-    if new.status not in PROVIDER_FINAL or new.status == old.status:
+    """Whether ``new``'s status (and date) should replace ``old``'s.
+
+    The forward-only rule of design.md, made independent of arrival order:
+
+    * a provider-final status beats any pending status and our own ``expired``;
+    * between two provider-final reports the strictly later date wins (an undated one
+      never replaces a final one; equal dates keep what is stored);
+    * between two pending reports the strictly later date wins, and at an equal date
+      ``unknown`` beats ``waiting`` (the provider said something more specific);
+    * nothing replaces a final status with a pending one.
+
+    The store's upsert encodes the same rule in SQL; a test checks they agree.
+    """
+    if new.status in PROVIDER_FINAL:
+        if old.status in PENDING or old.status is Status.EXPIRED:
+            return True
+        return _later(new, old)
+    if new.status not in PENDING or old.status not in PENDING:
         return False
-    if new.reported_at is None:
-        return False
-    return old.reported_at is None or new.reported_at > old.reported_at
+    if _later(new, old):
+        return True
+    return (
+        new.reported_at == old.reported_at
+        and new.status is Status.UNKNOWN
+        and old.status is Status.WAITING
+    )
 
 
 def merge(new: Report, old: Report) -> Report:

@@ -252,24 +252,26 @@ def _forward_only(stmt: Any) -> tuple[Any, Any]:
     """
     old, new = _ds, stmt.excluded
     pending, provider_final = _values(PENDING), _values(PROVIDER_FINAL)
+    later = sa.and_(
+        new.reported_at.is_not(None),
+        sa.or_(old.reported_at.is_(None), new.reported_at > old.reported_at),
+    )
     advances = sa.or_(
         sa.and_(
+            new.status.in_(provider_final),
+            sa.or_(old.status.in_(pending), old.status == _literal(Status.EXPIRED), later),
+        ),
+        sa.and_(
+            new.status.in_(pending),
             old.status.in_(pending),
             sa.or_(
-                new.status != old.status,
+                later,
                 sa.and_(
+                    new.reported_at.is_not_distinct_from(old.reported_at),
                     new.status == _literal(Status.UNKNOWN),
-                    new.provider_status.is_distinct_from(old.provider_status),
+                    old.status == _literal(Status.WAITING),
                 ),
             ),
-        ),
-        sa.and_(old.status == _literal(Status.EXPIRED), new.status.in_(provider_final)),
-        sa.and_(
-            old.status.in_(provider_final),
-            new.status.in_(provider_final),
-            new.status != old.status,
-            new.reported_at.is_not(None),
-            sa.or_(old.reported_at.is_(None), new.reported_at > old.reported_at),
         ),
     )
     stop_turns_on = sa.and_(new.stop_sms.is_(True), old.stop_sms.is_(False))
@@ -425,7 +427,7 @@ def apply_reports(
         )  # fmt: skip
         if old is None:
             first_seen += 1
-        elif status_advances(new, old):
+        elif status is not old.status and status_advances(new, old):
             events.append((tag, phone, value[old.status], value[status], reported_db, now_db))
         if status in PROVIDER_FINAL and (old is None or old.status not in PROVIDER_FINAL):
             newly_final.append(reported)
@@ -550,3 +552,101 @@ def optouts(conn: Connection) -> Sequence[RowMapping]:
         stop_sms_optouts.c.first_seen_at, stop_sms_optouts.c.id
     )
     return conn.execute(query).mappings().all()
+
+
+# --- retention ------------------------------------------------------------------------
+#
+# Each prune_* deletes at most ``limit`` rows, the oldest ids first, with
+# ``DELETE … WHERE id IN (SELECT id … ORDER BY id LIMIT n)`` (both engines accept it);
+# the caller commits after each batch, so no lock is held for long. The matching
+# count_* gives what a dry run reports, with exactly the same predicate.
+
+#: Tag states whose numbers are no longer polled; only their statuses may be pruned.
+RETIRED_STATES = ("completed", "expired", "untracked")
+_ev = delivery_status_events.c
+
+
+def _retired_tags(before: datetime) -> Any:
+    """Tags no longer polled whose report window ended before ``before``."""
+    return sa.select(_tt.tag).where(_tt.state.in_(RETIRED_STATES), _tt.window_ends_at < before)
+
+
+def _delete_batch(conn: Connection, table: sa.Table, where: Any, limit: int) -> int:
+    ids = sa.select(table.c.id).where(where).order_by(table.c.id).limit(limit)
+    return int(conn.execute(sa.delete(table).where(table.c.id.in_(ids))).rowcount)
+
+
+def _count(conn: Connection, table: sa.Table, where: Any) -> int:
+    return int(conn.scalar(sa.select(sa.func.count()).select_from(table).where(where)) or 0)
+
+
+def _events_where(before: datetime | None, retired_before: datetime | None) -> Any:
+    conditions = []
+    if before is not None:
+        conditions.append(_ev.observed_at < before)
+    if retired_before is not None:
+        conditions.append(_ev.tag.in_(_retired_tags(retired_before)))
+    return sa.or_(*conditions) if conditions else sa.false()
+
+
+def prune_events(
+    conn: Connection, cutoff: datetime | None, limit: int, *, retired_before: datetime | None = None
+) -> int:
+    """Delete up to ``limit`` status events observed before ``cutoff``.
+
+    Args:
+        cutoff: events observed before it go (None: none by age).
+        limit: the batch size.
+        retired_before: also delete every event of the tags whose statuses
+            :func:`prune_statuses` deletes with this cutoff (whatever their age).
+
+    Returns:
+        How many rows were deleted; fewer than ``limit`` means none are left.
+    """
+    return _delete_batch(
+        conn, delivery_status_events, _events_where(cutoff, retired_before), limit
+    )
+
+
+def count_events(
+    conn: Connection, cutoff: datetime | None, *, retired_before: datetime | None = None
+) -> int:
+    """How many rows :func:`prune_events` would delete in all."""
+    return _count(conn, delivery_status_events, _events_where(cutoff, retired_before))
+
+
+def prune_statuses(conn: Connection, cutoff: datetime, limit: int) -> int:
+    """Delete up to ``limit`` ``delivery_statuses`` rows of retired tags.
+
+    A tag is retired when it is no longer polled (completed, expired or untracked) and
+    its report window ended before ``cutoff``. The tag's ``tracked_tags`` row and its
+    opt-outs stay; delete its events with ``prune_events(retired_before=cutoff)``.
+    """
+    return _delete_batch(conn, delivery_statuses, _ds.tag.in_(_retired_tags(cutoff)), limit)
+
+
+def count_statuses(conn: Connection, cutoff: datetime) -> int:
+    """How many rows :func:`prune_statuses` would delete in all."""
+    return _count(conn, delivery_statuses, _ds.tag.in_(_retired_tags(cutoff)))
+
+
+def prune_poll_runs(conn: Connection, cutoff: datetime, limit: int) -> int:
+    """Delete up to ``limit`` ``poll_runs`` rows that finished before ``cutoff``."""
+    return _delete_batch(conn, poll_runs, poll_runs.c.finished_at < cutoff, limit)
+
+
+def count_poll_runs(conn: Connection, cutoff: datetime) -> int:
+    """How many rows :func:`prune_poll_runs` would delete in all."""
+    return _count(conn, poll_runs, poll_runs.c.finished_at < cutoff)
+
+
+def prune_optouts(conn: Connection, cutoff: datetime, limit: int) -> int:
+    """Delete up to ``limit`` opt-outs first seen before ``cutoff`` (only when asked:
+    opt-outs are what keeps a number from being messaged again)."""
+    where = stop_sms_optouts.c.first_seen_at < cutoff
+    return _delete_batch(conn, stop_sms_optouts, where, limit)
+
+
+def count_optouts(conn: Connection, cutoff: datetime) -> int:
+    """How many rows :func:`prune_optouts` would delete in all."""
+    return _count(conn, stop_sms_optouts, stop_sms_optouts.c.first_seen_at < cutoff)

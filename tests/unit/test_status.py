@@ -71,10 +71,19 @@ def test_provider_final_beats_expired_and_stop_only_turns_on() -> None:
     assert not supersedes(r(Status.DELIVERED, 1), r(Status.DELIVERED, 1, stop=True))
 
 
-def test_unknown_raw_text_change_is_a_change() -> None:
-    old = Report("+1", Status.UNKNOWN, "Sent", False, None)
-    assert supersedes(Report("+1", Status.UNKNOWN, "Queued", False, None), old)
-    assert not supersedes(Report("+1", Status.UNKNOWN, "Sent", False, None), old)
+def test_between_pending_reports_the_later_one_wins_then_unknown_beats_waiting() -> None:
+    at = T0 + timedelta(minutes=5)
+    sent = Report("+1", Status.UNKNOWN, "Sent", False, at)
+    assert supersedes(Report("+1", Status.UNKNOWN, "Queued", False, at + timedelta(1)), sent)
+    assert supersedes(Report("+1", Status.WAITING, "Waiting", False, at + timedelta(1)), sent)
+    assert not supersedes(Report("+1", Status.UNKNOWN, "Queued", False, at), sent)  # keep
+    assert not supersedes(Report("+1", Status.WAITING, "Waiting", False, at), sent)
+    assert supersedes(sent, Report("+1", Status.WAITING, "Waiting", False, at))
+
+
+def test_a_later_final_report_with_the_same_status_moves_the_date() -> None:
+    assert supersedes(r(Status.DELIVERED, 9), r(Status.DELIVERED, 3))
+    assert not supersedes(r(Status.DELIVERED, 3), r(Status.DELIVERED, 9))
 
 
 def test_duplicates_in_one_poll_keep_the_most_advanced_status_in_any_order() -> None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 import httpx
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Engine
 
-from daemon import migrate, store
+from daemon import backfill, migrate, retention, store
 from daemon.db import create_engine, sqlite_run_lock
 from daemon.errors import ConfigError, InputError, SmsPartnerStatusError, StoreError
 from daemon.health import (
@@ -40,7 +40,7 @@ from daemon.poller import Poller, PollResult
 from daemon.scheduler import Daemon
 from daemon.settings import Settings, load_settings
 from daemon.smspartner import SmsPartnerClient
-from daemon.status import parse_timestamp, tag_problem, tag_warnings
+from daemon.status import parse_duration, parse_timestamp, tag_problem, tag_warnings
 
 log = structlog.get_logger(__name__)
 
@@ -166,11 +166,44 @@ def _warn_tag(tag: str) -> None:
         print(f"warning: tag {tag!r}: {warning}", file=sys.stderr)
 
 
+def _older_than(option: str) -> Callable[[str], timedelta]:
+    """An argparse type for ``--…-older-than DURATION`` (``90d``, ``12h``), positive."""
+
+    def parse(value: str) -> timedelta:
+        try:
+            age = parse_duration(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{option}: {exc}") from None
+        if age <= timedelta(0):
+            raise argparse.ArgumentTypeError(f"{option}: {value!r} must be more than zero")
+        return age
+
+    return parse
+
+
+def _batch_size(value: str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if not 1 <= size <= 1_000_000:
+        raise argparse.ArgumentTypeError(
+            f"--batch-size: {value!r} is not a whole number from 1 to 1000000"
+        )
+    return size
+
+
 # --- verbs ---------------------------------------------------------------------------------
 
 
 def cmd_track(ctx: Context, args: argparse.Namespace) -> int:
-    """Track a tag (or re-activate it)."""
+    """Track a tag (or re-activate it), or every tag of a file."""
+    if args.from_file is not None:
+        if args.tag is not None:
+            raise InputError("give either TAG or --from-file FILE, not both")
+        return _track_from_file(ctx, args.from_file, args.sent_at)
+    if args.tag is None:
+        raise InputError("TAG is required (or --from-file FILE)")
     _warn_tag(args.tag)
     now = ctx.clock()
     sent_at = args.sent_at or now
@@ -189,6 +222,42 @@ def cmd_track(ctx: Context, args: argparse.Namespace) -> int:
     print(
         f"{verb} tag {args.tag!r}: sent at {iso(row['sent_at'])}, "
         f"reports accepted until {iso(row['window_ends_at'])}"
+    )
+    return 0
+
+
+#: Tags whose warnings ``track --from-file`` prints before summing up the rest.
+WARNED_TAGS_SHOWN = 10
+
+
+def _track_from_file(ctx: Context, path: str, sent_at: datetime | None) -> int:
+    entries = backfill.read_file(path)  # every line checked before anything is written
+    if not entries:
+        raise InputError(f"--from-file: no tags in {'<stdin>' if path == '-' else path}")
+    warned = 0
+    for tag in dict.fromkeys(e.tag for e in entries):
+        if warnings := tag_warnings(tag):
+            warned += 1
+            if warned <= WARNED_TAGS_SHOWN:
+                print(f"warning: tag {tag!r}: {'; '.join(warnings)}", file=sys.stderr)
+    if warned > WARNED_TAGS_SHOWN:
+        print(
+            f"warning: {warned - WARNED_TAGS_SHOWN} more tag(s) longer than 20 characters "
+            "or not lowercase",
+            file=sys.stderr,
+        )
+    now = ctx.clock()
+    with ctx.engine.begin() as conn:
+        done = backfill.track_all(
+            conn,
+            entries,
+            default_sent_at=sent_at or now,
+            window=ctx.settings.report_window,
+            now=now,
+        )
+    print(
+        f"tracking {done.tags} tag(s) from {'<stdin>' if path == '-' else path}: "
+        f"{done.new} new, {done.tags - done.new} re-activated"
     )
     return 0
 
@@ -301,6 +370,45 @@ def cmd_optouts(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
+    """Delete (or count) rows older than the given ages, in batches."""
+    cutoffs = retention.Cutoffs.from_ages(
+        ctx.clock(),
+        events=args.events_older_than,
+        runs=args.runs_older_than,
+        statuses=args.statuses_older_than,
+        optouts=args.optouts_older_than,
+    )
+    if not cutoffs:
+        raise InputError(
+            "prune: give at least one of --events-older-than, --runs-older-than, "
+            "--statuses-older-than, --optouts-older-than"
+        )
+    verb = "would delete" if args.dry_run else "deleted"
+
+    def progress(result: retention.TableResult, finished: bool) -> None:
+        rows = f"{result.rows:,} row(s)"
+        if finished:
+            print(f"{result.table}: {verb} {rows} {result.what}", flush=True)
+        else:
+            print(f"{result.table}: {rows} deleted so far …", flush=True)
+
+    started = time.monotonic()
+    results = retention.prune(
+        ctx.engine,
+        cutoffs,
+        batch_size=args.batch_size,
+        dry_run=args.dry_run,
+        progress=progress,
+    )
+    total = sum(r.rows for r in results)
+    if args.dry_run:
+        print(f"dry run: {total:,} row(s) would be deleted; nothing was changed")
+    else:
+        print(f"pruned {total:,} row(s) in {time.monotonic() - started:.1f} s")
+    return 0
+
+
 def cmd_db_upgrade(ctx: Context, args: argparse.Namespace) -> int:
     """Migrate the schema to head."""
     engine = create_engine(ctx.settings.database_url.get_secret_value())
@@ -346,6 +454,9 @@ def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
                 on_result=metrics.observe_poll,
                 notifier=Notifier(),
                 heartbeat=heartbeat_path(settings.database_url.get_secret_value()),
+                maintenance=retention.scheduled_prune(
+                    engine, settings, ctx.clock, should_stop=lambda: holder[0].stopping
+                ),
             )
             holder.append(daemon)
             if args.once:
@@ -433,7 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
         "report is final or the report window (48 h by default) closes.",
     )
     p.add_argument(
-        "tag", type=_tag, metavar="TAG", help="the tag given to SMS Partner at send time"
+        "tag",
+        nargs="?",
+        type=_tag,
+        metavar="TAG",
+        help="the tag given to SMS Partner at send time",
     )
     p.add_argument(
         "--sent-at",
@@ -441,6 +556,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ISO-8601",
         help="when the campaign was sent (default: now; no offset means UTC); "
         "the report window and the poll cadence count from it",
+    )
+    p.add_argument(
+        "--from-file",
+        metavar="FILE",
+        help="track every tag of FILE instead of TAG (- reads stdin): one tag per line, "
+        "or CSV with a header tag,sent_at (sent_at optional per row, else --sent-at or "
+        "now); blank lines and # comments skipped. Every line is checked first: one bad "
+        "line and nothing is tracked",
     )
     p.set_defaults(func=cmd_track)
 
@@ -471,6 +594,48 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("optouts", help="numbers that answered STOP, per tag")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_optouts)
+
+    p = verbs.add_parser(
+        "prune",
+        help="delete old events, poll runs (and statuses) in batches",
+        description="Delete rows older than the given ages, 5,000 per transaction so the "
+        "daemon is never held up. Opt-outs are kept unless --optouts-older-than is given. "
+        "DURATION is like 90d, 12h, 30m.",
+    )
+    p.add_argument(
+        "--events-older-than",
+        type=_older_than("--events-older-than"),
+        metavar="DURATION",
+        help="delete delivery_status_events observed longer ago than this",
+    )
+    p.add_argument(
+        "--runs-older-than",
+        type=_older_than("--runs-older-than"),
+        metavar="DURATION",
+        help="delete poll_runs finished longer ago than this",
+    )
+    p.add_argument(
+        "--statuses-older-than",
+        type=_older_than("--statuses-older-than"),
+        metavar="DURATION",
+        help="delete delivery_statuses (and their events) of tags completed, expired or "
+        "untracked whose report window ended longer ago than this; the tags stay listed",
+    )
+    p.add_argument(
+        "--optouts-older-than",
+        type=_older_than("--optouts-older-than"),
+        metavar="DURATION",
+        help="delete STOP opt-outs first seen longer ago than this (never without it)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=retention.DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help="rows deleted per transaction (default: %(default)s)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    p.set_defaults(func=cmd_prune)
 
     p = verbs.add_parser("db", help="database maintenance")
     db_verbs = p.add_subparsers(

@@ -45,6 +45,8 @@ log = structlog.get_logger(__name__)
 #: How long a claimed tag stays leased without renewal (a crashed replica's tags are
 #: taken over after this). Renewed on every dispatch while the poll runs.
 LEASE = timedelta(seconds=60)
+#: How often the maintenance job (retention) runs; its first run is at start.
+MAINTENANCE_INTERVAL = timedelta(days=1)
 
 
 class ShutdownRequested(TransientApiError):
@@ -83,6 +85,7 @@ class Daemon:
         heartbeat: Path | None = None,
         dispatch_interval: float = 2.0,
         owner: str | None = None,
+        maintenance: Callable[[], None] | None = None,
     ) -> None:
         self._engine = engine
         self._poll = poll
@@ -94,6 +97,7 @@ class Daemon:
         self._notifier = notifier or Notifier(socket_path="")
         self._heartbeat = heartbeat
         self._interval = dispatch_interval
+        self._maintenance = maintenance
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="poll")
         self._lock = threading.Lock()
@@ -109,6 +113,21 @@ class Daemon:
         """A ``sleep`` for the API client: returns early and aborts when stopping."""
         if self._stopping.wait(seconds):
             raise ShutdownRequested("stopped while waiting to retry; nothing was written")
+
+    @property
+    def stopping(self) -> bool:
+        """True once shutdown began (long maintenance work checks it between batches)."""
+        return self._stopping.is_set()
+
+    def _maintain(self) -> None:
+        """The daily maintenance job; a failure is logged and retried the next day."""
+        assert self._maintenance is not None
+        try:
+            self._maintenance()
+        except UNAVAILABLE_ERRORS as exc:
+            log.error("maintenance.database_unavailable", error=str(exc.orig))
+        except Exception:  # a bug must not stop the scheduler or leave a traceback unlogged
+            log.exception("maintenance.crashed")
 
     # --- dispatching ---------------------------------------------------------------------
 
@@ -252,6 +271,16 @@ class Daemon:
             coalesce=True,
             next_run_time=datetime.now().astimezone(),
         )
+        if self._maintenance is not None:
+            self._scheduler.add_job(
+                self._maintain,
+                "interval",
+                seconds=MAINTENANCE_INTERVAL.total_seconds(),
+                id="maintenance",
+                max_instances=1,
+                coalesce=True,
+                next_run_time=datetime.now().astimezone(),
+            )
         self._scheduler.start()
         self._notifier.notify("READY=1")
         log.info("daemon.started", owner=self.owner, concurrency=self._concurrency)

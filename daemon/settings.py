@@ -53,8 +53,11 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     auto_migrate: bool = True
+    # Retention of `run`'s daily job (unset = keep forever); `prune` does the rest.
+    prune_events_days: float | None = Field(None, gt=0)
+    prune_runs_days: float | None = Field(None, gt=0)
 
-    @field_validator("api_key", "http_token", mode="before")
+    @field_validator("api_key", "http_token", "prune_events_days", "prune_runs_days", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # `SMSPARTNER_API_KEY=` as copied from .env.example means "not set".

@@ -603,9 +603,7 @@ def prune_events(
     Returns:
         How many rows were deleted; fewer than ``limit`` means none are left.
     """
-    return _delete_batch(
-        conn, delivery_status_events, _events_where(cutoff, retired_before), limit
-    )
+    return _delete_batch(conn, delivery_status_events, _events_where(cutoff, retired_before), limit)
 
 
 def count_events(

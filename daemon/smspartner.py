@@ -74,6 +74,9 @@ MAX_BACKOFF: Final = 300.0
 #: Per-fetch cap on per-item warnings, so a provider-wide format change logs a sample
 #: and a count rather than 100,000 lines.
 MAX_ITEM_WARNINGS: Final = 20
+#: A page of 1,000 numbers is ~100 KB; a body this large is hostile or broken, and
+#: reading it whole would let one bad answer take the daemon's memory.
+MAX_BODY_BYTES: Final = 32 * 1024 * 1024
 #: How much of an unreadable body goes into an error message.
 _EXCERPT_CHARS: Final = 120
 
@@ -595,11 +598,7 @@ class SmsPartnerClient:
         where = f"GET {self._path} tag={tag!r} page={page}"
         started = time.perf_counter()
         try:
-            response = self._http.get(
-                self._url,
-                params={"apiKey": self._api_key, "tag": tag, "page": page},
-                headers={"User-Agent": _user_agent()},
-            )
+            response = self._get_bounded(tag, page, where)
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, where) from exc
         except httpx.InvalidURL as exc:
@@ -614,6 +613,51 @@ class SmsPartnerClient:
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         return self._classify(response, where)
+
+    def _get_bounded(self, tag: str, page: int, where: str) -> httpx.Response:
+        """GET one page, reading at most :data:`MAX_BODY_BYTES` of its body."""
+        request = self._http.build_request(
+            "GET",
+            self._url,
+            params={"apiKey": self._api_key, "tag": tag, "page": page},
+            headers={"User-Agent": _user_agent()},
+        )
+        response = self._http.send(request, stream=True)
+        try:
+            declared = int(response.headers.get("Content-Length", "0") or 0)
+        except ValueError:
+            declared = 0
+        chunks, size = [], 0
+        try:
+            if declared > MAX_BODY_BYTES:
+                raise PermanentApiError(
+                    f"{where}: response of {declared:,} bytes is over the "
+                    f"{MAX_BODY_BYTES:,}-byte limit",
+                    http_status=response.status_code,
+                )
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise PermanentApiError(
+                        f"{where}: response is over the {MAX_BODY_BYTES:,}-byte limit",
+                        http_status=response.status_code,
+                    )
+                chunks.append(chunk)
+        finally:
+            response.close()
+        # A plain Response again, so the rest of the client reads .content as usual; the
+        # body is already decoded, so the headers describing its transfer go.
+        headers = [
+            (k, v)
+            for k, v in response.headers.multi_items()
+            if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        return httpx.Response(
+            response.status_code,
+            headers=headers,
+            content=b"".join(chunks),
+            request=request,
+        )
 
     def _transport_error(self, exc: httpx.HTTPError, where: str) -> ApiError:
         """Translate an httpx error; its message (which may hold the URL) is redacted."""

@@ -733,3 +733,65 @@ def test_error_bodies_are_json_serialisable_in_logs(clock: FakeClock) -> None:
     with capture_logs() as logs, pytest.raises(TransientApiError):
         client.fetch_tag("t")
     json.dumps(logs)
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_huge_body_is_refused_without_reading_it_all(declared: bool) -> None:
+    from daemon.smspartner import MAX_BODY_BYTES
+
+    chunk = b"x" * (1024 * 1024)
+    sent = []
+
+    def body() -> Iterator[bytes]:
+        for _ in range(MAX_BODY_BYTES // len(chunk) + 20):
+            sent.append(1)
+            yield chunk
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"Content-Length": str(50 * 1024 * 1024)} if declared else {}
+        return httpx.Response(200, headers=headers, content=body())
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+        client = SmsPartnerClient(
+            http,
+            api_key="k-123456",
+            base_url="http://sms.test/v1",
+            max_retries=0,
+            rate_limit_per_second=0,
+            sleep=lambda _: None,
+        )
+        with pytest.raises(PermanentApiError, match="byte limit"):
+            client.fetch_tag("huge")
+    assert len(sent) <= MAX_BODY_BYTES // len(chunk) + 1
+
+
+def test_gzip_bodies_still_parse() -> None:
+    import gzip
+    import json as _json
+
+    payload = _json.dumps(
+        {
+            "success": True,
+            "code": 200,
+            "currentPage": 1,
+            "total": 1,
+            "StatutResponse_List": [
+                {"phoneNumber": "+331", "status": "Delivered", "stopSMS": False, "date": "1"}
+            ],
+        }
+    ).encode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, headers={"Content-Encoding": "gzip"}, content=gzip.compress(payload)
+        )
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+        client = SmsPartnerClient(
+            http,
+            api_key="k-123456",
+            base_url="http://sms.test/v1",
+            rate_limit_per_second=0,
+            sleep=lambda _: None,
+        )
+        assert [r.phone_number for r in client.fetch_tag("gz").reports] == ["+331"]

@@ -3,113 +3,21 @@ the real store on SQLite and PostgreSQL. Assertions are on stored rows and log e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
-import httpx
-import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
 from structlog.testing import capture_logs
 
-from daemon import migrate, store
+from daemon import store
 from daemon.db import (
-    create_engine,
     delivery_status_events,
     delivery_statuses,
     poll_runs,
     stop_sms_optouts,
 )
-from daemon.poller import Poller
-from daemon.settings import load_settings
-from daemon.simulator import Simulator
-from daemon.smspartner import SmsPartnerClient
 from tests.conftest import API_KEY
-
-NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
-
-
-@dataclass
-class Clock:
-    """A clock the test moves by hand."""
-
-    now: datetime = NOW
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@dataclass
-class Rig:
-    """A poller wired to the simulator and a fresh database."""
-
-    engine: Engine
-    poller: Poller
-    clock: Clock
-    sim: Simulator
-
-    def track(self, tag: str, sent_at: datetime | None = None) -> None:
-        sent = sent_at or self.clock.now
-        with self.engine.begin() as conn:
-            store.track(
-                conn,
-                tag,
-                sent_at=sent,
-                window_ends_at=sent + timedelta(hours=48),
-                now=self.clock.now,
-            )
-
-    def rows(self, tag: str) -> dict[str, dict[str, Any]]:
-        with self.engine.connect() as conn:
-            return {r["phone_number"]: dict(r) for r in store.numbers(conn, tag)}
-
-    def count(self, table: sa.Table) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.scalar(sa.select(sa.func.count()).select_from(table)) or 0)
-
-
-@pytest.fixture
-def rig(db_url: str, simulator: Simulator) -> Iterator[Callable[..., Rig]]:
-    engines: list[Engine] = []
-    clients: list[httpx.Client] = []
-
-    def build(**overrides: Any) -> Rig:
-        values: dict[str, Any] = dict(
-            api_key=API_KEY,
-            base_url=simulator.url,
-            database_url=db_url,
-            retry_backoff_seconds=0.01,
-            rate_limit_per_second=0,
-            max_retries=4,
-        )
-        values.update(overrides)
-        settings = load_settings({}, **values)
-        engine = create_engine(db_url)
-        migrate.upgrade(engine)
-        http = httpx.Client(timeout=5)
-        engines.append(engine)
-        clients.append(http)
-        assert settings.api_key is not None
-        client = SmsPartnerClient(
-            http,
-            api_key=settings.api_key.get_secret_value(),
-            base_url=settings.base_url,
-            max_retries=settings.max_retries,
-            retry_backoff=settings.retry_backoff_seconds,
-            rate_limit_per_second=0,
-            max_pages=settings.max_pages,
-        )
-        clock = Clock()
-        poller = Poller(engine=engine, client=client, settings=settings, clock=clock)
-        return Rig(engine, poller, clock, simulator)
-
-    yield build
-    for http in clients:
-        http.close()
-    for engine in engines:
-        engine.dispose()
+from tests.integration.conftest import NOW, Rig
 
 
 def unix(dt: datetime) -> str:

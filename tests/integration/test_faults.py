@@ -1,0 +1,209 @@
+"""The fault matrix: every way the provider can misbehave, over real loopback HTTP.
+
+Each fault fails (or degrades) one poll cleanly: stored data stays, the run is
+recorded, the tag backs off, and the key never shows — not even in debug logs. A daemon
+with one faulty tag keeps its other tags on cadence.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from structlog.testing import capture_logs
+
+from daemon import migrate, store
+from daemon.db import create_engine, poll_runs
+from daemon.health import Health
+from daemon.poller import Poller
+from daemon.scheduler import Daemon
+from daemon.settings import load_settings
+from daemon.simulator import Simulator
+from daemon.smspartner import SmsPartnerClient
+from tests.conftest import API_KEY
+from tests.integration.conftest import NOW, Rig
+
+FAULTS: dict[str, Callable[[Simulator], None]] = {
+    "5xx burst": lambda s: s.inject("503", tag="bad", times=None),
+    "429 storm": lambda s: s.inject("429", tag="bad", times=None, retry_after=0.05),
+    "429 in JSON": lambda s: s.inject("429json", tag="bad", times=None),
+    "HTML page": lambda s: s.inject("html", tag="bad", times=None),
+    "truncated JSON": lambda s: s.inject("truncated", tag="bad", times=None),
+    "reset mid-body": lambda s: s.inject("reset", tag="bad", times=None),
+    "timeout": lambda s: s.inject("slow", tag="bad", times=None, seconds=1.5),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_each_fault_fails_the_poll_cleanly_and_the_tag_backs_off(
+    rig: Callable[..., Rig], fault: str
+) -> None:
+    r = rig(max_retries=1, http_timeout_seconds=0.5)
+    r.track("bad", sent_at=NOW - timedelta(hours=3))  # cadence 15 min: backoff is visible
+    r.sim.add_tag("bad", 30, sent_at=NOW - timedelta(hours=3))
+    assert r.poller.poll("bad").ok
+    before = r.rows("bad")
+    FAULTS[fault](r.sim)
+    waits = []
+    with capture_logs() as logs:
+        for _ in range(3):
+            result = r.poller.poll("bad")
+            assert (result.ok, result.outcome) == (False, "transient_error"), result
+            with r.engine.connect() as conn:
+                row = store.get_tag(conn, "bad")
+            assert row is not None
+            waits.append(row["next_poll_at"] - r.clock.now)
+            r.clock.now = row["next_poll_at"]
+    assert waits == [timedelta(seconds=30), timedelta(seconds=60), timedelta(seconds=120)]
+    assert r.rows("bad") == before  # nothing stored was touched
+    assert API_KEY not in repr(logs) and "k3y-Secret" not in repr(logs)
+    with r.engine.connect() as conn:
+        errors = [e for (e,) in conn.execute(sa.select(poll_runs.c.error))]
+    assert all(API_KEY not in (e or "") for e in errors)
+
+
+def test_wrong_types_in_every_field_skip_items_not_pages(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    r.track("weird")
+    r.sim.set_items("weird", [
+        {"phoneNumber": 33612345678, "status": "Delivered", "stopSMS": "1", "date": 1764140000},
+        {"phoneNumber": ["+331"], "status": "Delivered"},
+        {"phoneNumber": "+332", "status": 200},
+        {"phoneNumber": "+333", "status": "Delivered", "stopSMS": {"x": 1}, "date": [1]},
+        {"phoneNumber": "+334", "status": "Waiting", "stopSMS": None, "date": None},
+        "not an object",
+        None,
+    ])  # fmt: skip
+    result = r.poller.poll("weird")
+    assert result.ok and result.skipped == 4
+    rows = r.rows("weird")
+    assert set(rows) == {"33612345678", "+333", "+334"}
+    assert rows["33612345678"]["stop_sms"] is True
+    assert rows["+333"]["reported_at"] is None
+
+
+def test_endless_pages_stop_at_the_cap(rig: Callable[..., Rig]) -> None:
+    r = rig(max_pages=5)
+    r.track("endless")
+    r.sim.add_tag("endless", 10)
+    r.sim.inject("endless", tag="endless", times=None)
+    with capture_logs() as logs:
+        result = r.poller.poll("endless")
+    assert result.ok and result.pages == 5
+    assert r.sim.request_count("endless") == 5
+    assert any(e["event"] == "api.pagination_stopped" and e["reason"] == "max_pages" for e in logs)
+
+
+def test_connection_refused_is_a_transient_failure(db_url: str) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"  # bound, never listening
+        settings = load_settings(
+            {},
+            api_key=API_KEY,
+            base_url=dead,
+            database_url=db_url,
+            max_retries=1,
+            retry_backoff_seconds=0.01,
+        )
+        engine = create_engine(db_url)
+        migrate.upgrade(engine)
+        with engine.begin() as conn:
+            store.track(conn, "t", sent_at=NOW, window_ends_at=NOW + timedelta(hours=48), now=NOW)
+        with httpx.Client(timeout=2) as http:
+            client = SmsPartnerClient(
+                http,
+                api_key=API_KEY,
+                base_url=dead,
+                max_retries=1,
+                retry_backoff=0.01,
+                rate_limit_per_second=0,
+            )
+            poller = Poller(engine=engine, client=client, settings=settings, clock=lambda: NOW)
+            result = poller.poll("t")
+        engine.dispose()
+    assert result.outcome == "transient_error"
+    assert "ConnectError" in (result.error or "") and API_KEY not in (result.error or "")
+
+
+@pytest.fixture
+def live_daemon(tmp_path: Any, simulator: Simulator) -> Iterator[Callable[..., Daemon]]:
+    made: list[tuple[Daemon, httpx.Client]] = []
+
+    def build(**overrides: Any) -> Daemon:
+        url = f"sqlite:///{tmp_path / 'live.db'}"
+        settings = load_settings(
+            {},
+            api_key=API_KEY,
+            base_url=simulator.url,
+            database_url=url,
+            poll_cadence="48h=1s",
+            max_retries=1,
+            retry_backoff_seconds=0.01,
+            http_timeout_seconds=0.5,
+            rate_limit_per_second=0,
+            **overrides,
+        )
+        engine = create_engine(url)
+        migrate.upgrade(engine)
+        http = httpx.Client(timeout=0.5)
+
+        def clock() -> datetime:
+            return datetime.now(UTC)
+
+        holder: list[Daemon] = []
+        client = SmsPartnerClient(
+            http,
+            api_key=API_KEY,
+            base_url=simulator.url,
+            max_retries=1,
+            retry_backoff=0.01,
+            rate_limit_per_second=0,
+            sleep=lambda s: holder[0].interruptible_sleep(s),
+        )
+        poller = Poller(engine=engine, client=client, settings=settings, clock=clock)
+        daemon = Daemon(
+            engine=engine,
+            poll=poller.poll,
+            clock=clock,
+            health=Health(clock),
+            concurrency=3,
+            report_window=settings.report_window,
+            dispatch_interval=0.2,
+        )
+        holder.append(daemon)
+        made.append((daemon, http))
+        return daemon
+
+    yield build
+    for daemon, http in made:
+        daemon.stop()
+        http.close()
+
+
+def test_healthy_tags_keep_their_cadence_while_one_tag_fails(
+    live_daemon: Callable[..., Daemon], simulator: Simulator
+) -> None:
+    daemon = live_daemon()
+    for tag in ("good1", "good2", "bad"):
+        simulator.add_tag(tag, 20)
+        with daemon._engine.begin() as conn:
+            now = datetime.now(UTC)
+            store.track(conn, tag, sent_at=now, window_ends_at=now + timedelta(hours=48), now=now)
+    simulator.inject("slow", tag="bad", times=None, seconds=2)  # every poll times out
+    daemon.start()
+    time.sleep(6)
+    daemon.stop()
+    with daemon._engine.connect() as conn:
+        runs = conn.execute(sa.select(poll_runs.c.tag, poll_runs.c.outcome)).all()
+    good = [t for t, o in runs if t.startswith("good") and o == "ok"]
+    bad = [o for t, o in runs if t == "bad"]
+    assert good.count("good1") >= 4 and good.count("good2") >= 4  # every ~1 s, undisturbed
+    assert bad and set(bad) == {"transient_error"}
+    assert all(o == "ok" for t, o in runs if t != "bad")

@@ -152,3 +152,21 @@ def test_help_teaches(cli_env: dict[str, str]) -> None:
     assert res.code == 0 and "examples:" in res.out and "SMSPARTNER_API_KEY" in res.out
     res = run_cli("track", "--help", env=cli_env)
     assert "--sent-at" in res.out and "report window" in res.out
+
+
+def test_database_password_never_shows_when_the_database_is_down(
+    cli_env: dict[str, str],
+) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        url = f"postgresql://app:Pa55-w0rd-xyz@127.0.0.1:{port}/sms"
+        env = {**cli_env, "SMSPARTNER_DATABASE_URL": url, "SMSPARTNER_LOG_LEVEL": "debug"}
+        for args in (("tags",), ("db", "upgrade"), ("poll", "x"), ("run", "--once")):
+            res = run_cli(*args, env=env)
+            assert res.code == 1, (args, res.err)
+            assert "cannot" in res.err and "***" in res.err
+            assert "Pa55-w0rd-xyz" not in res.out + res.err
+            assert_clean(res.out, res.err)

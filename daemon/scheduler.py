@@ -105,6 +105,7 @@ class Daemon:
         self._stopping = threading.Event()
         self._auth_paused_until: datetime | None = None
         self._scheduler: BackgroundScheduler | None = None
+        self._polled: set[str] | None = None  # run --once: tags already polled
         self.stats = DaemonStats()
 
     # --- the stop signal seen by polls waiting to retry --------------------------------
@@ -136,7 +137,13 @@ class Daemon:
         now = self._clock()
         self._health.beat()
         if self._heartbeat is not None:
-            write_heartbeat(self._heartbeat, now)
+            try:
+                write_heartbeat(self._heartbeat, now)
+            except OSError as exc:  # e.g. a read-only /tmp: `check` is then unavailable
+                log.warning(
+                    "daemon.heartbeat_unwritable", path=str(self._heartbeat), error=exc.strerror
+                )
+                self._heartbeat = None
         self._notifier.notify("WATCHDOG=1")
         if self._stopping.is_set():
             return 0
@@ -149,9 +156,10 @@ class Daemon:
         self._health.database(None)
         return started
 
-    def _claim_and_submit(self, now: datetime, exclude: set[str] | None = None) -> int:
+    def _claim_and_submit(self, now: datetime) -> int:
         with self._lock:
             in_flight = list(self._in_flight)
+            exclude = None if self._polled is None else set(self._polled)
             free = self._concurrency - len(in_flight)
             if self._auth_paused_until is not None:
                 if now < self._auth_paused_until:
@@ -178,8 +186,6 @@ class Daemon:
             log.info("tag.adopted", tag=tag)
         for tag in tags:
             self._submit(tag)
-        if exclude is not None:
-            exclude.update(tags)
         return len(tags)
 
     def _submit(self, tag: str) -> None:
@@ -187,24 +193,63 @@ class Daemon:
             if tag in self._in_flight:
                 return
             self._in_flight[tag] = self._pool.submit(self._run_poll, tag)
+            if self._polled is not None:
+                self._polled.add(tag)
 
-    def _run_poll(self, tag: str) -> None:
+    def _run_poll(self, tag: str | None) -> None:
+        """Poll ``tag``, then keep this worker busy with the next due tag, if any.
+
+        Claiming the next tag here, rather than waiting for the next dispatch, keeps the
+        pool saturated when polls are short: a dispatch every 2 s alone would cap a pool
+        of 4 at 2 polls a second.
+        """
+        while tag is not None:
+            try:
+                result = self._poll(tag)
+            except DatabaseUnavailableError as exc:
+                self._health.database(str(exc))
+                self._health.poll_finished(False)
+                log.error("poll.database_error", tag=tag, error=str(exc))
+                self._count(None)
+            except Exception:  # a bug must not kill the worker or leak the lease forever
+                log.exception("poll.crashed", tag=tag)
+                self._health.poll_finished(False)
+                self._count(None)
+            else:
+                self._after_poll(result)
+            finally:
+                with self._lock:
+                    future = self._in_flight.pop(tag, None)
+            tag = self._claim_next(future)
+
+    def _claim_next(self, future: Future[None] | None) -> str | None:
+        """Lease one more due tag for the calling worker (None when there is none)."""
+        if future is None or self._stopping.is_set():
+            return None
+        with self._lock:
+            if self._auth_paused_until is not None:
+                return None
+            exclude = None if self._polled is None else set(self._polled)
+        now = self._clock()
         try:
-            result = self._poll(tag)
-        except DatabaseUnavailableError as exc:
-            self._health.database(str(exc))
-            self._health.poll_finished(False)
-            log.error("poll.database_error", tag=tag, error=str(exc))
-            self._count(None)
-        except Exception:  # a bug must not kill the worker or leak the lease forever
-            log.exception("poll.crashed", tag=tag)
-            self._health.poll_finished(False)
-            self._count(None)
-        else:
-            self._after_poll(result)
-        finally:
-            with self._lock:
-                self._in_flight.pop(tag, None)
+            with self._engine.begin() as conn:
+                tags = store.claim_due(
+                    conn,
+                    now=now,
+                    owner=self.owner,
+                    lease_until=now + LEASE,
+                    limit=1,
+                    exclude=exclude,
+                )
+        except UNAVAILABLE_ERRORS:
+            return None  # the dispatcher reports it and retries
+        with self._lock:
+            if not tags or tags[0] in self._in_flight:
+                return None
+            self._in_flight[tags[0]] = future
+            if self._polled is not None:
+                self._polled.add(tags[0])
+        return tags[0]
 
     def _after_poll(self, result: PollResult) -> None:
         self._health.poll_finished(result.ok)
@@ -247,10 +292,10 @@ class Daemon:
 
     def run_once(self) -> DaemonStats:
         """Poll every due tag once, then return (``run --once``, for cron jobs)."""
-        polled: set[str] = set()
+        self._polled = set()  # each tag once, even if a failure made it due again
         while True:
             if self._auth_paused_until is None:  # a wrong key would fail every tag alike
-                self._claim_and_submit(self._clock(), exclude=polled)
+                self._claim_and_submit(self._clock())
             with self._lock:
                 futures = list(self._in_flight.values())
             if not futures:

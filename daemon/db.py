@@ -335,6 +335,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    # 64 MiB of page cache: a 100,000-number poll touches several indexes at once.
-    cursor.execute("PRAGMA cache_size=-65536")
+    # 16 MiB of page cache per connection (SQLite's default is 2): a 100,000-number
+    # poll touches several indexes at once, and the pool holds a few connections.
+    cursor.execute("PRAGMA cache_size=-16384")
     cursor.close()

@@ -65,6 +65,7 @@ class DaemonStats:
 
     polls: int = 0
     failures: int = 0
+    #: Every poll's result, kept by ``run --once`` only (a long-running daemon would grow).
     results: list[PollResult] = field(default_factory=list)
 
 
@@ -280,8 +281,8 @@ class Daemon:
             self.stats.polls += 1
             if result is None or not result.ok:
                 self.stats.failures += 1
-            if result is not None:
-                self.stats.results.append(result)
+            if result is not None and self._polled is not None:
+                self.stats.results.append(result)  # run --once only: a daemon would grow
 
     def wake(self) -> None:
         """Dispatch as soon as possible (a tag was just registered)."""

@@ -161,6 +161,8 @@ def test_run_serves_http_polls_new_tags_fast_and_stops_on_sigterm(
         assert metrics.status_code == 200
         assert 'smspartner_status_polls_total{outcome="ok"}' in metrics.text
         assert _get(http, "/readyz") == 200
+        for path in ("/metrics", "/tags", "/readyz", "/healthz"):
+            assert API_KEY not in http.get(path).text  # no answer ever carries the key
     code, took = daemon.stop()
     assert code == 0 and took < 10
     events = [e["event"] for e in daemon.events()]

@@ -45,6 +45,11 @@ from daemon.status import (
 _STATUS_BY_VALUE = {s.value: s for s in Status}
 _VALUE_OF = {s: s.value for s in Status}
 _ds = delivery_statuses.c
+_STATUS_KEYS = (
+    "tag", "phone_number", "status", "provider_status", "stop_sms", "reported_at",
+    "first_seen_at", "resolved_at", "updated_at",
+)  # fmt: skip
+_EVENT_KEYS = ("tag", "phone_number", "old_status", "new_status", "reported_at", "observed_at")
 _tt = tracked_tags.c
 
 
@@ -155,15 +160,17 @@ def claim_due(
     A tag is due when its ``next_poll_at`` has come (or was never set) and nobody holds a
     live lease on it. On PostgreSQL the candidate rows are locked with
     ``FOR UPDATE SKIP LOCKED``, so replicas claiming at the same moment get disjoint
-    sets instead of waiting on each other; SQLite has a single writer anyway.
+    sets instead of waiting on each other; on SQLite the lease is taken by a conditional
+    UPDATE, so concurrent claimers in one process never get the same tag either.
     """
+    due = (
+        _tt.state == "active",
+        sa.or_(_tt.next_poll_at.is_(None), _tt.next_poll_at <= now),
+        sa.or_(_tt.lease_expires_at.is_(None), _tt.lease_expires_at <= now),
+    )
     query = (
         sa.select(_tt.tag)
-        .where(
-            _tt.state == "active",
-            sa.or_(_tt.next_poll_at.is_(None), _tt.next_poll_at <= now),
-            sa.or_(_tt.lease_expires_at.is_(None), _tt.lease_expires_at <= now),
-        )
+        .where(*due)
         .order_by(_tt.next_poll_at.is_not(None), _tt.next_poll_at, _tt.tag)
         .limit(limit)
     )
@@ -173,11 +180,18 @@ def claim_due(
         query = query.with_for_update(skip_locked=True)
     tags = list(conn.scalars(query))
     if tags:
-        conn.execute(
-            sa.update(tracked_tags)
-            .where(_tt.tag.in_(tags))
-            .values(lease_owner=owner, lease_expires_at=lease_until)
+        # On SQLite the SELECT runs before the write lock is taken (the driver begins
+        # the transaction at the first write), so two workers claiming at once may pick
+        # the same tag: only the UPDATE that still finds it due wins it.
+        leased = set(
+            conn.scalars(
+                sa.update(tracked_tags)
+                .where(_tt.tag.in_(tags), *due)
+                .values(lease_owner=owner, lease_expires_at=lease_until)
+                .returning(_tt.tag)
+            )
         )
+        tags = [tag for tag in tags if tag in leased]
     return tags
 
 
@@ -278,9 +292,44 @@ def _forward_only(stmt: Any) -> tuple[Any, Any]:
     return advances, stop_turns_on
 
 
-def _upsert_statuses(conn: Connection) -> Any:
-    """The forward-only upsert of one number's status (no RETURNING: the caller diffed)."""
+_incoming = sa.Table(
+    "incoming_statuses",
+    sa.MetaData(),
+    *(sa.Column(c.name, c.type) for c in delivery_statuses.c if c.name in _STATUS_KEYS),
+    prefixes=["TEMPORARY"],
+    postgresql_on_commit="delete_rows",
+)
+
+
+def _copy_upsert_statuses(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """PostgreSQL: COPY the rows into a temporary table, then one upsert from it.
+
+    Row-by-row upserts into a table with a foreign key cost PostgreSQL ~150 µs each (a
+    foreign-key check per row on the speculative-insert path): 100,000 numbers took 15 s.
+    COPY plus a single ``INSERT … SELECT … ON CONFLICT`` does the same work in ~4 s, and
+    the forward-only WHERE is the same expression.
+    """
+    conn.exec_driver_sql(
+        str(sa.schema.CreateTable(_incoming, if_not_exists=True).compile(dialect=conn.dialect))
+    )
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        with cursor.copy(f"COPY incoming_statuses ({', '.join(_STATUS_KEYS)}) FROM STDIN") as cp:
+            for row in rows:
+                cp.write_row(row)
+    finally:
+        cursor.close()
+    conn.execute(_upsert_statuses(conn, source=_incoming))
+
+
+def _upsert_statuses(conn: Connection, source: sa.Table | None = None) -> Any:
+    """The forward-only upsert of numbers' statuses (no RETURNING: the caller diffed).
+
+    Values come from bind parameters (one row per execution), or from ``source``.
+    """
     stmt = _insert(conn, delivery_statuses)
+    if source is not None:
+        stmt = stmt.from_select(list(_STATUS_KEYS), sa.select(*(source.c[k] for k in _STATUS_KEYS)))
     old, new = _ds, stmt.excluded
     advances, stop_turns_on = _forward_only(stmt)
     became_final = sa.and_(
@@ -298,13 +347,6 @@ def _upsert_statuses(conn: Connection) -> Any:
         },
         where=sa.or_(advances, stop_turns_on),
     )
-
-
-_STATUS_KEYS = (
-    "tag", "phone_number", "status", "provider_status", "stop_sms", "reported_at",
-    "first_seen_at", "resolved_at", "updated_at",
-)  # fmt: skip
-_EVENT_KEYS = ("tag", "phone_number", "old_status", "new_status", "reported_at", "observed_at")
 
 
 def _bulk(conn: Connection, stmt: Any, keys: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
@@ -438,7 +480,9 @@ def apply_reports(
     applied = Applied(changed=len(rows), events=len(events) + first_seen, newly_final=newly_final)
     if events:
         _bulk(conn, sa.insert(delivery_status_events), _EVENT_KEYS, events)
-    if rows:
+    if rows and conn.dialect.name == "postgresql":
+        _copy_upsert_statuses(conn, rows)
+    elif rows:
         _bulk(conn, _upsert_statuses(conn), _STATUS_KEYS, rows)
     if first_seen:
         # First sightings are copied by the database itself: on a new tag that is every

@@ -100,7 +100,7 @@ def heartbeat_path(database_url: str) -> Path:
 
 def write_heartbeat(path: Path, now: datetime) -> None:
     """Atomically record that the loop is alive at ``now``."""
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # replicas may share the dir
     tmp.write_text(now.isoformat(), encoding="utf-8")
     tmp.replace(path)
 

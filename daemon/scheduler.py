@@ -97,6 +97,7 @@ class Daemon:
         self._on_result = on_result
         self._notifier = notifier or Notifier(socket_path="")
         self._heartbeat = heartbeat
+        self._heartbeat_failing = False
         self._interval = dispatch_interval
         self._maintenance = maintenance
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -140,11 +141,13 @@ class Daemon:
         if self._heartbeat is not None:
             try:
                 write_heartbeat(self._heartbeat, now)
-            except OSError as exc:  # e.g. a read-only /tmp: `check` is then unavailable
-                log.warning(
-                    "daemon.heartbeat_unwritable", path=str(self._heartbeat), error=exc.strerror
-                )
-                self._heartbeat = None
+                self._heartbeat_failing = False
+            except OSError as exc:  # e.g. a read-only /tmp: `check` cannot see us
+                if not self._heartbeat_failing:
+                    log.warning(
+                        "daemon.heartbeat_failed", path=str(self._heartbeat), error=exc.strerror
+                    )
+                self._heartbeat_failing = True
         self._notifier.notify("WATCHDOG=1")
         if self._stopping.is_set():
             return 0
@@ -160,7 +163,7 @@ class Daemon:
     def _claim_and_submit(self, now: datetime) -> int:
         with self._lock:
             in_flight = list(self._in_flight)
-            exclude = None if self._polled is None else set(self._polled)
+            exclude = set(in_flight) | (self._polled or set())
             free = self._concurrency - len(in_flight)
             if self._auth_paused_until is not None:
                 if now < self._auth_paused_until:
@@ -230,7 +233,7 @@ class Daemon:
         with self._lock:
             if self._auth_paused_until is not None:
                 return None
-            exclude = None if self._polled is None else set(self._polled)
+            exclude = set(self._in_flight) | (self._polled or set())
         now = self._clock()
         try:
             with self._engine.begin() as conn:
@@ -358,13 +361,14 @@ class Daemon:
             log.info("daemon.signal", signal=signal.Signals(signum).name)
             received.set()
 
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        # Installed for the rest of the process: a second SIGTERM during shutdown must
+        # not kill it half-way (the handler only sets an event).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
         try:
             self.start()
             while not received.wait(1.0):
                 pass
         finally:
             self.stop()
-            for sig, old in previous.items():
-                signal.signal(sig, old)
         log.info("daemon.stopped", polls=self.stats.polls, failures=self.stats.failures)

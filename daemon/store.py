@@ -166,7 +166,15 @@ def claim_due(
     due = (
         _tt.state == "active",
         sa.or_(_tt.next_poll_at.is_(None), _tt.next_poll_at <= now),
-        sa.or_(_tt.lease_expires_at.is_(None), _tt.lease_expires_at <= now),
+        # Free: never leased, lease expired, or leased by this owner — whose callers
+        # exclude the tags they are polling, so any other lease of theirs is stale (a
+        # poll cut off by a database error could not release it). The caller's
+        # in-flight set guards against two of its own workers taking one tag.
+        sa.or_(
+            _tt.lease_expires_at.is_(None),
+            _tt.lease_expires_at <= now,
+            _tt.lease_owner == owner,
+        ),
     )
     query = (
         sa.select(_tt.tag)
@@ -349,15 +357,43 @@ def _upsert_statuses(conn: Connection, source: sa.Table | None = None) -> Any:
     )
 
 
-def _bulk(conn: Connection, stmt: Any, keys: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
-    """Run ``stmt`` for many rows (tuples in ``keys`` order) with the driver's executemany.
+_COMPILED: dict[tuple[Any, ...], Any] = {}
+
+
+def _compiled(
+    conn: Connection, name: str, build: Callable[[], Any], keys: Sequence[str] | None = None
+) -> Any:
+    """``build()`` compiled for the connection's dialect, once per process and dialect.
+
+    SQL handed to the driver directly skips SQLAlchemy's compiled cache: building and
+    compiling the forward-only upsert on every poll cost ~5 ms, more than all the other
+    database work of a poll of a small tag (``tests/benchmarks/tags_10k.py``).
+    """
+    dialect = conn.dialect
+    key = (name, type(dialect), dialect.paramstyle, dialect.server_version_info, keys)
+    found = _COMPILED.get(key)
+    if found is None:
+        column_keys = None if keys is None else list(keys)
+        found = _COMPILED[key] = build().compile(dialect=dialect, column_keys=column_keys)
+    return found
+
+
+def _bulk(
+    conn: Connection,
+    name: str,
+    build: Callable[[], Any],
+    keys: Sequence[str],
+    rows: list[tuple[Any, ...]],
+) -> None:
+    """Run ``build()`` for many rows (tuples in ``keys`` order) with the driver's
+    executemany; the statement is compiled once per dialect (see :func:`_compiled`).
 
     SQLAlchemy's per-row parameter processing costs ~20 µs a row, which made a
     100,000-number poll several times slower than the bare driver. The statement is
     still built with SQLAlchemy (one definition for both engines); only the values skip
     its processors, so they must already be in the driver's form (see ``_db_time``).
     """
-    compiled = stmt.compile(dialect=conn.dialect, column_keys=list(keys))
+    compiled = _compiled(conn, name, build, tuple(keys))
     params: list[Any] = rows
     if compiled.positiontup is None:  # named placeholders (psycopg): dicts
         params = [dict(zip(keys, row, strict=True)) for row in rows]
@@ -417,10 +453,13 @@ def stored_reports(conn: Connection, tag: str) -> dict[str, Report]:
     SQLAlchemy's row processing cost more than the query. Timestamps repeat a lot (a
     campaign's reports share few distinct seconds), so each distinct value is parsed once.
     """
-    query = sa.select(
-        _ds.phone_number, _ds.status, _ds.provider_status, _ds.stop_sms, _ds.reported_at
-    ).where(_ds.tag == sa.bindparam("tag"))
-    compiled = query.compile(dialect=conn.dialect)
+    compiled = _compiled(
+        conn,
+        "stored_reports",
+        lambda: sa.select(
+            _ds.phone_number, _ds.status, _ds.provider_status, _ds.stop_sms, _ds.reported_at
+        ).where(_ds.tag == sa.bindparam("tag")),
+    )
     params: Any = (tag,) if compiled.positiontup is not None else {"tag": tag}
     from_db = _from_db_time(conn)
     times: dict[Any, datetime | None] = {}
@@ -479,11 +518,11 @@ def apply_reports(
             )
     applied = Applied(changed=len(rows), events=len(events) + first_seen, newly_final=newly_final)
     if events:
-        _bulk(conn, sa.insert(delivery_status_events), _EVENT_KEYS, events)
+        _bulk(conn, "insert_events", lambda: sa.insert(delivery_status_events), _EVENT_KEYS, events)
     if rows and conn.dialect.name == "postgresql":
         _copy_upsert_statuses(conn, rows)
     elif rows:
-        _bulk(conn, _upsert_statuses(conn), _STATUS_KEYS, rows)
+        _bulk(conn, "upsert_statuses", lambda: _upsert_statuses(conn), _STATUS_KEYS, rows)
     if first_seen:
         # First sightings are copied by the database itself: on a new tag that is every
         # number, and one INSERT … SELECT beats sending 100,000 rows back in.

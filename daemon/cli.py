@@ -166,19 +166,15 @@ def _warn_tag(tag: str) -> None:
         print(f"warning: tag {tag!r}: {warning}", file=sys.stderr)
 
 
-def _older_than(option: str) -> Callable[[str], timedelta]:
-    """An argparse type for ``--…-older-than DURATION`` (``90d``, ``12h``), positive."""
-
-    def parse(value: str) -> timedelta:
-        try:
-            age = parse_duration(value)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"{option}: {exc}") from None
-        if age <= timedelta(0):
-            raise argparse.ArgumentTypeError(f"{option}: {value!r} must be more than zero")
-        return age
-
-    return parse
+def _age(value: str) -> timedelta:
+    """``--…-older-than DURATION`` (``90d``, ``12h``); argparse names the option."""
+    try:
+        age = parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if age <= timedelta(0):
+        raise argparse.ArgumentTypeError(f"{value!r} must be more than zero")
+    return age
 
 
 def _batch_size(value: str) -> int:
@@ -187,9 +183,7 @@ def _batch_size(value: str) -> int:
     except ValueError:
         size = 0
     if not 1 <= size <= 1_000_000:
-        raise argparse.ArgumentTypeError(
-            f"--batch-size: {value!r} is not a whole number from 1 to 1000000"
-        )
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number from 1 to 1000000")
     return size
 
 
@@ -604,26 +598,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--events-older-than",
-        type=_older_than("--events-older-than"),
+        type=_age,
         metavar="DURATION",
         help="delete delivery_status_events observed longer ago than this",
     )
     p.add_argument(
         "--runs-older-than",
-        type=_older_than("--runs-older-than"),
+        type=_age,
         metavar="DURATION",
         help="delete poll_runs finished longer ago than this",
     )
     p.add_argument(
         "--statuses-older-than",
-        type=_older_than("--statuses-older-than"),
+        type=_age,
         metavar="DURATION",
         help="delete delivery_statuses (and their events) of tags completed, expired or "
         "untracked whose report window ended longer ago than this; the tags stay listed",
     )
     p.add_argument(
         "--optouts-older-than",
-        type=_older_than("--optouts-older-than"),
+        type=_age,
         metavar="DURATION",
         help="delete STOP opt-outs first seen longer ago than this (never without it)",
     )

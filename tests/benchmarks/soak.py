@@ -138,9 +138,7 @@ def main() -> None:
     for tag, at, _ in runs:
         started[tag].append(at)
     gaps = [
-        (b - a).total_seconds()
-        for times in started.values()
-        for a, b in itertools.pairwise(times)
+        (b - a).total_seconds() for times in started.values() for a, b in itertools.pairwise(times)
     ]
     late = sum(1 for g in gaps if g > 90)
     outcomes: dict[str, int] = defaultdict(int)

@@ -17,7 +17,7 @@ import structlog
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from daemon import store
-from daemon.db import UNAVAILABLE_ERRORS
+from daemon.db import UNAVAILABLE_ERRORS, write_transaction
 from daemon.errors import (
     ApiError,
     AuthError,
@@ -111,7 +111,7 @@ class Poller:
             error = str(exc)
 
         try:
-            with self._engine.begin() as conn:
+            with write_transaction(self._engine) as conn:
                 result = self._store(conn, row, now, fetched, outcome, error, no_messages)
         except UNAVAILABLE_ERRORS as exc:
             raise DatabaseUnavailableError(f"database error: {exc.orig}") from exc

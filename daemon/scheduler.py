@@ -35,7 +35,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.engine import Engine
 
 from daemon import store
-from daemon.db import UNAVAILABLE_ERRORS
+from daemon.db import UNAVAILABLE_ERRORS, write_transaction
 from daemon.errors import DatabaseUnavailableError, TransientApiError
 from daemon.health import Health, Notifier, write_heartbeat
 from daemon.poller import AUTH_RETRY, PollResult
@@ -107,7 +107,8 @@ class Daemon:
         self._stopping = threading.Event()
         self._auth_paused_until: datetime | None = None
         self._scheduler: BackgroundScheduler | None = None
-        self._polled: set[str] | None = None  # run --once: tags already polled
+        # run --once: only tags due at the pass's start; a polled tag is due again later.
+        self._once_cutoff: datetime | None = None
         self.stats = DaemonStats()
 
     # --- the stop signal seen by polls waiting to retry --------------------------------
@@ -163,7 +164,7 @@ class Daemon:
     def _claim_and_submit(self, now: datetime) -> int:
         with self._lock:
             in_flight = list(self._in_flight)
-            exclude = set(in_flight) | (self._polled or set())
+            exclude = set(in_flight)
             free = self._concurrency - len(in_flight)
             if self._auth_paused_until is not None:
                 if now < self._auth_paused_until:
@@ -171,13 +172,13 @@ class Daemon:
                 else:
                     free = min(free, 1)  # one probe poll tells whether the key works again
                     self._auth_paused_until = now + AUTH_RETRY
-        with self._engine.begin() as conn:
+        with write_transaction(self._engine) as conn:
             store.renew_leases(conn, in_flight, owner=self.owner, lease_until=now + LEASE)
             filled = store.fill_missing_windows(conn, window=self._window, now=now)
             tags = (
                 store.claim_due(
                     conn,
-                    now=now,
+                    now=self._once_cutoff or now,
                     owner=self.owner,
                     lease_until=now + LEASE,
                     limit=free,
@@ -197,8 +198,6 @@ class Daemon:
             if tag in self._in_flight:
                 return
             self._in_flight[tag] = self._pool.submit(self._run_poll, tag)
-            if self._polled is not None:
-                self._polled.add(tag)
 
     def _run_poll(self, tag: str | None) -> None:
         """Poll ``tag``, then keep this worker busy with the next due tag, if any.
@@ -233,13 +232,13 @@ class Daemon:
         with self._lock:
             if self._auth_paused_until is not None:
                 return None
-            exclude = set(self._in_flight) | (self._polled or set())
+            exclude = set(self._in_flight)
         now = self._clock()
         try:
-            with self._engine.begin() as conn:
+            with write_transaction(self._engine) as conn:
                 tags = store.claim_due(
                     conn,
-                    now=now,
+                    now=self._once_cutoff or now,
                     owner=self.owner,
                     lease_until=now + LEASE,
                     limit=1,
@@ -251,8 +250,7 @@ class Daemon:
             if not tags or tags[0] in self._in_flight:
                 return None
             self._in_flight[tags[0]] = future
-            if self._polled is not None:
-                self._polled.add(tags[0])
+
         return tags[0]
 
     def _after_poll(self, result: PollResult) -> None:
@@ -284,7 +282,7 @@ class Daemon:
             self.stats.polls += 1
             if result is None or not result.ok:
                 self.stats.failures += 1
-            if result is not None and self._polled is not None:
+            if result is not None and self._once_cutoff is not None:
                 self.stats.results.append(result)  # run --once only: a daemon would grow
 
     def wake(self) -> None:
@@ -296,7 +294,7 @@ class Daemon:
 
     def run_once(self) -> DaemonStats:
         """Poll every due tag once, then return (``run --once``, for cron jobs)."""
-        self._polled = set()  # each tag once, even if a failure made it due again
+        self._once_cutoff = self._clock()
         while True:
             if self._auth_paused_until is None:  # a wrong key would fail every tag alike
                 self._claim_and_submit(self._clock())
@@ -348,7 +346,7 @@ class Daemon:
     def _drain(self) -> None:
         self._pool.shutdown(wait=True)
         try:
-            with self._engine.begin() as conn:
+            with write_transaction(self._engine) as conn:
                 store.release_leases(conn, owner=self.owner)
         except UNAVAILABLE_ERRORS as exc:
             log.warning("daemon.release_failed", error=str(exc.orig))

@@ -179,7 +179,7 @@ def claim_due(
     query = (
         sa.select(_tt.tag)
         .where(*due)
-        .order_by(_tt.next_poll_at.is_not(None), _tt.next_poll_at, _tt.tag)
+        .order_by(_tt.next_poll_at)  # walks the (state, next_poll_at) index
         .limit(limit)
     )
     if exclude:

@@ -139,13 +139,14 @@ def track_all(
 ) -> Tracked:
     """Track every entry in the caller's transaction (as ``track`` does for one tag).
 
-    A tag listed twice is tracked twice: like re-tracking, the later ``sent_at`` wins.
+    A tag listed twice is tracked once with its latest ``sent_at``, as tracking it twice
+    in a row would leave it.
     """
-    count = sa.select(sa.func.count()).select_from(tracked_tags)
-    before = int(conn.scalar(count) or 0)
-    tags = set()
+    latest: dict[str, datetime] = {}
     for entry in entries:
         sent_at = entry.sent_at or default_sent_at
-        store.track(conn, entry.tag, sent_at=sent_at, window_ends_at=sent_at + window, now=now)
-        tags.add(entry.tag)
-    return Tracked(tags=len(tags), new=int(conn.scalar(count) or 0) - before)
+        latest[entry.tag] = max(sent_at, latest.get(entry.tag, sent_at))
+    count = sa.select(sa.func.count()).select_from(tracked_tags)
+    before = int(conn.scalar(count) or 0)
+    store.track_many(conn, [(tag, s, s + window) for tag, s in latest.items()], now=now)
+    return Tracked(tags=len(latest), new=int(conn.scalar(count) or 0) - before)

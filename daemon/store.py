@@ -90,10 +90,21 @@ def track(
     Re-tracking moves the window to the new ``sent_at`` only when it is later, and makes
     the tag due now; a tag's stored numbers are never touched.
     """
+    track_many(conn, [(tag, sent_at, window_ends_at)], now=now)
+
+
+def track_many(
+    conn: Connection, tags: Iterable[tuple[str, datetime, datetime]], *, now: datetime
+) -> None:
+    """:func:`track` for many distinct ``(tag, sent_at, window_ends_at)`` at once.
+
+    One statement run with the driver's executemany: building the upsert per tag cost
+    ~1.3 ms, which made a 10,000-tag ``track --from-file`` take 14 s.
+    """
     stmt = _insert(conn, tracked_tags).values(
-        tag=tag,
-        sent_at=sent_at,
-        window_ends_at=window_ends_at,
+        tag=sa.bindparam("tag", type_=_tt.tag.type),
+        sent_at=sa.bindparam("sent_at", type_=UtcDateTime()),
+        window_ends_at=sa.bindparam("window_ends_at", type_=UtcDateTime()),
         state="active",
         next_poll_at=now,
         created_at=now,
@@ -113,7 +124,9 @@ def track(
             "updated_at": now,
         },
     )
-    conn.execute(stmt)
+    rows = [{"tag": t, "sent_at": s, "window_ends_at": w} for t, s, w in tags]
+    if rows:
+        conn.execute(stmt, rows)
 
 
 def untrack(conn: Connection, tag: str, *, now: datetime) -> bool:

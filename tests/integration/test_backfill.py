@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from daemon import backfill
+from daemon import backfill, migrate, store
 from daemon.db import create_engine, tracked_tags
 from daemon.errors import InputError
 from tests.conftest import CliResult, run_cli
@@ -159,3 +159,32 @@ def test_parse_lines_reads_a_bom_and_a_tag_only_header() -> None:
         ("spring", None, 2),
         ("summer", None, 3),
     ]
+
+
+def test_track_all_on_both_engines_keeps_the_latest_sent_at(db_url: str) -> None:
+    engine = create_engine(db_url)
+    migrate.upgrade(engine)
+    t0 = datetime(2026, 11, 26, 9, tzinfo=UTC)
+    window = timedelta(hours=48)
+    try:
+        with engine.begin() as conn:
+            store.track(conn, "old", sent_at=t0, window_ends_at=t0 + window, now=t0)
+            store.untrack(conn, "old", now=t0)
+        lines = ["tag,sent_at", "old,2026-11-27T09:00:00Z", "new", "new,2026-11-20T00:00:00Z"]
+        with engine.begin() as conn:
+            done = backfill.track_all(
+                conn,
+                backfill.parse_lines(lines, source="f"),
+                default_sent_at=t0,
+                window=window,
+                now=t0,
+            )
+        assert (done.tags, done.new) == (2, 1)
+        with engine.connect() as conn:
+            rows = {r["tag"]: r for r in store.list_tags(conn)}
+        assert rows["old"]["state"] == "active"
+        assert rows["old"]["sent_at"] == t0 + timedelta(days=1)  # later: the window moves
+        assert rows["new"]["sent_at"] == t0  # the later of its two lines
+        assert rows["new"]["window_ends_at"] == t0 + window
+    finally:
+        engine.dispose()

@@ -35,17 +35,32 @@ def truth_items(n: int, resolved: bool) -> list[dict[str, object]]:
     return items
 
 
-def kill_during_polls(env: dict[str, str], kills: int, rng: random.Random) -> int:
-    """Start `poll` and SIGKILL it at a random moment, ``kills`` times; count real kills."""
+def kill_during_polls(
+    env: dict[str, str], sim: Simulator, pages: int, kills: int, rng: random.Random
+) -> int:
+    """Start `poll` and SIGKILL it at a random point of its ingest, ``kills`` times.
+
+    Half the kills land while pages are being fetched (after a random page), half while
+    the transaction is being written (a random moment after the last page): the points
+    where a crash could lose or half-write data. Returns how many polls were cut short.
+    """
     killed = 0
-    for _ in range(kills):
+    for attempt in range(kills):
+        before = sim.request_count("big")
         proc = subprocess.Popen(
             [sys.executable, "-m", "daemon", "poll", "big"],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(rng.uniform(0.6, 2.5))
+        target = rng.randint(1, pages - 1) if attempt % 2 == 0 else pages
+        deadline = time.monotonic() + 60
+        while sim.request_count("big") - before < target and proc.poll() is None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.002)
+        if attempt % 2:
+            time.sleep(rng.uniform(0.0, 0.4))  # somewhere inside the write
         if proc.poll() is None:
             proc.kill()
             killed += 1
@@ -103,12 +118,13 @@ def test_sigkill_mid_ingest_loses_and_duplicates_nothing(
     simulator.set_items("big", first, page_size=1000)
     assert run_cli("track", "big", env=env).code == 0
 
-    killed = kill_during_polls(env, kills=4, rng=rng)
+    pages = numbers // 1000
+    killed = kill_during_polls(env, simulator, pages, kills=4, rng=rng)
     assert run_cli("poll", "big", env=env, timeout=120).code == 0
     check_database_equals(env["SMSPARTNER_DATABASE_URL"], first)
 
     simulator.set_items("big", later, page_size=1000)  # the waiting tenth resolves
-    killed += kill_during_polls(env, kills=3, rng=rng)
+    killed += kill_during_polls(env, simulator, pages, kills=3, rng=rng)
     assert run_cli("poll", "big", env=env, timeout=120).code == 0
     check_database_equals(env["SMSPARTNER_DATABASE_URL"], later)
-    assert killed >= 4  # most attempts really were cut short
+    assert killed >= 5  # the kills really cut polls short

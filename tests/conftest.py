@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,9 +148,18 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'test.db'}"
         return
-    server: PgServer = request.getfixturevalue("pg_server")
+    with pg_database(request.getfixturevalue("pg_server")) as url:
+        yield url
+
+
+@contextmanager
+def pg_database(server: PgServer) -> Iterator[str]:
+    """Create a fresh database on ``server``; yield its URL; drop it afterwards."""
     name = f"t{os.getpid()}_{next(_db_names)}"
-    admin = sa.create_engine(server.admin_url, isolation_level="AUTOCOMMIT")
+    # No pool: a test may restart the server, which kills any pooled connection.
+    admin = sa.create_engine(
+        server.admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool
+    )
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from daemon.settings import load_settings
 from daemon.simulator import Simulator
 from daemon.smspartner import SmsPartnerClient
 from tests.conftest import API_KEY
+from tests.integration.test_daemon import Running
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -102,3 +104,20 @@ def rig(db_url: str, simulator: Simulator) -> Iterator[Callable[..., Rig]]:
         http.close()
     for engine in engines:
         engine.dispose()
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
+
+    def start(env: dict[str, str], *args: str) -> Running:
+        proc = Running(env, tmp_path / f"daemon{len(started)}.log", *args)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait()
+        proc._out.close()

@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -77,23 +77,6 @@ class Running:
 @pytest.fixture
 def daemon_env(cli_env: dict[str, str]) -> dict[str, str]:
     return {**cli_env, "SMSPARTNER_HTTP_PORT": str(free_port())}
-
-
-@pytest.fixture
-def running(tmp_path: Path) -> Iterator[Callable[..., Running]]:
-    started: list[Running] = []
-
-    def start(env: dict[str, str], *args: str) -> Running:
-        proc = Running(env, tmp_path / f"daemon{len(started)}.log", *args)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.wait()
-        proc._out.close()
 
 
 def test_run_once_makes_one_last_poll_of_a_closed_window(

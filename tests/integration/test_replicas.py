@@ -32,7 +32,7 @@ from daemon.db import create_engine
 from daemon.migrate import head_revision
 from daemon.simulator import Simulator
 from daemon.status import map_provider_status
-from tests.conftest import PgServer, run_cli
+from tests.conftest import PgServer, pg_database, run_cli
 from tests.integration.test_daemon import Running, free_port, wait_for
 
 pytestmark = pytest.mark.postgres
@@ -42,27 +42,15 @@ BI_GUIDE = Path(__file__).resolve().parents[2] / "docs" / "bi.md"
 #: longer than that lets every replica take one more look at the table.
 DISPATCH = 2.5
 
-_db_names = itertools.count()
-
 
 # --- fixtures ---------------------------------------------------------------------------
 
 
 @pytest.fixture
 def pg_url(pg_server: PgServer) -> Iterator[str]:
-    """A fresh, empty PostgreSQL database (created like conftest's ``db_url``)."""
-    name = f"rep{os.getpid()}_{next(_db_names)}"
-    admin = sa.create_engine(
-        pg_server.admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool
-    )
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield pg_server.url(name).replace("+psycopg", "")
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    """A fresh, empty PostgreSQL database."""
+    with pg_database(pg_server) as url:
+        yield url
 
 
 @pytest.fixture
@@ -85,21 +73,9 @@ def env(cli_env: dict[str, str], pg_url: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def replicas(tmp_path: Path) -> Iterator[Callable[..., Running]]:
-    """Start `run` replicas, each with its own log file; kill leftovers at the end."""
-    started: list[Running] = []
-
-    def start(env: dict[str, str], *args: str) -> Running:
-        replica = Running(env, tmp_path / f"replica{len(started)}.log", *args)
-        started.append(replica)
-        return replica
-
-    yield start
-    for replica in started:
-        if replica.proc.poll() is None:
-            replica.proc.kill()
-            replica.proc.wait()
-        replica._out.close()
+def replicas(running: Callable[..., Running]) -> Callable[..., Running]:
+    """Start `run` replicas, each with its own log file (killed at the end if left)."""
+    return running
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -528,7 +504,7 @@ def test_every_query_of_the_bi_guide_runs(
 
     url = sa.make_url(pg_url)
     conninfo = pg_url.replace("+psycopg", "")
-    role = f"smspartner_bi_{os.getpid()}_{next(_db_names)}"
+    role = f"smspartner_bi_{os.getpid()}_{url.database}"
     with psycopg.connect(conninfo, autocommit=True) as admin:
         me = admin.execute("SELECT current_user").fetchone()
         assert me is not None

@@ -9,12 +9,13 @@ run row and the tag's failure counters: stored statuses are never touched.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
-from sqlalchemy.engine import Connection, Engine, RowMapping
+from sqlalchemy.engine import Connection, Engine
 
 from daemon import store
 from daemon.db import UNAVAILABLE_ERRORS, write_transaction
@@ -90,14 +91,6 @@ class Poller:
             DatabaseUnavailableError: the database failed; nothing of this poll is kept.
         """
         now = self._clock()
-        try:
-            with self._engine.connect() as conn:
-                row = store.get_tag(conn, tag)
-        except UNAVAILABLE_ERRORS as exc:
-            raise DatabaseUnavailableError(f"database error: {exc.orig}") from exc
-        if row is None:
-            raise InputError(f"tag {tag!r} is not tracked; run `smspartner-status track {tag}`")
-
         fetched, error, outcome = FetchResult([], 0, 0, 0, "empty_page"), None, "ok"
         no_messages = False
         try:
@@ -112,6 +105,11 @@ class Poller:
 
         try:
             with write_transaction(self._engine) as conn:
+                row = store.lock_tag(conn, tag, now=now)
+                if row is None:
+                    raise InputError(
+                        f"tag {tag!r} is not tracked; run `smspartner-status track {tag}`"
+                    )
                 result = self._store(conn, row, now, fetched, outcome, error, no_messages)
         except UNAVAILABLE_ERRORS as exc:
             raise DatabaseUnavailableError(f"database error: {exc.orig}") from exc
@@ -121,7 +119,7 @@ class Poller:
     def _store(
         self,
         conn: Connection,
-        row: RowMapping,
+        row: Mapping[str, Any],
         now: datetime,
         fetched: FetchResult,
         outcome: str,
@@ -132,7 +130,6 @@ class Poller:
         sent_at: datetime = row["sent_at"]
         window_ends_at: datetime = row["window_ends_at"] or sent_at + self._settings.report_window
         ok = outcome == "ok"
-        store.lock_tag(conn, tag, now=now)
         applied = store.Applied()
         merged = merge_reports(fetched.reports)
         if ok:
@@ -143,7 +140,8 @@ class Poller:
         expire = closed and (ok or window_closed(window_ends_at + EXPIRY_GRACE, now))
         if expire:
             expired = store.expire_pending(conn, tag, now=now)
-        counts = store.status_counts(conn, tag)
+        # A successful poll's diff knows the counts; only expiry and failures ask SQL.
+        counts = applied.counts if ok and not expired else store.status_counts(conn, tag)
         if expire:
             state, due = "expired", None
         else:
@@ -191,7 +189,7 @@ class Poller:
             ),
         )
 
-    def _next_due(self, row: RowMapping, now: datetime, ok: bool, outcome: str) -> datetime:
+    def _next_due(self, row: Mapping[str, Any], now: datetime, ok: bool, outcome: str) -> datetime:
         if outcome == "auth_error":
             return now + AUTH_RETRY
         sent_at: datetime = row["sent_at"]

@@ -1,0 +1,166 @@
+"""Benchmark: ``prune`` over 20 million event rows while the daemon keeps polling.
+
+Builds a database whose ``delivery_status_events`` holds ``--rows`` rows generated in
+SQL (19 in 20 observed 100 days ago, the rest today), then runs
+``smspartner-status prune --events-older-than 90d`` as a child process — as a user or a
+cron job would — while this process polls a 1,000-number tag back to back, each poll
+changing every number (1,000 upserts and 1,000 events: a write that needs the lock).
+
+Compared in the same run: the polls before the prune starts (baseline) and the polls
+during it. Goal (issue): no poll is held up by the prune for more than 1 s, i.e. the
+slowest poll during the prune is at most the baseline median + 1 s.
+
+Run:  .venv/bin/python -m tests.benchmarks.prune_20m [--rows 20000000] [--postgres URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import sqlalchemy as sa
+
+from daemon import migrate, store
+from daemon.db import create_engine, sqlite_text
+from daemon.log import configure_logging
+from daemon.poller import Poller
+from daemon.settings import load_settings
+from daemon.simulator import Simulator
+from daemon.smspartner import SmsPartnerClient
+
+KEY = "bench-key"
+TAG = "live"
+NUMBERS = 1000
+CHUNK = 1_000_000
+
+
+def generate(engine: sa.Engine, rows: int, old: datetime, recent: datetime) -> None:
+    """``rows`` events, in chunks so progress shows; 1 row in 20 is recent."""
+    postgres = engine.dialect.name == "postgresql"
+    if postgres:
+        series = "generate_series(CAST(:lo AS bigint), CAST(:hi AS bigint) - 1) AS c(x)"
+        params = {"old": old, "recent": recent}
+    else:
+        series = (
+            "(WITH RECURSIVE c(x) AS (SELECT :lo UNION ALL SELECT x + 1 FROM c WHERE x + 1 < :hi) "
+            "SELECT x FROM c)"
+        )
+        params = {"old": sqlite_text(old), "recent": sqlite_text(recent)}
+    sql = sa.text(
+        "INSERT INTO delivery_status_events "
+        "(tag, phone_number, old_status, new_status, reported_at, observed_at) "
+        f"SELECT 'old' || (x / 10000), '+33' || (600000000 + x), 'waiting', 'delivered', "
+        f":old, CASE WHEN x % 20 = 0 THEN :recent ELSE :old END FROM {series}"
+    )
+    start = time.perf_counter()
+    for lo in range(0, rows, CHUNK):
+        with engine.begin() as conn:
+            conn.execute(sql, {**params, "lo": lo, "hi": min(lo + CHUNK, rows)})
+        print(
+            f"  generated {min(lo + CHUNK, rows):,} events ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+    if postgres:
+        with engine.connect() as conn:
+            conn.execute(sa.text("ANALYZE delivery_status_events"))
+            conn.commit()
+
+
+def items(k: int, sent: datetime) -> list[dict[str, object]]:
+    """Poll ``k``: every number final, alternating status, a date later than poll k-1's."""
+    status = "Delivered" if k % 2 else "Not delivered"
+    date = str(int((sent + timedelta(seconds=60 + k)).timestamp()))
+    return [
+        {"phoneNumber": f"+3361{n:07d}", "status": status, "stopSMS": False, "date": date}
+        for n in range(NUMBERS)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=20_000_000)
+    parser.add_argument("--postgres", metavar="URL", help="benchmark PostgreSQL instead")
+    args = parser.parse_args()
+    configure_logging(level="warning")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        url = args.postgres or f"sqlite:///{Path(tmp) / 'prune.db'}"
+        engine = create_engine(url)
+        if args.postgres:
+            migrate.downgrade(engine)
+        migrate.upgrade(engine)
+        now = datetime.now(UTC).replace(microsecond=0)
+        sent = now - timedelta(hours=1)
+        print(f"{args.rows:,} events into {engine.dialect.name}:", flush=True)
+        generate(engine, args.rows, now - timedelta(days=100), now - timedelta(hours=2))
+        with engine.begin() as conn:
+            store.track(conn, TAG, sent_at=sent, window_ends_at=sent + timedelta(hours=48), now=now)
+        settings = load_settings({}, api_key=KEY, database_url=url, rate_limit_per_second=0)
+
+        with Simulator(api_key=KEY, page_size=1000) as sim, httpx.Client(timeout=30) as http:
+            client = SmsPartnerClient(http, api_key=KEY, base_url=sim.url, rate_limit_per_second=0)
+            poller = Poller(
+                engine=engine, client=client, settings=settings, clock=lambda: datetime.now(UTC)
+            )
+            k = 0
+
+            def poll() -> float:
+                nonlocal k
+                k += 1
+                sim.set_items(TAG, items(k, sent))
+                start = time.perf_counter()
+                result = poller.poll(TAG)
+                assert result.ok and result.changed == NUMBERS, result
+                return time.perf_counter() - start
+
+            baseline = [poll() for _ in range(20)]
+            env = {
+                **os.environ,
+                "SMSPARTNER_DATABASE_URL": url,
+                "SMSPARTNER_API_KEY": KEY,
+                "SMSPARTNER_LOG_LEVEL": "warning",
+            }
+            started = time.perf_counter()
+            prune = subprocess.Popen(
+                [sys.executable, "-m", "daemon", "prune", "--events-older-than", "90d"],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            during = []
+            while prune.poll() is None:
+                during.append(poll())
+            pruned_in = time.perf_counter() - started
+            output = prune.stdout.read() if prune.stdout else ""
+        assert prune.returncode == 0, output
+        with engine.connect() as conn:
+            total = conn.scalar(sa.text("SELECT count(*) FROM delivery_status_events"))
+        engine.dispose()
+
+    base = statistics.median(baseline)
+    worst = max(during) if during else 0.0
+    print(f"prune --events-older-than 90d over {args.rows:,} events ({engine.dialect.name})")
+    print(f"  prune: {pruned_in:.1f} s; {output.strip().splitlines()[-1]}; {total:,} events left")
+    print(f"  baseline poll (1,000 numbers changed), before the prune: median {base * 1000:.0f} ms")
+    print(
+        f"  {len(during)} polls during the prune: median {statistics.median(during) * 1000:.0f} ms,"
+        f" slowest {worst * 1000:.0f} ms"
+    )
+    print(
+        f"  longest hold-up of a poll by the prune: {max(0.0, worst - base) * 1000:.0f} ms "
+        "(goal <= 1000 ms)"
+    )
+
+
+if __name__ == "__main__":
+    main()

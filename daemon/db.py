@@ -163,6 +163,7 @@ class TrackedTag(Base):
     __table_args__ = (
         sa.CheckConstraint(_in("state", TAG_STATES), name="state"),
         sa.Index(None, "state", "next_poll_at"),
+        sa.Index(None, "sent_at"),  # "the last 30 days of campaigns"
     )
 
 
@@ -244,20 +245,44 @@ class PollRun(Base):
     )
 
 
+class TagCount(Base):
+    """A tag's numbers per status, kept by the poll that changes them (same transaction).
+
+    ``tag_summary`` reads these instead of counting ``delivery_statuses``: a dashboard of
+    the last 30 days of campaigns would otherwise count millions of rows per refresh.
+    A tag's counts outlive a ``prune --statuses-older-than`` of its numbers.
+    """
+
+    __tablename__ = "tag_counts"
+
+    tag: Mapped[str] = mapped_column(sa.ForeignKey("tracked_tags.tag"), primary_key=True)
+    total: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    waiting: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    delivered: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    not_delivered: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    failed: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    expired: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    unknown: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    stop_sms: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, server_default=utcnow())
+
+
 metadata = Base.metadata
 tracked_tags = cast(sa.Table, TrackedTag.__table__)
 delivery_statuses = cast(sa.Table, DeliveryStatus.__table__)
 delivery_status_events = cast(sa.Table, DeliveryStatusEvent.__table__)
 stop_sms_optouts = cast(sa.Table, StopSmsOptout.__table__)
 poll_runs = cast(sa.Table, PollRun.__table__)
+tag_counts = cast(sa.Table, TagCount.__table__)
 
 
 def _count(status: str) -> str:
     return f"SUM(CASE WHEN d.status = '{status}' THEN 1 ELSE 0 END)"
 
 
-#: The BI view; its columns are public API. Plain SQL that both engines accept.
-TAG_SUMMARY_SQL = f"""
+#: The BI view as revision 0001 created it, counting ``delivery_statuses`` on every
+#: read (kept for that revision and for downgrades).
+TAG_SUMMARY_SQL_0001 = f"""
 SELECT t.tag AS tag, t.sent_at AS sent_at, t.window_ends_at AS window_ends_at,
        t.state AS state,
        COUNT(d.id) AS total,
@@ -275,6 +300,37 @@ SELECT t.tag AS tag, t.sent_at AS sent_at, t.window_ends_at AS window_ends_at,
 FROM tracked_tags t
 LEFT JOIN delivery_statuses d ON d.tag = t.tag
 GROUP BY t.tag, t.sent_at, t.window_ends_at, t.state, t.last_polled_at
+"""
+
+COUNTED = ("waiting", "delivered", "not_delivered", "failed", "expired", "unknown")
+
+
+def _kept(column: str) -> str:
+    return f"CAST(COALESCE(c.{column}, 0) AS BIGINT) AS {column}"
+
+
+#: The BI view; its columns (names and types) are public API. It reads the counts the
+#: poller keeps in ``tag_counts``: one row per tag instead of one per number.
+TAG_SUMMARY_SQL = f"""
+SELECT t.tag AS tag, t.sent_at AS sent_at, t.window_ends_at AS window_ends_at,
+       t.state AS state,
+       {", ".join(_kept(c) for c in ("total", *COUNTED, "stop_sms"))},
+       CASE WHEN COALESCE(c.total, 0) = 0 THEN NULL
+            ELSE CAST(c.delivered AS DOUBLE PRECISION) / c.total
+       END AS delivery_rate,
+       t.last_polled_at AS last_polled_at
+FROM tracked_tags t
+LEFT JOIN tag_counts c ON c.tag = t.tag
+"""
+
+#: Recount every tag from ``delivery_statuses`` into an empty ``tag_counts`` (the
+#: migration that creates it; benchmarks that generate rows directly in SQL).
+TAG_COUNTS_FROM_STATUSES_SQL = f"""
+INSERT INTO tag_counts (tag, total, {", ".join(COUNTED)}, stop_sms, updated_at)
+SELECT d.tag, COUNT(*), {", ".join(_count(c) for c in COUNTED)},
+       SUM(CASE WHEN d.stop_sms THEN 1 ELSE 0 END), :now
+FROM delivery_statuses d
+GROUP BY d.tag
 """
 
 

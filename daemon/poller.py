@@ -140,7 +140,8 @@ class Poller:
         expire = closed and (ok or window_closed(window_ends_at + EXPIRY_GRACE, now))
         if expire:
             expired = store.expire_pending(conn, tag, now=now)
-        # A successful poll's diff knows the counts; only expiry and failures ask SQL.
+        # A successful poll's diff knows the counts; after an expiry or a failure they
+        # are read back from the tag's counts row.
         counts = applied.counts if ok and not expired else store.status_counts(conn, tag)
         if expire:
             state, due = "expired", None

@@ -11,9 +11,11 @@ Used by ``smspartner-status prune`` and, when ``SMSPARTNER_PRUNE_EVENTS_DAYS`` o
 * ``stop_sms_optouts`` first seen before the opt-outs cutoff — only when one is given:
   an opt-out is what keeps a number from being messaged again.
 
-Each batch is ``DELETE … WHERE id IN (SELECT id … ORDER BY id LIMIT n)`` committed on
-its own, so the daemon's polls never wait long for a lock, and an interrupted prune
-keeps what it already did. The store functions hold the statements; this module holds
+Each batch is ``DELETE … WHERE id IN (SELECT id … AND id > :last ORDER BY id LIMIT n)``
+committed on its own, starting after the previous batch's last id; on SQLite the next
+batch waits as long as this one held the write lock. So the daemon's polls never wait
+long for a lock (``tests/benchmarks/prune_20m.py``), and an interrupted prune keeps what
+it already did. The store functions hold the statements; this module holds
 the loop, the plan and the progress reporting.
 """
 
@@ -28,12 +30,16 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 
 from daemon import store
+from daemon.db import write_transaction
 from daemon.output import iso
 from daemon.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_BATCH_SIZE = 5000
+#: The least a prune leaves SQLite's write lock free between two batches: more than
+#: the longest sleep of a waiting writer's busy handler (100 ms).
+SQLITE_PAUSE = 0.15
 #: How often a long prune reports its progress on a table.
 PROGRESS_EVERY = 5.0
 
@@ -74,7 +80,8 @@ class Step:
 
     table: str
     what: str
-    delete: Callable[[Connection, int], int]
+    #: ``delete(conn, limit, after)``: one batch of ids above ``after``.
+    delete: Callable[[Connection, int, int], store.Batch]
     count: Callable[[Connection], int]
 
 
@@ -95,7 +102,7 @@ def plan(cutoffs: Cutoffs) -> list[Step]:
             Step(
                 "delivery_status_events",
                 what,
-                lambda c, n: store.prune_events(c, events, n, retired_before=retired),
+                lambda c, n, a: store.prune_events(c, events, n, retired_before=retired, after=a),
                 lambda c: store.count_events(c, events, retired_before=retired),
             )
         )
@@ -104,7 +111,7 @@ def plan(cutoffs: Cutoffs) -> list[Step]:
             Step(
                 "delivery_statuses",
                 f"of tags completed, expired or untracked, window ended before {iso(statuses)}",
-                lambda c, n: store.prune_statuses(c, statuses, n),
+                lambda c, n, a: store.prune_statuses(c, statuses, n, after=a),
                 lambda c: store.count_statuses(c, statuses),
             )
         )
@@ -113,7 +120,7 @@ def plan(cutoffs: Cutoffs) -> list[Step]:
             Step(
                 "poll_runs",
                 f"finished before {iso(runs)}",
-                lambda c, n: store.prune_poll_runs(c, runs, n),
+                lambda c, n, a: store.prune_poll_runs(c, runs, n, after=a),
                 lambda c: store.count_poll_runs(c, runs),
             )
         )
@@ -122,7 +129,7 @@ def plan(cutoffs: Cutoffs) -> list[Step]:
             Step(
                 "stop_sms_optouts",
                 f"first seen before {iso(optouts)}",
-                lambda c, n: store.prune_optouts(c, optouts, n),
+                lambda c, n, a: store.prune_optouts(c, optouts, n, after=a),
                 lambda c: store.count_optouts(c, optouts),
             )
         )
@@ -193,16 +200,34 @@ def _delete_all(
     should_stop: Callable[[], bool],
 ) -> None:
     reported = time.monotonic()
+    after = 0
     while not should_stop():
-        with engine.begin() as conn:
-            deleted = step.delete(conn, batch_size)
+        started = time.monotonic()
+        with write_transaction(engine) as conn:
+            deleted, after = step.delete(conn, batch_size, after)
         result.rows += deleted
         result.batches += 1
         if deleted < batch_size:
             return
+        if engine.dialect.name == "sqlite":
+            _make_way(engine, time.monotonic() - started)
         if progress is not None and time.monotonic() - reported >= PROGRESS_EVERY:
             progress(result, False)
             reported = time.monotonic()
+
+
+def _make_way(engine: Engine, held: float) -> None:
+    """On SQLite, between two batches: let other writers in, and checkpoint the WAL.
+
+    SQLite has one writer, and a writer waiting in its busy handler retries only every
+    100 ms or so: a prune that began its next batch at once kept a poll waiting 10 s
+    (``tests/benchmarks/prune_20m.py``). So the lock stays free for longer than that
+    interval, and longer than the batch held it. The passive checkpoint moves the
+    deleted pages into the database file here, instead of in a poll's commit.
+    """
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+    time.sleep(max(held, SQLITE_PAUSE))
 
 
 def scheduled_prune(

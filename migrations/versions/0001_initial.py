@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from daemon.db import TAG_SUMMARY_SQL, BigId, UtcDateTime, utcnow
+from daemon.db import TAG_SUMMARY_SQL_0001, BigId, UtcDateTime, utcnow
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -121,7 +121,7 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_poll_runs_tag_started_at"), "poll_runs", ["tag", "started_at"])
 
-    op.execute(f"CREATE VIEW tag_summary AS {TAG_SUMMARY_SQL}")
+    op.execute(f"CREATE VIEW tag_summary AS {TAG_SUMMARY_SQL_0001}")
 
 
 def downgrade() -> None:

@@ -39,7 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from daemon import migrate
-from daemon.db import UtcDateTime, create_engine, sqlite_text
+from daemon.db import TAG_COUNTS_FROM_STATUSES_SQL, UtcDateTime, create_engine, sqlite_text
 
 PER_TAG = 1_000
 CHUNK = 1_000_000
@@ -80,7 +80,7 @@ def postgres(url: str | None) -> Iterator[str]:
 
 
 def generate(engine: Engine, rows: int, tags: int) -> float:
-    """Fill tracked_tags and delivery_statuses; returns the seconds it took."""
+    """Fill tracked_tags, delivery_statuses and tag_counts; returns the seconds it took."""
     per = rows // tags
     start = time.perf_counter()
     with engine.begin() as conn:
@@ -105,6 +105,12 @@ def generate(engine: Engine, rows: int, tags: int) -> float:
         with engine.begin() as conn:
             (_fill_postgres if pg else _fill_sqlite)(conn, lo, hi, per)
         print(f"  … {hi:,} rows ({time.perf_counter() - start:.0f} s)", flush=True)
+    with engine.begin() as conn:  # the counts each tag's polls would have kept
+        conn.execute(
+            sa.text(TAG_COUNTS_FROM_STATUSES_SQL).bindparams(
+                sa.bindparam("now", NOW, type_=UtcDateTime())
+            )
+        )
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         conn.exec_driver_sql("VACUUM ANALYZE" if pg else "ANALYZE")

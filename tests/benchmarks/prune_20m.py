@@ -10,7 +10,8 @@ Compared in the same run: the polls before the prune starts (baseline) and the p
 during it. Goal (issue): no poll is held up by the prune for more than 1 s, i.e. the
 slowest poll during the prune is at most the baseline median + 1 s.
 
-Run:  .venv/bin/python -m tests.benchmarks.prune_20m [--rows 20000000] [--postgres URL]
+Run:  .venv/bin/python -m tests.benchmarks.prune_20m [--rows 20000000]
+          [--postgres [URL]]   (no URL: a throwaway cluster, as bi_volume starts one)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from daemon.poller import Poller
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
 from daemon.smspartner import SmsPartnerClient
+from tests.benchmarks.bi_volume import postgres
 
 KEY = "bench-key"
 TAG = "live"
@@ -89,72 +91,86 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rows", type=int, default=20_000_000)
-    parser.add_argument("--postgres", metavar="URL", help="benchmark PostgreSQL instead")
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        nargs="?",
+        const="",
+        help="PostgreSQL instead: this disposable database, or a throwaway cluster",
+    )
     args = parser.parse_args()
     configure_logging(level="warning")
+    if args.postgres is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            run(f"sqlite:///{Path(tmp) / 'prune.db'}", args.rows, fresh=True)
+    else:
+        with postgres(args.postgres or None) as url:
+            run(url, args.rows, fresh=not args.postgres)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        url = args.postgres or f"sqlite:///{Path(tmp) / 'prune.db'}"
-        engine = create_engine(url)
-        if args.postgres:
-            migrate.downgrade(engine)
-        migrate.upgrade(engine)
-        now = datetime.now(UTC).replace(microsecond=0)
-        sent = now - timedelta(hours=1)
-        print(f"{args.rows:,} events into {engine.dialect.name}:", flush=True)
-        generate(engine, args.rows, now - timedelta(days=100), now - timedelta(hours=2))
-        with engine.begin() as conn:
-            store.track(conn, TAG, sent_at=sent, window_ends_at=sent + timedelta(hours=48), now=now)
-        settings = load_settings({}, api_key=KEY, database_url=url, rate_limit_per_second=0)
 
-        with Simulator(api_key=KEY, page_size=1000) as sim, httpx.Client(timeout=30) as http:
-            client = SmsPartnerClient(http, api_key=KEY, base_url=sim.url, rate_limit_per_second=0)
-            poller = Poller(
-                engine=engine, client=client, settings=settings, clock=lambda: datetime.now(UTC)
-            )
-            k = 0
+def run(url: str, rows: int, *, fresh: bool) -> None:
+    """Fill the database, poll, prune while polling, print the figures."""
+    engine = create_engine(url)
+    if not fresh:
+        migrate.downgrade(engine)
+    migrate.upgrade(engine)
+    now = datetime.now(UTC).replace(microsecond=0)
+    sent = now - timedelta(hours=1)
+    print(f"{rows:,} events into {engine.dialect.name}:", flush=True)
+    generate(engine, rows, now - timedelta(days=100), now - timedelta(hours=2))
+    with engine.begin() as conn:
+        store.track(conn, TAG, sent_at=sent, window_ends_at=sent + timedelta(hours=48), now=now)
+    settings = load_settings({}, api_key=KEY, database_url=url, rate_limit_per_second=0)
 
-            def poll() -> float:
-                nonlocal k
-                k += 1
-                sim.set_items(TAG, items(k, sent))
-                start = time.perf_counter()
-                result = poller.poll(TAG)
-                assert result.ok and result.changed == NUMBERS, result
-                return time.perf_counter() - start
+    with Simulator(api_key=KEY, page_size=1000) as sim, httpx.Client(timeout=30) as http:
+        client = SmsPartnerClient(http, api_key=KEY, base_url=sim.url, rate_limit_per_second=0)
+        poller = Poller(
+            engine=engine, client=client, settings=settings, clock=lambda: datetime.now(UTC)
+        )
+        k = 0
 
-            baseline = [poll() for _ in range(20)]
-            env = {
-                **os.environ,
-                "SMSPARTNER_DATABASE_URL": url,
-                "SMSPARTNER_API_KEY": KEY,
-                "SMSPARTNER_LOG_LEVEL": "warning",
-            }
-            started = time.perf_counter()
-            prune = subprocess.Popen(
-                [sys.executable, "-m", "daemon", "prune", "--events-older-than", "90d"],
-                env=env,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            during = []
-            while prune.poll() is None:
-                during.append(poll())
-            pruned_in = time.perf_counter() - started
-            output = prune.stdout.read() if prune.stdout else ""
-        assert prune.returncode == 0, output
-        with engine.connect() as conn:
-            total = conn.scalar(sa.text("SELECT count(*) FROM delivery_status_events"))
-        engine.dispose()
+        def poll() -> float:
+            nonlocal k
+            k += 1
+            sim.set_items(TAG, items(k, sent))
+            start = time.perf_counter()
+            result = poller.poll(TAG)
+            assert result.ok and result.changed == NUMBERS, result
+            return time.perf_counter() - start
+
+        baseline = [poll() for _ in range(20)]
+        env = {
+            **os.environ,
+            "SMSPARTNER_DATABASE_URL": url,
+            "SMSPARTNER_API_KEY": KEY,
+            "SMSPARTNER_LOG_LEVEL": "warning",
+        }
+        started = time.perf_counter()
+        prune = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "prune", "--events-older-than", "90d"],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        during = []
+        while prune.poll() is None:
+            during.append(poll())
+        pruned_in = time.perf_counter() - started
+        output = prune.stdout.read() if prune.stdout else ""
+    assert prune.returncode == 0, output
+    with engine.connect() as conn:
+        total = conn.scalar(sa.text("SELECT count(*) FROM delivery_status_events"))
+    engine.dispose()
 
     base = statistics.median(baseline)
     worst = max(during) if during else 0.0
-    print(f"prune --events-older-than 90d over {args.rows:,} events ({engine.dialect.name})")
+    print(f"prune --events-older-than 90d over {rows:,} events ({engine.dialect.name})")
     print(f"  prune: {pruned_in:.1f} s; {output.strip().splitlines()[-1]}; {total:,} events left")
     print(f"  baseline poll (1,000 numbers changed), before the prune: median {base * 1000:.0f} ms")
     print(
         f"  {len(during)} polls during the prune: median {statistics.median(during) * 1000:.0f} ms,"
-        f" slowest {worst * 1000:.0f} ms"
+        f" slowest {worst * 1000:.0f} ms; over 1 s: {sum(t > 1 for t in during)}, over 0.5 s: "
+        f"{sum(t > 0.5 for t in during)}"
     )
     print(
         f"  longest hold-up of a poll by the prune: {max(0.0, worst - base) * 1000:.0f} ms "

@@ -3,11 +3,13 @@ down to base leaves nothing, and up again works."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import sqlalchemy as sa
 from alembic import command
 
-from daemon import migrate
-from daemon.db import create_engine, metadata
+from daemon import migrate, store
+from daemon.db import create_engine, delivery_statuses, metadata
 
 TABLES = {
     "tracked_tags",
@@ -15,6 +17,7 @@ TABLES = {
     "delivery_status_events",
     "stop_sms_optouts",
     "poll_runs",
+    "tag_counts",
 }
 
 
@@ -114,5 +117,61 @@ def test_models_name_every_contract_column() -> None:
             "numbers_changed",
             "error",
         ],
+        "tag_counts": [
+            "tag",
+            "total",
+            "waiting",
+            "delivered",
+            "not_delivered",
+            "failed",
+            "expired",
+            "unknown",
+            "stop_sms",
+            "updated_at",
+        ],
     }
     assert {name: [c.name for c in t.columns] for name, t in metadata.tables.items()} == expected
+
+
+def test_upgrading_from_0001_counts_the_numbers_already_stored(db_url: str) -> None:
+    """Revision 0002 moves tag_summary onto tag_counts: a database upgraded with data in
+    it shows exactly what the counting view of 0001 showed, and so does a downgrade."""
+    engine = create_engine(db_url)
+    now = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+    statuses = ["delivered", "delivered", "not_delivered", "failed", "waiting", "unknown"]
+    try:
+        with engine.begin() as conn:
+            config = migrate.alembic_config()
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0001")
+        with engine.begin() as conn:
+            for tag in ("spring", "summer", "empty"):
+                store.track(conn, tag, sent_at=now, window_ends_at=now + timedelta(2), now=now)
+            conn.execute(
+                sa.insert(delivery_statuses),
+                [
+                    {
+                        "tag": tag,
+                        "phone_number": f"+33{i}",
+                        "status": status,
+                        "stop_sms": i % 3 == 0,
+                        "first_seen_at": now,
+                        "updated_at": now,
+                    }
+                    for tag, count in (("spring", 6), ("summer", 3))
+                    for i, status in enumerate(statuses[:count])
+                ],
+            )
+
+        def summary() -> list[dict[str, object]]:
+            with engine.connect() as conn:
+                return [dict(r) for r in store.tag_summary(conn)]
+
+        before = summary()
+        assert {r["tag"]: r["total"] for r in before} == {"spring": 6, "summer": 3, "empty": 0}
+        migrate.upgrade(engine)
+        assert summary() == before
+        migrate.downgrade(engine, "0001")
+        assert summary() == before
+    finally:
+        engine.dispose()

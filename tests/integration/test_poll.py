@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 
 from daemon import store
 from daemon.db import (
+    TAG_SUMMARY_SQL_0001,
     delivery_status_events,
     delivery_statuses,
     poll_runs,
@@ -205,3 +206,54 @@ def test_wrong_key_writes_no_statuses_and_marks_an_auth_error(rig: Callable[...,
     assert result.outcome == "auth_error" and "API key" in (result.error or "")
     assert "wrong-key-123" not in (result.error or "")
     assert r.count(delivery_statuses) == 0
+
+
+def test_tag_summary_always_equals_a_recount_of_the_numbers(rig: Callable[..., Rig]) -> None:
+    # tag_summary reads the counts each poll keeps in tag_counts; after every kind of
+    # poll they must equal what counting delivery_statuses gives (revision 0001's view).
+    r = rig()
+    sent = NOW - timedelta(hours=47)
+    r.track("mix", sent_at=sent)
+
+    def recount() -> dict[str, object]:
+        query = f"SELECT * FROM ({TAG_SUMMARY_SQL_0001}) AS s WHERE tag = 'mix'"
+        with r.engine.connect() as conn:
+            return dict(conn.execute(sa.text(query)).mappings().one())
+
+    def summary() -> dict[str, object]:
+        with r.engine.connect() as conn:
+            return dict(store.tag_summary(conn, "mix")[0])
+
+    def poll_and_compare() -> dict[str, object]:
+        r.poller.poll("mix")
+        shown, counted = summary(), recount()
+        for column in ("total", "waiting", "delivered", "not_delivered", "failed", "expired"):
+            assert shown[column] == counted[column], (column, shown, counted)
+        assert (shown["unknown"], shown["stop_sms"]) == (counted["unknown"], counted["stop_sms"])
+        assert shown["delivery_rate"] == counted["delivery_rate"]
+        return shown
+
+    assert poll_and_compare()["total"] == 0  # code 4: no numbers yet
+    for n in range(6):
+        r.sim.set_number("mix", f"+33{n}", "Waiting", date=unix(sent))
+    r.sim.set_number("mix", "+339", "Sent", date=unix(sent))  # unknown
+    assert poll_and_compare()["waiting"] == 6
+    r.sim.set_number("mix", "+330", "Delivered", date=unix(sent + timedelta(minutes=1)))
+    r.sim.set_number("mix", "+331", "Not delivered", date=unix(sent + timedelta(minutes=1)))
+    r.sim.set_number("mix", "+332", "ko", date=unix(sent + timedelta(minutes=1)), stop_sms=True)
+    r.sim.set_number("mix", "+333", "Waiting", date=unix(sent), stop_sms=True)  # STOP only
+    assert poll_and_compare()["stop_sms"] == 2
+    assert poll_and_compare()["delivered"] == 1  # unchanged re-poll: nothing rewritten
+    r.sim.set_number("mix", "+330", "Waiting", date=unix(sent + timedelta(minutes=2)))
+    r.sim.inject("500", tag="mix", times=None)
+    r.poller.poll("mix")  # fails: counts untouched
+    r.sim.clear_faults()
+    assert poll_and_compare()["delivered"] == 1  # a final status never regresses
+    r.clock.now = sent + timedelta(hours=48, minutes=1)  # the window has closed
+    shown = poll_and_compare()
+    assert (shown["state"], shown["expired"], shown["waiting"], shown["unknown"]) == (
+        "expired",
+        4,
+        0,
+        0,
+    )

@@ -17,8 +17,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from daemon import migrate, retention
+from daemon import migrate, retention, store
 from daemon.db import (
+    TAG_COUNTS_FROM_STATUSES_SQL,
+    UtcDateTime,
     create_engine,
     delivery_status_events,
     delivery_statuses,
@@ -156,6 +158,18 @@ def test_statuses_of_retired_tags_go_with_all_their_events(engine: Engine) -> No
     assert tags_of(engine, delivery_statuses) == ["old-active"] * 2 + ["recent-done"] * 2
     assert tags_of(engine, delivery_status_events) == ["old-active"] * 2 + ["recent-done"] * 2
     assert counts(engine) == {**INITIAL, "delivery_statuses": 4, "delivery_status_events": 4}
+
+
+def test_a_tags_summary_outlives_the_pruning_of_its_numbers(engine: Engine) -> None:
+    now = sa.bindparam("now", NOW, type_=UtcDateTime())
+    with engine.begin() as conn:  # the counts the polls would have kept
+        conn.execute(sa.text(TAG_COUNTS_FROM_STATUSES_SQL).bindparams(now))
+        before = {r["tag"]: r["total"] for r in store.tag_summary(conn)}
+    assert before == dict.fromkeys(TAGS, 2)
+    prune(engine, statuses=timedelta(days=30))
+    with engine.connect() as conn:
+        assert {r["tag"]: r["total"] for r in store.tag_summary(conn)} == before
+        assert store.numbers(conn, "old-done") == []
 
 
 def test_opt_outs_go_only_with_their_own_option(engine: Engine) -> None:

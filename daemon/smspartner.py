@@ -38,7 +38,6 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, TypeVar
@@ -416,37 +415,6 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, SmsPartnerStatusError) and exc.transient
 
 
-class _Pages:
-    """A tag's pages, the next one fetched on a helper thread while the caller parses.
-
-    The next page is only requested ahead when the provider's ``total`` says it is
-    needed, so a well-behaved server never gets an extra request. One request at a
-    time: the ``httpx.Client`` keeps using one connection.
-    """
-
-    def __init__(self, fetch: Callable[[str, int], _Envelope], tag: str) -> None:
-        self._fetch, self._tag = fetch, tag
-        self._pool: ThreadPoolExecutor | None = None
-        self._ahead: tuple[int, Future[_Envelope]] | None = None
-
-    def get(self, page: int) -> _Envelope:
-        """Page ``page``: the one requested ahead, or fetched now (errors raise here)."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] == page:
-            return ahead[1].result()
-        return self._fetch(self._tag, page)
-
-    def request_ahead(self, page: int) -> None:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="smspartner-page")
-        self._ahead = (page, self._pool.submit(self._fetch, self._tag, page))
-
-    def close(self) -> None:
-        """Wait for a request still in flight (its answer is dropped)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-
-
 class SmsPartnerClient:
     """Fetches every delivery report under a tag, page by page, politely and safely.
 
@@ -524,48 +492,39 @@ class SmsPartnerClient:
         seen: set[str] = set()
         pages = items = 0
         page = 1
-        pager = _Pages(self._fetch_page, tag)
-        try:
-            while True:
-                if page > self._max_pages:
-                    reason = "max_pages"
-                    break
-                try:
-                    envelope = pager.get(page)
-                except NoMessagesError:
-                    if page == 1:
-                        raise
-                    # Running off the end may look like "message not found".
-                    pages += 1
-                    reason = "empty_page"
-                    break
+        while True:
+            if page > self._max_pages:
+                reason = "max_pages"
+                break
+            try:
+                envelope = self._fetch_page(tag, page)
+            except NoMessagesError:
+                if page == 1:
+                    raise
+                # Running off the end may look like "message not found".
                 pages += 1
-                if envelope.current_page is not None and envelope.current_page != page:
-                    reason = "page_mismatch"
-                    break
-                raw_items = envelope.items
-                if not raw_items:
-                    reason = "empty_page"
-                    break
-                items += len(raw_items)
-                more = envelope.total is not None and items < envelope.total
-                if more and page < self._max_pages:
-                    # The total says another page is needed: ask for it now, so the
-                    # provider prepares it while this one is parsed.
-                    pager.request_ahead(page + 1)
-                page_reports = parser.parse_page(raw_items, page)
-                reports.extend(page_reports)
-                before = len(seen)
-                seen.update([report.phone_number for report in page_reports])
-                if not more and envelope.total is not None:
-                    reason = "total_reached"
-                    break
-                if len(seen) == before:
-                    reason = "no_new_numbers"
-                    break
-                page += 1
-        finally:
-            pager.close()
+                reason = "empty_page"
+                break
+            pages += 1
+            if envelope.current_page is not None and envelope.current_page != page:
+                reason = "page_mismatch"
+                break
+            raw_items = envelope.items
+            if not raw_items:
+                reason = "empty_page"
+                break
+            items += len(raw_items)
+            page_reports = parser.parse_page(raw_items, page)
+            reports.extend(page_reports)
+            before = len(seen)
+            seen.update([report.phone_number for report in page_reports])
+            if envelope.total is not None and items >= envelope.total:
+                reason = "total_reached"
+                break
+            if len(seen) == before:
+                reason = "no_new_numbers"
+                break
+            page += 1
         log = _log.warning if reason == "max_pages" else _log.debug
         log(
             "api.pagination_stopped",

@@ -239,32 +239,6 @@ def test_1234_items_over_three_pages_of_500(clock: FakeClock) -> None:
     assert server.pages == [1, 2, 3]
 
 
-def test_an_error_on_a_page_fetched_ahead_fails_the_fetch_and_stops_there(
-    clock: FakeClock,
-) -> None:
-    # Page 2 is requested while page 1 is parsed; its retries run on the helper thread
-    # and its final error must still reach the caller, with no page 3 asked for.
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.params["page"] == "1":
-            return httpx.Response(200, json=body(numbers(0, 500), currentPage=1, total=1500))
-        return httpx.Response(503, text="maintenance")
-
-    client, server = make_client(handler, clock, max_retries=2)
-    with pytest.raises(TransientApiError):
-        client.fetch_tag("t")
-    assert server.pages == [1, 2, 2, 2]
-    assert len(clock.sleeps) == 2  # the helper thread's retries used the injected sleep
-
-
-def test_no_page_is_fetched_ahead_without_a_total_saying_it_is_needed(clock: FakeClock) -> None:
-    client, server = make_client(paged({1: body(numbers(0, 500), currentPage=1)}), clock)
-    result = client.fetch_tag("t")
-    assert (result.stop_reason, server.pages) == ("empty_page", [1, 2])
-    client, server = make_client(paged({1: body(numbers(0, 500), total=500)}), clock)
-    assert client.fetch_tag("t").stop_reason == "total_reached"
-    assert server.pages == [1]
-
-
 @pytest.mark.parametrize(
     "envelope",
     [{}, {"currentPage": 1}, {"total": 10_000}, {"currentPage": 1, "total": 10_000}],

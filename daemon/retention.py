@@ -11,9 +11,10 @@ Used by ``smspartner-status prune`` and, when ``SMSPARTNER_PRUNE_EVENTS_DAYS`` o
 * ``stop_sms_optouts`` first seen before the opt-outs cutoff — only when one is given:
   an opt-out is what keeps a number from being messaged again.
 
-Each batch is ``DELETE … WHERE id IN (SELECT id … AND id > :last ORDER BY id LIMIT n)``
-committed on its own, starting after the previous batch's last id; on SQLite the next
-batch waits as long as this one held the write lock. So the daemon's polls never wait
+Each batch is ``DELETE … WHERE id IN (SELECT id … ORDER BY id LIMIT n)`` committed on
+its own, over the ids between the previous batch's last one and the last matching id
+when the prune began; on SQLite the next batch waits as long as this one held the
+write lock. So the daemon's polls never wait
 long for a lock (``tests/benchmarks/prune_20m.py``), and an interrupted prune keeps what
 it already did. The store functions hold the statements; this module holds
 the loop, the plan and the progress reporting.
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from daemon import store
 from daemon.db import write_transaction
@@ -80,9 +81,7 @@ class Step:
 
     table: str
     what: str
-    #: ``delete(conn, limit, after)``: one batch of ids above ``after``.
-    delete: Callable[[Connection, int, int], store.Batch]
-    count: Callable[[Connection], int]
+    rows: store.Prunable
 
 
 def plan(cutoffs: Cutoffs) -> list[Step]:
@@ -102,8 +101,7 @@ def plan(cutoffs: Cutoffs) -> list[Step]:
             Step(
                 "delivery_status_events",
                 what,
-                lambda c, n, a: store.prune_events(c, events, n, retired_before=retired, after=a),
-                lambda c: store.count_events(c, events, retired_before=retired),
+                store.events_to_prune(events, retired_before=retired),
             )
         )
     if (statuses := cutoffs.statuses) is not None:
@@ -111,8 +109,7 @@ def plan(cutoffs: Cutoffs) -> list[Step]:
             Step(
                 "delivery_statuses",
                 f"of tags completed, expired or untracked, window ended before {iso(statuses)}",
-                lambda c, n, a: store.prune_statuses(c, statuses, n, after=a),
-                lambda c: store.count_statuses(c, statuses),
+                store.statuses_to_prune(statuses),
             )
         )
     if (runs := cutoffs.runs) is not None:
@@ -120,8 +117,7 @@ def plan(cutoffs: Cutoffs) -> list[Step]:
             Step(
                 "poll_runs",
                 f"finished before {iso(runs)}",
-                lambda c, n, a: store.prune_poll_runs(c, runs, n, after=a),
-                lambda c: store.count_poll_runs(c, runs),
+                store.poll_runs_to_prune(runs),
             )
         )
     if (optouts := cutoffs.optouts) is not None:
@@ -129,8 +125,7 @@ def plan(cutoffs: Cutoffs) -> list[Step]:
             Step(
                 "stop_sms_optouts",
                 f"first seen before {iso(optouts)}",
-                lambda c, n, a: store.prune_optouts(c, optouts, n, after=a),
-                lambda c: store.count_optouts(c, optouts),
+                store.optouts_to_prune(optouts),
             )
         )
     return steps
@@ -175,7 +170,7 @@ def prune(
         results.append(result)
         if dry_run:
             with engine.connect() as conn:
-                result.rows = step.count(conn)
+                result.rows = store.count_prunable(conn, step.rows)
         else:
             _delete_all(engine, step, result, batch_size, progress, should_stop)
         if progress is not None:
@@ -200,11 +195,13 @@ def _delete_all(
     should_stop: Callable[[], bool],
 ) -> None:
     reported = time.monotonic()
+    with engine.connect() as conn:
+        upto = store.last_prunable_id(conn, step.rows)
     after = 0
-    while not should_stop():
+    while after < upto and not should_stop():
         started = time.monotonic()
         with write_transaction(engine) as conn:
-            deleted, after = step.delete(conn, batch_size, after)
+            deleted, after = store.delete_batch(conn, step.rows, batch_size, after=after, upto=upto)
         result.rows += deleted
         result.batches += 1
         if deleted < batch_size:

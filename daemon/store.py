@@ -774,13 +774,25 @@ def optouts(conn: Connection) -> Sequence[RowMapping]:
 
 # --- retention ------------------------------------------------------------------------
 #
-# Each prune_* deletes at most ``limit`` rows with ids above ``after``, the oldest first,
-# with ``DELETE … WHERE id IN (SELECT id … AND id > :after ORDER BY id LIMIT n)`` (both
-# engines accept it), and returns a Batch; the caller commits after each batch, so no
-# lock is held for long, and passes the batch's last id as the next ``after``. Without
-# that, every batch re-read the rows the cutoff keeps in front of the ones it deletes:
-# on 20 million events a batch took over half a second, holding SQLite's write lock.
-# The matching count_* gives what a dry run reports, with the same predicate.
+# A Prunable is a table and the predicate of the rows a prune removes from it. Batches
+# delete at most ``limit`` of them with ids in (``after``, ``upto``], the oldest first,
+# with ``DELETE … WHERE id IN (SELECT id … ORDER BY id LIMIT n)`` (both engines accept
+# it); the caller commits after each batch, so no lock is held for long, and passes the
+# batch's last id as the next ``after``. ``upto`` is the last matching id when the prune
+# began: rows written since are newer than any cutoff. Without the two bounds, a batch
+# re-read every row the cutoff keeps in front of the ones it deletes, and the last batch
+# every kept row behind them: on 20 million events, seconds under SQLite's write lock.
+
+#: Tag states whose numbers are no longer polled; only their statuses may be pruned.
+RETIRED_STATES = ("completed", "expired", "untracked")
+_ev = delivery_status_events.c
+
+
+class Prunable(NamedTuple):
+    """The rows of ``table`` a prune deletes: those matching ``where``."""
+
+    table: sa.Table
+    where: Any
 
 
 class Batch(NamedTuple):
@@ -790,97 +802,55 @@ class Batch(NamedTuple):
     last_id: int
 
 
-#: Tag states whose numbers are no longer polled; only their statuses may be pruned.
-RETIRED_STATES = ("completed", "expired", "untracked")
-_ev = delivery_status_events.c
-
-
 def _retired_tags(before: datetime) -> Any:
     """Tags no longer polled whose report window ended before ``before``."""
     return sa.select(_tt.tag).where(_tt.state.in_(RETIRED_STATES), _tt.window_ends_at < before)
 
 
-def _delete_batch(conn: Connection, table: sa.Table, where: Any, limit: int, after: int) -> Batch:
-    ids = sa.select(table.c.id).where(where, table.c.id > after).order_by(table.c.id).limit(limit)
-    deleted = conn.scalars(sa.delete(table).where(table.c.id.in_(ids)).returning(table.c.id)).all()
+def events_to_prune(cutoff: datetime | None, *, retired_before: datetime | None) -> Prunable:
+    """Status events observed before ``cutoff`` (None: none by age), and with
+    ``retired_before`` every event of the tags :func:`statuses_to_prune` selects."""
+    conditions = []
+    if cutoff is not None:
+        conditions.append(_ev.observed_at < cutoff)
+    if retired_before is not None:
+        conditions.append(_ev.tag.in_(_retired_tags(retired_before)))
+    return Prunable(delivery_status_events, sa.or_(*conditions) if conditions else sa.false())
+
+
+def statuses_to_prune(cutoff: datetime) -> Prunable:
+    """The ``delivery_statuses`` rows of retired tags: no longer polled (completed,
+    expired or untracked) and their report window ended before ``cutoff``. The tag's
+    ``tracked_tags`` and ``tag_counts`` rows and its opt-outs stay."""
+    return Prunable(delivery_statuses, _ds.tag.in_(_retired_tags(cutoff)))
+
+
+def poll_runs_to_prune(cutoff: datetime) -> Prunable:
+    """``poll_runs`` rows that finished before ``cutoff``."""
+    return Prunable(poll_runs, poll_runs.c.finished_at < cutoff)
+
+
+def optouts_to_prune(cutoff: datetime) -> Prunable:
+    """Opt-outs first seen before ``cutoff`` (only when asked: an opt-out is what keeps
+    a number from being messaged again)."""
+    return Prunable(stop_sms_optouts, stop_sms_optouts.c.first_seen_at < cutoff)
+
+
+def last_prunable_id(conn: Connection, rows: Prunable) -> int:
+    """The highest id a prune of ``rows`` has to reach (0: nothing to delete). A read:
+    on SQLite it runs outside the write lock, however long the scan."""
+    return int(conn.scalar(sa.select(sa.func.max(rows.table.c.id)).where(rows.where)) or 0)
+
+
+def delete_batch(conn: Connection, rows: Prunable, limit: int, *, after: int, upto: int) -> Batch:
+    """Delete up to ``limit`` of ``rows`` with ids in (``after``, ``upto``]."""
+    id_ = rows.table.c.id
+    ids = sa.select(id_).where(rows.where, id_ > after, id_ <= upto).order_by(id_).limit(limit)
+    deleted = conn.scalars(sa.delete(rows.table).where(id_.in_(ids)).returning(id_)).all()
     return Batch(len(deleted), max(deleted, default=after))
 
 
-def _count(conn: Connection, table: sa.Table, where: Any) -> int:
-    return int(conn.scalar(sa.select(sa.func.count()).select_from(table).where(where)) or 0)
-
-
-def _events_where(before: datetime | None, retired_before: datetime | None) -> Any:
-    conditions = []
-    if before is not None:
-        conditions.append(_ev.observed_at < before)
-    if retired_before is not None:
-        conditions.append(_ev.tag.in_(_retired_tags(retired_before)))
-    return sa.or_(*conditions) if conditions else sa.false()
-
-
-def prune_events(
-    conn: Connection,
-    cutoff: datetime | None,
-    limit: int,
-    *,
-    retired_before: datetime | None = None,
-    after: int = 0,
-) -> Batch:
-    """Delete up to ``limit`` status events observed before ``cutoff``.
-
-    Args:
-        cutoff: events observed before it go (None: none by age).
-        limit: the batch size.
-        retired_before: also delete every event of the tags whose statuses
-            :func:`prune_statuses` deletes with this cutoff (whatever their age).
-
-    Returns:
-        How many rows were deleted; fewer than ``limit`` means none are left.
-    """
-    where = _events_where(cutoff, retired_before)
-    return _delete_batch(conn, delivery_status_events, where, limit, after)
-
-
-def count_events(
-    conn: Connection, cutoff: datetime | None, *, retired_before: datetime | None = None
-) -> int:
-    """How many rows :func:`prune_events` would delete in all."""
-    return _count(conn, delivery_status_events, _events_where(cutoff, retired_before))
-
-
-def prune_statuses(conn: Connection, cutoff: datetime, limit: int, *, after: int = 0) -> Batch:
-    """Delete up to ``limit`` ``delivery_statuses`` rows of retired tags.
-
-    A tag is retired when it is no longer polled (completed, expired or untracked) and
-    its report window ended before ``cutoff``. The tag's ``tracked_tags`` row and its
-    opt-outs stay; delete its events with ``prune_events(retired_before=cutoff)``.
-    """
-    return _delete_batch(conn, delivery_statuses, _ds.tag.in_(_retired_tags(cutoff)), limit, after)
-
-
-def count_statuses(conn: Connection, cutoff: datetime) -> int:
-    """How many rows :func:`prune_statuses` would delete in all."""
-    return _count(conn, delivery_statuses, _ds.tag.in_(_retired_tags(cutoff)))
-
-
-def prune_poll_runs(conn: Connection, cutoff: datetime, limit: int, *, after: int = 0) -> Batch:
-    """Delete up to ``limit`` ``poll_runs`` rows that finished before ``cutoff``."""
-    return _delete_batch(conn, poll_runs, poll_runs.c.finished_at < cutoff, limit, after)
-
-
-def count_poll_runs(conn: Connection, cutoff: datetime) -> int:
-    """How many rows :func:`prune_poll_runs` would delete in all."""
-    return _count(conn, poll_runs, poll_runs.c.finished_at < cutoff)
-
-
-def prune_optouts(conn: Connection, cutoff: datetime, limit: int, *, after: int = 0) -> Batch:
-    """Delete up to ``limit`` opt-outs first seen before ``cutoff`` (only when asked:
-    opt-outs are what keeps a number from being messaged again)."""
-    where = stop_sms_optouts.c.first_seen_at < cutoff
-    return _delete_batch(conn, stop_sms_optouts, where, limit, after)
-
-
-def count_optouts(conn: Connection, cutoff: datetime) -> int:
-    """How many rows :func:`prune_optouts` would delete in all."""
-    return _count(conn, stop_sms_optouts, stop_sms_optouts.c.first_seen_at < cutoff)
+def count_prunable(conn: Connection, rows: Prunable) -> int:
+    """How many rows a prune of ``rows`` would delete (a dry run)."""
+    query = sa.select(sa.func.count()).select_from(rows.table).where(rows.where)
+    return int(conn.scalar(query) or 0)

@@ -538,19 +538,19 @@ def stored_reports(conn: Connection, tag: str) -> dict[str, Report]:
     SQLAlchemy's row processing cost more than the query. Timestamps repeat a lot (a
     campaign's reports share few distinct seconds), so each distinct value is parsed once.
     """
-    compiled = _compiled(
+    rows = _execute(
         conn,
         "stored_reports",
         lambda: sa.select(
             _ds.phone_number, _ds.status, _ds.provider_status, _ds.stop_sms, _ds.reported_at
         ).where(_ds.tag == sa.bindparam("tag")),
+        tag=tag,
     )
-    params: Any = (tag,) if compiled.positiontup is not None else {"tag": tag}
     from_db = _from_db_time(conn)
     times: dict[Any, datetime | None] = {}
     by_value = _STATUS_BY_VALUE
     stored = {}
-    for phone, status, provider, stop, raw in conn.exec_driver_sql(str(compiled), params):
+    for phone, status, provider, stop, raw in rows:
         try:
             reported = times[raw]
         except KeyError:

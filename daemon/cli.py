@@ -36,7 +36,7 @@ from daemon.http import HttpServer
 from daemon.log import configure_logging
 from daemon.metrics import Metrics
 from daemon.output import SUMMARY_COLUMNS, TAG_COLUMNS, iso, print_json, table
-from daemon.poller import Poller, PollResult
+from daemon.poller import Poller, PollResult, tune_gc
 from daemon.scheduler import Daemon
 from daemon.settings import Settings, load_settings
 from daemon.smspartner import SmsPartnerClient
@@ -694,6 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "standalone", False):
         return int(args.func(None, args))
     ctx: Context | None = None
+    tune_gc()
     try:
         settings = load_settings()
         configure_logging(

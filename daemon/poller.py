@@ -9,6 +9,7 @@ run row and the tag's failure counters: stored statuses are never touched.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -37,6 +38,20 @@ log = structlog.get_logger(__name__)
 EXPIRY_GRACE = timedelta(hours=1)
 #: How long codes 1/10 pause a tag (and, in the daemon, all polling).
 AUTH_RETRY = timedelta(minutes=5)
+#: The garbage collector's first threshold (CPython's default is 700 allocations).
+GC_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector run less often; the composition root calls it.
+
+    A 100,000-number poll keeps ~250,000 new objects alive until it commits (its
+    reports and rows), and they all survive every collection. At the default threshold
+    the collector ran ~350 times during such a poll, twice over the whole heap, and took
+    0.35 s of it; at 50,000 it runs 4 times and takes 0.1 s. Reference counting still
+    frees everything else at once; only cycles wait a little longer.
+    """
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
@@ -124,9 +124,12 @@ def merge(new: Report, old: Report) -> Report:
     )
 
 
-def merge_reports(reports: Iterable[Report]) -> dict[str, Report]:
+def merge_reports(reports: Sequence[Report]) -> dict[str, Report]:
     """Collapse reports to one per number, each with its most advanced status."""
-    merged: dict[str, Report] = {}
+    merged = {report.phone_number: report for report in reports}
+    if len(merged) == len(reports):
+        return merged  # no number twice, the usual case: nothing to decide
+    merged = {}
     for report in reports:
         seen = merged.get(report.phone_number)
         merged[report.phone_number] = report if seen is None else merge(report, seen)

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import chain
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -382,12 +383,17 @@ def _copy_upsert_statuses(conn: Connection, rows: list[tuple[Any, ...]]) -> None
     conn.execute(_upsert_statuses(conn, source=_incoming))
 
 
-def _upsert_statuses(conn: Connection, source: sa.Table | None = None) -> Any:
+def _upsert_statuses(
+    conn: Connection, source: sa.Table | None = None, values: list[Any] | None = None
+) -> Any:
     """The forward-only upsert of numbers' statuses (no RETURNING: the caller diffed).
 
-    Values come from bind parameters (one row per execution), or from ``source``.
+    Values come from ``values`` (rows of bind parameters), from ``source``, or from
+    the parameters of each execution.
     """
     stmt = _insert(conn, delivery_statuses)
+    if values is not None:
+        stmt = stmt.values(values)
     if source is not None:
         stmt = stmt.from_select(list(_STATUS_KEYS), sa.select(*(source.c[k] for k in _STATUS_KEYS)))
     old, new = _ds, stmt.excluded
@@ -412,9 +418,7 @@ def _upsert_statuses(conn: Connection, source: sa.Table | None = None) -> Any:
 _COMPILED: dict[tuple[Any, ...], Any] = {}
 
 
-def _compiled(
-    conn: Connection, name: str, build: Callable[[], Any], keys: Sequence[str] | None = None
-) -> Any:
+def _compiled(conn: Connection, name: str, build: Callable[[], Any]) -> Any:
     """``build()`` compiled for the connection's dialect, once per process and dialect.
 
     SQL handed to the driver directly skips SQLAlchemy's compiled cache: building and
@@ -422,37 +426,66 @@ def _compiled(
     database work of a poll of a small tag (``tests/benchmarks/tags_10k.py``).
     """
     dialect = conn.dialect
-    key = (name, type(dialect), dialect.paramstyle, dialect.server_version_info, keys)
+    key = (name, type(dialect), dialect.paramstyle, dialect.server_version_info)
     found = _COMPILED.get(key)
     if found is None:
-        column_keys = None if keys is None else list(keys)
-        found = _COMPILED[key] = build().compile(dialect=dialect, column_keys=column_keys)
+        found = _COMPILED[key] = build().compile(dialect=dialect)
     return found
+
+
+#: Rows per statement for SQLite's bulk writes: 9 columns × 100 rows stays under the
+#: 999 bound values that older SQLite builds allow.
+_SQLITE_ROWS_PER_STATEMENT = 100
 
 
 def _bulk(
     conn: Connection,
     name: str,
-    build: Callable[[], Any],
+    build: Callable[[list[dict[str, Any]]], Any],
     keys: Sequence[str],
     rows: list[tuple[Any, ...]],
 ) -> None:
-    """Run ``build()`` for many rows (tuples in ``keys`` order) with the driver's
-    executemany; the statement is compiled once per dialect (see :func:`_compiled`).
+    """Run ``build(values)`` (an INSERT taking ``.values(values)``) for many rows, given
+    as tuples in ``keys`` order, through the driver; compiled once per dialect (see
+    :func:`_compiled`).
 
     SQLAlchemy's per-row parameter processing costs ~20 µs a row, which made a
-    100,000-number poll several times slower than the bare driver. The statement is
-    still built with SQLAlchemy (one definition for both engines); only the values skip
-    its processors, so they must already be in the driver's form (see ``_db_time``).
+    100,000-number poll several times slower than the bare driver, so the values skip
+    its processors and must already be in the driver's form (see ``_db_time``). On
+    SQLite the rows go 100 to a statement: executed once per row, the upsert re-opened
+    the table's and its four indexes' cursors every time and took twice as long.
     """
-    compiled = _compiled(conn, name, build, tuple(keys))
-    params: list[Any] = rows
+    per = _SQLITE_ROWS_PER_STATEMENT if conn.dialect.name == "sqlite" else 1
+    whole = len(rows) - len(rows) % per
+    if whole:
+        batches = [tuple(chain.from_iterable(rows[i : i + per])) for i in range(0, whole, per)]
+        _run_values(conn, name, build, keys, per, batches)
+    if whole < len(rows):
+        _run_values(conn, name, build, keys, 1, rows[whole:])
+
+
+def _run_values(
+    conn: Connection,
+    name: str,
+    build: Callable[[list[dict[str, Any]]], Any],
+    keys: Sequence[str],
+    per: int,
+    params: list[tuple[Any, ...]],
+) -> None:
+    """Execute ``build`` with ``per`` rows of VALUES, once per tuple of ``params``."""
+    names = [f"{key}_{i}" for i in range(per) for key in keys]
+
+    def values() -> Any:
+        return build([{key: sa.bindparam(f"{key}_{i}") for key in keys} for i in range(per)])
+
+    compiled = _compiled(conn, f"{name}/{per}", values)
+    driver_params: list[Any] = params
     if compiled.positiontup is None:  # named placeholders (psycopg): dicts
-        params = [dict(zip(keys, row, strict=True)) for row in rows]
-    elif list(compiled.positiontup) != list(keys):  # "?" placeholders in another order
-        get = operator.itemgetter(*(list(keys).index(name) for name in compiled.positiontup))
-        params = [get(row) for row in rows]
-    conn.exec_driver_sql(str(compiled), params)
+        driver_params = [dict(zip(names, row, strict=True)) for row in params]
+    elif list(compiled.positiontup) != names:  # "?" placeholders in another order
+        get = operator.itemgetter(*(names.index(name) for name in compiled.positiontup))
+        driver_params = [get(row) for row in params]
+    conn.exec_driver_sql(str(compiled), driver_params)
 
 
 def _execute(conn: Connection, name: str, build: Callable[[], Any], **params: Any) -> Any:
@@ -484,6 +517,10 @@ def _db_time(conn: Connection) -> Any:
     if conn.dialect.name == "sqlite":
         return lambda v: None if v is None else sqlite_text(v)
     return lambda v: v
+
+
+def _insert_events(values: list[Any]) -> Any:
+    return sa.insert(delivery_status_events).values(values)
 
 
 def _first_seen_events(conn: Connection, tag: str, now: datetime) -> None:
@@ -531,32 +568,30 @@ def lock_tag(conn: Connection, tag: str, *, now: datetime) -> dict[str, Any] | N
     }
 
 
-def stored_reports(conn: Connection, tag: str) -> dict[str, Report]:
-    """What is stored for a tag, as reports keyed by number.
+def _stored_states(conn: Connection, tag: str) -> dict[str, tuple[Any, ...]]:
+    """What is stored for a tag: number → ``(number, status, stop_sms, reported_at)``,
+    the driver's own tuple.
 
-    Read through the driver, like the bulk writes: on a 100,000-number re-poll
-    SQLAlchemy's row processing cost more than the query. Timestamps repeat a lot (a
-    campaign's reports share few distinct seconds), so each distinct value is parsed once.
+    A re-poll of a 100,000-number tag reads every row back, so this skips SQLAlchemy's
+    row objects and every conversion: :func:`apply_reports` compares the tuples as they
+    are and builds a :class:`Report` only for a number whose values differ.
     """
-    rows = _execute(
+    result = _execute(
         conn,
-        "stored_reports",
-        lambda: sa.select(
-            _ds.phone_number, _ds.status, _ds.provider_status, _ds.stop_sms, _ds.reported_at
-        ).where(_ds.tag == sa.bindparam("tag")),
+        "stored_states",
+        lambda: sa.select(_ds.phone_number, _ds.status, _ds.stop_sms, _ds.reported_at).where(
+            _ds.tag == sa.bindparam("tag")
+        ),
         tag=tag,
     )
-    from_db = _from_db_time(conn)
-    times: dict[Any, datetime | None] = {}
-    by_value = _STATUS_BY_VALUE
-    stored = {}
-    for phone, status, provider, stop, raw in rows:
-        try:
-            reported = times[raw]
-        except KeyError:
-            reported = times[raw] = from_db(raw)
-        stored[phone] = Report(phone, by_value[status], provider or "", bool(stop), reported)
-    return stored
+    dbapi_error = conn.dialect.loaded_dbapi.Error
+    try:
+        rows = result.cursor.fetchall()
+    except dbapi_error as exc:  # raised as SQLAlchemy would, for the callers' handlers
+        raise sa.exc.DBAPIError.instance(None, None, exc, dbapi_error) from exc
+    finally:
+        result.close()
+    return {row[0]: row for row in rows}
 
 
 def apply_reports(
@@ -569,57 +604,73 @@ def apply_reports(
     stored decides which rows to send and which events to write, and the upsert's WHERE
     re-applies the forward-only rule in the database as a safety net.
     """
-    stored = stored_reports(conn, tag)
-    to_db = _db_time(conn)
+    stored = _stored_states(conn, tag)
+    to_db, from_db = _db_time(conn), _from_db_time(conn)
     now_db = to_db(now)
-    dates: dict[datetime | None, Any] = {}  # a campaign's reports share few distinct seconds
-    value = _VALUE_OF
-    rows, events, stops = [], [], []
-    newly_final: list[datetime | None] = []
-    counts = Counter(value[old.status] for old in stored.values())
-    stopped = sum(old.stop_sms for old in stored.values())
-    first_seen = 0
+    value, by_value = _VALUE_OF, _STATUS_BY_VALUE
+    # A campaign's reports share few distinct seconds: convert each once.
+    dates = {when: to_db(when) for when in {new.reported_at for new in reports.values()}}
+    resolved = {status: now_db if status in FINAL else None for status in Status}
+    fresh: list[Report] = []  # numbers seen for the first time
+    changed: list[tuple[Report, Report]] = []  # (new, old) where new supersedes old
     for phone, new in reports.items():
-        old = stored.get(phone)
-        if old is not None and (old == new or not supersedes(new, old)):
-            continue
-        reported = new.reported_at
-        try:
-            reported_db = dates[reported]
-        except KeyError:
-            reported_db = dates[reported] = to_db(reported)
-        status = new.status
-        rows.append(
-            (tag, phone, value[status], new.provider_status, new.stop_sms, reported_db,
-             now_db, now_db if status in FINAL else None, now_db)
-        )  # fmt: skip
-        if old is None:
-            first_seen += 1
-            counts[value[status]] += 1
-        elif status is not old.status and status_advances(new, old):
-            events.append((tag, phone, value[old.status], value[status], reported_db, now_db))
-            counts[value[old.status]] -= 1
-            counts[value[status]] += 1
-        if status in PROVIDER_FINAL and (old is None or old.status not in PROVIDER_FINAL):
-            newly_final.append(reported)
-        if new.stop_sms and not (old and old.stop_sms):
-            stops.append(
-                {"phone_number": phone, "tag": tag, "reported_at": reported, "first_seen_at": now}
-            )
+        row = stored.get(phone)
+        if row is None:
+            fresh.append(new)
+        elif row != (phone, value[new.status], new.stop_sms, dates[new.reported_at]):
+            # Equal values can never supersede; only a difference needs the full rule.
+            old = Report(phone, by_value[row[1]], "", bool(row[2]), from_db(row[3]))
+            if supersedes(new, old):
+                changed.append((new, old))
+
+    written = fresh + [new for new, _ in changed]
+    moved = [(new, old) for new, old in changed if status_advances(new, old)]
+    rows = [
+        (tag, phone, value[status], provider, stop, dates[reported], now_db, resolved[status],
+         now_db)
+        for phone, status, provider, stop, reported in written
+    ]  # fmt: skip
+    events = [
+        (tag, new.phone_number, value[old.status], value[new.status], dates[new.reported_at],
+         now_db)
+        for new, old in moved
+        if new.status is not old.status
+    ]  # fmt: skip
+    counts = Counter(map(operator.itemgetter(1), stored.values()))
+    counts.update(value[new.status] for new in fresh)
+    counts.subtract(value[old.status] for _, old in moved)
+    counts.update(value[new.status] for new, _ in moved)
+    stops = [
+        {"phone_number": new.phone_number, "tag": tag, "reported_at": new.reported_at,
+         "first_seen_at": now}
+        for new in fresh + [new for new, old in changed if not old.stop_sms]
+        if new.stop_sms
+    ]  # fmt: skip
     applied = Applied(
         changed=len(rows),
-        events=len(events) + first_seen,
-        newly_final=newly_final,
+        events=len(events) + len(fresh),
+        newly_final=[new.reported_at for new in fresh if new.status in PROVIDER_FINAL]
+        + [
+            new.reported_at
+            for new, old in moved
+            if new.status in PROVIDER_FINAL and old.status not in PROVIDER_FINAL
+        ],
         counts={status: n for status, n in counts.items() if n},
-        stop_sms=stopped + len(stops),
+        stop_sms=sum(map(operator.itemgetter(2), stored.values())) + len(stops),
     )
     if events:
-        _bulk(conn, "insert_events", lambda: sa.insert(delivery_status_events), _EVENT_KEYS, events)
+        _bulk(conn, "insert_events", _insert_events, _EVENT_KEYS, events)
     if rows and conn.dialect.name == "postgresql":
         _copy_upsert_statuses(conn, rows)
     elif rows:
-        _bulk(conn, "upsert_statuses", lambda: _upsert_statuses(conn), _STATUS_KEYS, rows)
-    if first_seen:
+        _bulk(
+            conn,
+            "upsert_statuses",
+            lambda values: _upsert_statuses(conn, values=values),
+            _STATUS_KEYS,
+            rows,
+        )
+    if fresh:
         # First sightings are copied by the database itself: on a new tag that is every
         # number, and one INSERT … SELECT beats sending 100,000 rows back in.
         _first_seen_events(conn, tag, now)

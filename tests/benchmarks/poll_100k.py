@@ -34,7 +34,7 @@ import httpx
 from daemon import migrate, store
 from daemon.db import create_engine
 from daemon.log import configure_logging
-from daemon.poller import Poller
+from daemon.poller import Poller, tune_gc
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
 from daemon.smspartner import SmsPartnerClient
@@ -202,6 +202,7 @@ def main() -> None:
     parser.add_argument("--postgres", metavar="URL", help="benchmark PostgreSQL instead")
     args = parser.parse_args()
     configure_logging(level="warning")
+    tune_gc()  # as smspartner-status does at start-up
 
     base_times, first_times, repoll_times = [], [], []
     sim = RemoteSimulator(args.numbers)

@@ -11,6 +11,7 @@ nothing.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -362,6 +363,17 @@ _incoming = sa.Table(
 )
 
 
+def _copy(conn: Connection, table: str, keys: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+    """PostgreSQL: COPY rows (tuples in ``keys`` order) into ``table``."""
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        with cursor.copy(f"COPY {table} ({', '.join(keys)}) FROM STDIN") as cp:
+            for row in rows:
+                cp.write_row(row)
+    finally:
+        cursor.close()
+
+
 def _copy_upsert_statuses(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     """PostgreSQL: COPY the rows into a temporary table, then one upsert from it.
 
@@ -373,13 +385,7 @@ def _copy_upsert_statuses(conn: Connection, rows: list[tuple[Any, ...]]) -> None
     conn.exec_driver_sql(
         str(sa.schema.CreateTable(_incoming, if_not_exists=True).compile(dialect=conn.dialect))
     )
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        with cursor.copy(f"COPY incoming_statuses ({', '.join(_STATUS_KEYS)}) FROM STDIN") as cp:
-            for row in rows:
-                cp.write_row(row)
-    finally:
-        cursor.close()
+    _copy(conn, _incoming.name, _STATUS_KEYS, rows)
     conn.execute(_upsert_statuses(conn, source=_incoming))
 
 
@@ -445,17 +451,15 @@ def _bulk(
     keys: Sequence[str],
     rows: list[tuple[Any, ...]],
 ) -> None:
-    """Run ``build(values)`` (an INSERT taking ``.values(values)``) for many rows, given
-    as tuples in ``keys`` order, through the driver; compiled once per dialect (see
-    :func:`_compiled`).
+    """SQLite: run ``build(values)`` (an INSERT taking ``.values(values)``) for many
+    rows, given as tuples in ``keys`` order, through the driver.
 
-    SQLAlchemy's per-row parameter processing costs ~20 µs a row, which made a
-    100,000-number poll several times slower than the bare driver, so the values skip
-    its processors and must already be in the driver's form (see ``_db_time``). On
-    SQLite the rows go 100 to a statement: executed once per row, the upsert re-opened
-    the table's and its four indexes' cursors every time and took twice as long.
+    The rows go 100 to a statement: executed once per row, the upsert re-opened the
+    table's and its four indexes' cursors every time and took twice as long. The values
+    skip SQLAlchemy's processors (~20 µs a row), so they must already be in the driver's
+    form (see ``_db_time``). PostgreSQL COPYs instead (:func:`_copy`).
     """
-    per = _SQLITE_ROWS_PER_STATEMENT if conn.dialect.name == "sqlite" else 1
+    per = _SQLITE_ROWS_PER_STATEMENT
     whole = len(rows) - len(rows) % per
     if whole:
         batches = [tuple(chain.from_iterable(rows[i : i + per])) for i in range(0, whole, per)]
@@ -479,13 +483,10 @@ def _run_values(
         return build([{key: sa.bindparam(f"{key}_{i}") for key in keys} for i in range(per)])
 
     compiled = _compiled(conn, f"{name}/{per}", values)
-    driver_params: list[Any] = params
-    if compiled.positiontup is None:  # named placeholders (psycopg): dicts
-        driver_params = [dict(zip(names, row, strict=True)) for row in params]
-    elif list(compiled.positiontup) != names:  # "?" placeholders in another order
+    if list(compiled.positiontup) != names:  # placeholders in another order
         get = operator.itemgetter(*(names.index(name) for name in compiled.positiontup))
-        driver_params = [get(row) for row in params]
-    conn.exec_driver_sql(str(compiled), driver_params)
+        params = [get(row) for row in params]
+    conn.exec_driver_sql(str(compiled), params)
 
 
 def _execute(conn: Connection, name: str, build: Callable[[], Any], **params: Any) -> Any:
@@ -524,7 +525,11 @@ def _insert_events(values: list[Any]) -> Any:
 
 
 def _first_seen_events(conn: Connection, tag: str, now: datetime) -> None:
-    """Events (old status NULL) for the numbers this poll inserted (first seen now)."""
+    """Events (old status NULL) for the numbers this poll inserted (first seen now).
+
+    For a tag with nothing stored yet, where that is every row of the tag: the
+    database copies its own rows, instead of 100,000 rows sent back in.
+    """
 
     def build() -> Any:
         new_rows = sa.select(
@@ -630,7 +635,12 @@ def apply_reports(
          now_db)
         for phone, status, provider, stop, reported in written
     ]  # fmt: skip
+    # A new tag's first sightings are copied by the database (_first_seen_events); on a
+    # re-poll the few new numbers are sent along, rather than scanning the whole tag.
     events = [
+        (tag, phone, None, value[status], dates[reported], now_db)
+        for phone, status, _, _, reported in (fresh if stored else [])
+    ] + [
         (tag, new.phone_number, value[old.status], value[new.status], dates[new.reported_at],
          now_db)
         for new, old in moved
@@ -648,7 +658,7 @@ def apply_reports(
     ]  # fmt: skip
     applied = Applied(
         changed=len(rows),
-        events=len(events) + len(fresh),
+        events=len(events) + (0 if stored else len(fresh)),
         newly_final=[new.reported_at for new in fresh if new.status in PROVIDER_FINAL]
         + [
             new.reported_at
@@ -658,21 +668,16 @@ def apply_reports(
         counts={status: n for status, n in counts.items() if n},
         stop_sms=sum(map(operator.itemgetter(2), stored.values())) + len(stops),
     )
-    if events:
+    if conn.dialect.name == "postgresql":
+        if events:
+            _copy(conn, delivery_status_events.name, _EVENT_KEYS, events)
+        if rows:
+            _copy_upsert_statuses(conn, rows)
+    else:
         _bulk(conn, "insert_events", _insert_events, _EVENT_KEYS, events)
-    if rows and conn.dialect.name == "postgresql":
-        _copy_upsert_statuses(conn, rows)
-    elif rows:
-        _bulk(
-            conn,
-            "upsert_statuses",
-            lambda values: _upsert_statuses(conn, values=values),
-            _STATUS_KEYS,
-            rows,
-        )
-    if fresh:
-        # First sightings are copied by the database itself: on a new tag that is every
-        # number, and one INSERT … SELECT beats sending 100,000 rows back in.
+        upsert = functools.partial(_upsert_statuses, conn, None)
+        _bulk(conn, "upsert_statuses", upsert, _STATUS_KEYS, rows)
+    if fresh and not stored:
         _first_seen_events(conn, tag, now)
     if rows:
         _save_counts_row(conn, tag, applied.counts, applied.stop_sms, now=now)

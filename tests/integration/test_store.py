@@ -115,15 +115,16 @@ def test_hundreds_of_changes_in_one_poll_are_all_written(engine: Engine) -> None
     """250 numbers are more than one statement's worth of rows (SQLite sends 100 to a
     statement): every row and event arrives, and the poll's figures match them."""
     first = apply(engine, *(rep(f"+{i}", Status.WAITING, 0, stop=i % 50 == 0) for i in range(250)))
-    later = [rep(f"+{i}", Status.DELIVERED if i % 5 else Status.FAILED, 7) for i in range(250)]
-    second = apply(engine, *later, minute=8)
+    later = [rep(f"+{i}", Status.DELIVERED if i % 5 else Status.FAILED, 7) for i in range(260)]
+    second = apply(engine, *later, minute=8)  # and 10 numbers seen for the first time
     assert (first.changed, first.events, len(first.optouts), first.stop_sms) == (250, 250, 5, 5)
     assert first.counts == {"waiting": 250}
-    assert (second.changed, second.events, second.stop_sms) == (250, 250, 5)
-    assert second.counts == {"delivered": 200, "failed": 50}
-    assert len(second.newly_final) == 250
+    assert (second.changed, second.events, second.stop_sms) == (260, 260, 5)
+    assert second.counts == {"delivered": 208, "failed": 52}
+    assert len(second.newly_final) == 260
     rows = stored(engine)
-    assert len(rows) == 250
+    assert len(rows) == 260
+    assert events(engine).count(("+255", None, "failed")) == 1
     assert rows["+7"] == ("delivered", False, T0 + timedelta(minutes=7))
     assert rows["+50"] == ("failed", True, T0 + timedelta(minutes=7))
     changes = [e for e in events(engine) if e[1] is not None]

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from daemon import store
+from daemon import tracking
 from daemon.db import tracked_tags
 from daemon.errors import InputError
 from daemon.status import parse_timestamp, tag_problem
@@ -148,5 +148,5 @@ def track_all(
         latest[entry.tag] = max(sent_at, latest.get(entry.tag, sent_at))
     count = sa.select(sa.func.count()).select_from(tracked_tags)
     before = int(conn.scalar(count) or 0)
-    store.track_many(conn, [(tag, s, s + window) for tag, s in latest.items()], now=now)
+    tracking.track_many(conn, [(tag, s, s + window) for tag, s in latest.items()], now=now)
     return Tracked(tags=len(latest), new=int(conn.scalar(count) or 0) - before)

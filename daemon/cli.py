@@ -22,7 +22,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Engine
 
-from daemon import backfill, migrate, retention, store
+from daemon import backfill, migrate, retention, store, tracking
 from daemon.db import create_engine, sqlite_run_lock
 from daemon.errors import ConfigError, InputError, SmsPartnerStatusError, StoreError
 from daemon.health import (
@@ -202,15 +202,15 @@ def cmd_track(ctx: Context, args: argparse.Namespace) -> int:
     now = ctx.clock()
     sent_at = args.sent_at or now
     with ctx.engine.begin() as conn:
-        existed = store.get_tag(conn, args.tag) is not None
-        store.track(
+        existed = tracking.get_tag(conn, args.tag) is not None
+        tracking.track(
             conn,
             args.tag,
             sent_at=sent_at,
             window_ends_at=sent_at + ctx.settings.report_window,
             now=now,
         )
-        row = store.get_tag(conn, args.tag)
+        row = tracking.get_tag(conn, args.tag)
     assert row is not None
     verb = "re-activated" if existed else "tracking"
     print(
@@ -259,7 +259,7 @@ def _track_from_file(ctx: Context, path: str, sent_at: datetime | None) -> int:
 def cmd_untrack(ctx: Context, args: argparse.Namespace) -> int:
     """Stop polling a tag; its data stays."""
     with ctx.engine.begin() as conn:
-        found = store.untrack(conn, args.tag, now=ctx.clock())
+        found = tracking.untrack(conn, args.tag, now=ctx.clock())
     if not found:
         raise InputError(f"tag {args.tag!r} is not tracked")
     print(f"untracked tag {args.tag!r}; its data is kept")
@@ -269,7 +269,7 @@ def cmd_untrack(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_tags(ctx: Context, args: argparse.Namespace) -> int:
     """List tracked tags."""
     with ctx.engine.connect() as conn:
-        rows = [dict(r) for r in store.list_tags(conn)]
+        rows = [dict(r) for r in tracking.list_tags(conn)]
     if args.json:
         print_json([{c: r[c] for c in TAG_COLUMNS} for r in rows])
     else:
@@ -293,9 +293,9 @@ def cmd_poll(ctx: Context, args: argparse.Namespace) -> int:
     """Poll one tag now, tracking it first if needed."""
     now = ctx.clock()
     with ctx.engine.begin() as conn:
-        if store.get_tag(conn, args.tag) is None:
+        if tracking.get_tag(conn, args.tag) is None:
             _warn_tag(args.tag)
-            store.track(
+            tracking.track(
                 conn,
                 args.tag,
                 sent_at=now,

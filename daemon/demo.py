@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy.engine import Engine
 
-from daemon import migrate, store
+from daemon import migrate, store, tracking
 from daemon.db import create_engine
 from daemon.health import Health
 from daemon.log import configure_logging
@@ -91,7 +91,7 @@ def run_demo(args: argparse.Namespace) -> int:
             for tag, count, ago in CAMPAIGNS:
                 sent_at = start - ago
                 sim.add_tag(tag, count, sent_at=sent_at)
-                store.track(
+                tracking.track(
                     conn,
                     tag,
                     sent_at=sent_at,

@@ -37,7 +37,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Engine, RowMapping
 
-from daemon import store
+from daemon import store, tracking
 from daemon.errors import ConfigError, InputError
 from daemon.health import Health
 from daemon.metrics import Metrics
@@ -242,7 +242,7 @@ class HttpServer:
     def list_tags(self) -> _Reply:
         """Every tracked tag with its ``tag_summary`` counts."""
         with self._engine.connect() as conn:
-            rows = store.list_tags(conn)
+            rows = tracking.list_tags(conn)
             summaries = {s["tag"]: s for s in store.tag_summary(conn)}
         tags = []
         for row in rows:
@@ -266,8 +266,8 @@ class HttpServer:
         except OverflowError:
             raise InputError("sent_at is too far in the future") from None
         with self._engine.begin() as conn:
-            store.track(conn, tag, sent_at=sent_at, window_ends_at=window_ends_at, now=now)
-            row = store.get_tag(conn, tag)
+            tracking.track(conn, tag, sent_at=sent_at, window_ends_at=window_ends_at, now=now)
+            row = tracking.get_tag(conn, tag)
         assert row is not None  # just written in this transaction
         self._wake()
         log.info("http.tag_tracked", tag=tag, sent_at=row["sent_at"])
@@ -289,7 +289,7 @@ class HttpServer:
         if problem:
             raise InputError(problem)
         with self._engine.begin() as conn:
-            found = store.untrack(conn, tag, now=self._clock())
+            found = tracking.untrack(conn, tag, now=self._clock())
         if not found:
             return _error(HTTPStatus.NOT_FOUND, f"tag {tag!r} is not tracked")
         log.info("http.tag_untracked", tag=tag)

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 from sqlalchemy.engine import Connection, Engine
 
-from daemon import store
+from daemon import store, tracking
 from daemon.db import UNAVAILABLE_ERRORS, write_transaction
 from daemon.errors import (
     ApiError,
@@ -120,7 +120,7 @@ class Poller:
 
         try:
             with write_transaction(self._engine) as conn:
-                row = store.lock_tag(conn, tag, now=now)
+                row = tracking.lock_tag(conn, tag, now=now)
                 if row is None:
                     raise InputError(
                         f"tag {tag!r} is not tracked; run `smspartner-status track {tag}`"
@@ -182,7 +182,7 @@ class Poller:
             numbers_changed=applied.changed + expired,
             error=error,
         )
-        store.finish_poll(conn, tag, now=now, ok=ok, state=state, next_poll_at=due, error=error)
+        tracking.finish_poll(conn, tag, now=now, ok=ok, state=state, next_poll_at=due, error=error)
         for phone, reported_at in applied.optouts:
             log.info("stop_sms.opt_out", tag=tag, phone_number=phone, reported_at=reported_at)
         return PollResult(

@@ -16,8 +16,7 @@ its own, over the ids between the previous batch's last one and the last matchin
 when the prune began; on SQLite the next batch waits as long as this one held the
 write lock. So the daemon's polls never wait
 long for a lock (``tests/benchmarks/prune_20m.py``), and an interrupted prune keeps what
-it already did. The store functions hold the statements; this module holds
-the loop, the plan and the progress reporting.
+it already did.
 """
 
 from __future__ import annotations
@@ -26,12 +25,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
+import sqlalchemy as sa
 import structlog
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
-from daemon import store
-from daemon.db import write_transaction
+from daemon.db import (
+    delivery_status_events,
+    delivery_statuses,
+    poll_runs,
+    stop_sms_optouts,
+    tracked_tags,
+    write_transaction,
+)
 from daemon.output import iso
 from daemon.settings import Settings
 
@@ -43,6 +50,90 @@ DEFAULT_BATCH_SIZE = 5000
 SQLITE_PAUSE = 0.15
 #: How often a long prune reports its progress on a table.
 PROGRESS_EVERY = 5.0
+
+
+# --- the statements -------------------------------------------------------------------
+#
+# A Prunable is a table and the predicate of the rows a prune removes from it. Batches
+# delete at most ``limit`` of them with ids in (``after``, ``upto``], the oldest first,
+# with ``DELETE … WHERE id IN (SELECT id … ORDER BY id LIMIT n)`` (both engines accept
+# it); the caller commits after each batch, so no lock is held for long, and passes the
+# batch's last id as the next ``after``. ``upto`` is the last matching id when the prune
+# began: rows written since are newer than any cutoff. Without the two bounds, a batch
+# re-read every row the cutoff keeps in front of the ones it deletes, and the last batch
+# every kept row behind them: on 20 million events, seconds under SQLite's write lock.
+
+#: Tag states whose numbers are no longer polled; only their statuses may be pruned.
+RETIRED_STATES = ("completed", "expired", "untracked")
+_ds, _ev, _tt = delivery_statuses.c, delivery_status_events.c, tracked_tags.c
+
+
+class Prunable(NamedTuple):
+    """The rows of ``table`` a prune deletes: those matching ``where``."""
+
+    table: sa.Table
+    where: Any
+
+
+class Batch(NamedTuple):
+    """One prune batch: rows deleted, and the highest id among them (the next ``after``)."""
+
+    deleted: int
+    last_id: int
+
+
+def _retired_tags(before: datetime) -> Any:
+    """Tags no longer polled whose report window ended before ``before``."""
+    return sa.select(_tt.tag).where(_tt.state.in_(RETIRED_STATES), _tt.window_ends_at < before)
+
+
+def events_to_prune(cutoff: datetime | None, *, retired_before: datetime | None) -> Prunable:
+    """Status events observed before ``cutoff`` (None: none by age), and with
+    ``retired_before`` every event of the tags :func:`statuses_to_prune` selects."""
+    conditions = []
+    if cutoff is not None:
+        conditions.append(_ev.observed_at < cutoff)
+    if retired_before is not None:
+        conditions.append(_ev.tag.in_(_retired_tags(retired_before)))
+    return Prunable(delivery_status_events, sa.or_(*conditions) if conditions else sa.false())
+
+
+def statuses_to_prune(cutoff: datetime) -> Prunable:
+    """The ``delivery_statuses`` rows of retired tags: no longer polled (completed,
+    expired or untracked) and their report window ended before ``cutoff``. The tag's
+    ``tracked_tags`` and ``tag_counts`` rows and its opt-outs stay."""
+    return Prunable(delivery_statuses, _ds.tag.in_(_retired_tags(cutoff)))
+
+
+def poll_runs_to_prune(cutoff: datetime) -> Prunable:
+    """``poll_runs`` rows that finished before ``cutoff``."""
+    return Prunable(poll_runs, poll_runs.c.finished_at < cutoff)
+
+
+def optouts_to_prune(cutoff: datetime) -> Prunable:
+    """Opt-outs first seen before ``cutoff`` (only when asked: an opt-out is what keeps
+    a number from being messaged again)."""
+    return Prunable(stop_sms_optouts, stop_sms_optouts.c.first_seen_at < cutoff)
+
+
+def last_prunable_id(conn: Connection, rows: Prunable) -> int:
+    """The highest id a prune of ``rows`` has to reach (0: nothing to delete). A read:
+    on SQLite it runs outside the write lock, however long the scan."""
+    return int(conn.scalar(sa.select(sa.func.max(rows.table.c.id)).where(rows.where)) or 0)
+
+
+def delete_batch(conn: Connection, rows: Prunable, limit: int, *, after: int, upto: int) -> Batch:
+    """Delete up to ``limit`` of ``rows`` with ids in (``after``, ``upto``]."""
+    id_ = rows.table.c.id
+    ids = sa.select(id_).where(rows.where, id_ > after, id_ <= upto).order_by(id_).limit(limit)
+    deleted = conn.scalars(sa.delete(rows.table).where(id_.in_(ids)).returning(id_)).all()
+    return Batch(len(deleted), max(deleted, default=after))
+
+
+def count_prunable(conn: Connection, rows: Prunable) -> int:
+    """How many rows a prune of ``rows`` would delete (a dry run)."""
+    query = sa.select(sa.func.count()).select_from(rows.table).where(rows.where)
+    return int(conn.scalar(query) or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +172,7 @@ class Step:
 
     table: str
     what: str
-    rows: store.Prunable
+    rows: Prunable
 
 
 def plan(cutoffs: Cutoffs) -> list[Step]:
@@ -101,7 +192,7 @@ def plan(cutoffs: Cutoffs) -> list[Step]:
             Step(
                 "delivery_status_events",
                 what,
-                store.events_to_prune(events, retired_before=retired),
+                events_to_prune(events, retired_before=retired),
             )
         )
     if (statuses := cutoffs.statuses) is not None:
@@ -109,7 +200,7 @@ def plan(cutoffs: Cutoffs) -> list[Step]:
             Step(
                 "delivery_statuses",
                 f"of tags completed, expired or untracked, window ended before {iso(statuses)}",
-                store.statuses_to_prune(statuses),
+                statuses_to_prune(statuses),
             )
         )
     if (runs := cutoffs.runs) is not None:
@@ -117,7 +208,7 @@ def plan(cutoffs: Cutoffs) -> list[Step]:
             Step(
                 "poll_runs",
                 f"finished before {iso(runs)}",
-                store.poll_runs_to_prune(runs),
+                poll_runs_to_prune(runs),
             )
         )
     if (optouts := cutoffs.optouts) is not None:
@@ -125,7 +216,7 @@ def plan(cutoffs: Cutoffs) -> list[Step]:
             Step(
                 "stop_sms_optouts",
                 f"first seen before {iso(optouts)}",
-                store.optouts_to_prune(optouts),
+                optouts_to_prune(optouts),
             )
         )
     return steps
@@ -170,7 +261,7 @@ def prune(
         results.append(result)
         if dry_run:
             with engine.connect() as conn:
-                result.rows = store.count_prunable(conn, step.rows)
+                result.rows = count_prunable(conn, step.rows)
         else:
             _delete_all(engine, step, result, batch_size, progress, should_stop)
         if progress is not None:
@@ -196,12 +287,12 @@ def _delete_all(
 ) -> None:
     reported = time.monotonic()
     with engine.connect() as conn:
-        upto = store.last_prunable_id(conn, step.rows)
+        upto = last_prunable_id(conn, step.rows)
     after = 0
     while after < upto and not should_stop():
         started = time.monotonic()
         with write_transaction(engine) as conn:
-            deleted, after = store.delete_batch(conn, step.rows, batch_size, after=after, upto=upto)
+            deleted, after = delete_batch(conn, step.rows, batch_size, after=after, upto=upto)
         result.rows += deleted
         result.batches += 1
         if deleted < batch_size:

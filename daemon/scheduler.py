@@ -34,7 +34,7 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.engine import Engine
 
-from daemon import store
+from daemon import tracking
 from daemon.db import UNAVAILABLE_ERRORS, write_transaction
 from daemon.errors import DatabaseUnavailableError, TransientApiError
 from daemon.health import Health, Notifier, write_heartbeat
@@ -173,10 +173,10 @@ class Daemon:
                     free = min(free, 1)  # one probe poll tells whether the key works again
                     self._auth_paused_until = now + AUTH_RETRY
         with write_transaction(self._engine) as conn:
-            store.renew_leases(conn, in_flight, owner=self.owner, lease_until=now + LEASE)
-            filled = store.fill_missing_windows(conn, window=self._window, now=now)
+            tracking.renew_leases(conn, in_flight, owner=self.owner, lease_until=now + LEASE)
+            filled = tracking.fill_missing_windows(conn, window=self._window, now=now)
             tags = (
-                store.claim_due(
+                tracking.claim_due(
                     conn,
                     now=self._once_cutoff or now,
                     owner=self.owner,
@@ -236,7 +236,7 @@ class Daemon:
         now = self._clock()
         try:
             with write_transaction(self._engine) as conn:
-                tags = store.claim_due(
+                tags = tracking.claim_due(
                     conn,
                     now=self._once_cutoff or now,
                     owner=self.owner,
@@ -347,7 +347,7 @@ class Daemon:
         self._pool.shutdown(wait=True)
         try:
             with write_transaction(self._engine) as conn:
-                store.release_leases(conn, owner=self.owner)
+                tracking.release_leases(conn, owner=self.owner)
         except UNAVAILABLE_ERRORS as exc:
             log.warning("daemon.release_failed", error=str(exc.orig))
 

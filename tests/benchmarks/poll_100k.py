@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from daemon import migrate, store
+from daemon import migrate, tracking
 from daemon.db import create_engine
 from daemon.log import configure_logging
 from daemon.poller import Poller, tune_gc
@@ -172,7 +172,7 @@ def make_poller(sim: RemoteSimulator, url: str) -> tuple[Poller, Callable[[], No
     engine = create_engine(url)
     migrate.upgrade(engine)
     with engine.begin() as conn:
-        store.track(conn, TAG, sent_at=SENT, window_ends_at=SENT + timedelta(hours=48), now=SENT)
+        tracking.track(conn, TAG, sent_at=SENT, window_ends_at=SENT + timedelta(hours=48), now=SENT)
     http = httpx.Client(timeout=30)
     client = SmsPartnerClient(
         http, api_key=KEY, base_url=sim.url, rate_limit_per_second=0, max_pages=1000

@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import sqlalchemy as sa
 
-from daemon import migrate, store
+from daemon import migrate, store, tracking
 from daemon.db import create_engine, sqlite_text
 from daemon.log import configure_logging
 from daemon.poller import Poller
@@ -138,7 +138,7 @@ def run(url: str, rows: int, *, fresh: bool) -> None:
     print(f"{rows:,} events into {engine.dialect.name}:", flush=True)
     generate(engine, rows, now - timedelta(days=100), now - timedelta(hours=2))
     with engine.begin() as conn:
-        store.track(conn, TAG, sent_at=sent, window_ends_at=sent + timedelta(hours=48), now=now)
+        tracking.track(conn, TAG, sent_at=sent, window_ends_at=sent + timedelta(hours=48), now=now)
     settings = load_settings({}, api_key=KEY, database_url=url, rate_limit_per_second=0)
 
     with Simulator(api_key=KEY, page_size=1000) as sim, httpx.Client(timeout=30) as http:
@@ -149,7 +149,7 @@ def run(url: str, rows: int, *, fresh: bool) -> None:
         k = 0
         phases = Phases()
         phases.wrap(client, "fetch_tag", "fetch")
-        phases.wrap(store, "lock_tag", "lock (waits for the write lock)")
+        phases.wrap(tracking, "lock_tag", "lock (waits for the write lock)")
         phases.wrap(store, "apply_reports", "upsert + events")
         slow: list[str] = []
 

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
-from daemon import migrate, store
+from daemon import migrate, tracking
 from daemon.db import create_engine, poll_runs
 from daemon.health import Health
 from daemon.log import configure_logging
@@ -81,7 +81,7 @@ def main() -> None:
         now = datetime.now(UTC)
         with engine.begin() as conn:
             for i in range(args.tags):
-                store.track(
+                tracking.track(
                     conn,
                     f"soak-{i:05d}",
                     sent_at=now,

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from daemon import migrate, store
+from daemon import migrate, store, tracking
 from daemon.db import create_engine
 from daemon.poller import Poller
 from daemon.settings import load_settings
@@ -47,7 +47,7 @@ class Rig:
     def track(self, tag: str, sent_at: datetime | None = None) -> None:
         sent = sent_at or self.clock.now
         with self.engine.begin() as conn:
-            store.track(
+            tracking.track(
                 conn,
                 tag,
                 sent_at=sent,

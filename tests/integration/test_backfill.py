@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from daemon import backfill, migrate, store
+from daemon import backfill, migrate, tracking
 from daemon.db import create_engine, tracked_tags
 from daemon.errors import InputError
 from tests.conftest import CliResult, run_cli
@@ -168,8 +168,8 @@ def test_track_all_on_both_engines_keeps_the_latest_sent_at(db_url: str) -> None
     window = timedelta(hours=48)
     try:
         with engine.begin() as conn:
-            store.track(conn, "old", sent_at=t0, window_ends_at=t0 + window, now=t0)
-            store.untrack(conn, "old", now=t0)
+            tracking.track(conn, "old", sent_at=t0, window_ends_at=t0 + window, now=t0)
+            tracking.untrack(conn, "old", now=t0)
         lines = ["tag,sent_at", "old,2026-11-27T09:00:00Z", "new", "new,2026-11-20T00:00:00Z"]
         with engine.begin() as conn:
             done = backfill.track_all(
@@ -181,7 +181,7 @@ def test_track_all_on_both_engines_keeps_the_latest_sent_at(db_url: str) -> None
             )
         assert (done.tags, done.new) == (2, 1)
         with engine.connect() as conn:
-            rows = {r["tag"]: r for r in store.list_tags(conn)}
+            rows = {r["tag"]: r for r in tracking.list_tags(conn)}
         assert rows["old"]["state"] == "active"
         assert rows["old"]["sent_at"] == t0 + timedelta(days=1)  # later: the window moves
         assert rows["new"]["sent_at"] == t0  # the later of its two lines

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from structlog.testing import capture_logs
 
-from daemon import migrate, store
+from daemon import migrate, tracking
 from daemon.db import create_engine, poll_runs
 from daemon.health import Health
 from daemon.poller import Poller
@@ -56,7 +56,7 @@ def test_each_fault_fails_the_poll_cleanly_and_the_tag_backs_off(
             result = r.poller.poll("bad")
             assert (result.ok, result.outcome) == (False, "transient_error"), result
             with r.engine.connect() as conn:
-                row = store.get_tag(conn, "bad")
+                row = tracking.get_tag(conn, "bad")
             assert row is not None
             waits.append(row["next_poll_at"] - r.clock.now)
             r.clock.now = row["next_poll_at"]
@@ -115,7 +115,9 @@ def test_connection_refused_is_a_transient_failure(db_url: str) -> None:
         engine = create_engine(db_url)
         migrate.upgrade(engine)
         with engine.begin() as conn:
-            store.track(conn, "t", sent_at=NOW, window_ends_at=NOW + timedelta(hours=48), now=NOW)
+            tracking.track(
+                conn, "t", sent_at=NOW, window_ends_at=NOW + timedelta(hours=48), now=NOW
+            )
         with httpx.Client(timeout=2) as http:
             client = SmsPartnerClient(
                 http,
@@ -195,7 +197,9 @@ def test_healthy_tags_keep_their_cadence_while_one_tag_fails(
         simulator.add_tag(tag, 20)
         with daemon._engine.begin() as conn:
             now = datetime.now(UTC)
-            store.track(conn, tag, sent_at=now, window_ends_at=now + timedelta(hours=48), now=now)
+            tracking.track(
+                conn, tag, sent_at=now, window_ends_at=now + timedelta(hours=48), now=now
+            )
     simulator.inject("slow", tag="bad", times=None, seconds=2)  # every poll times out
     daemon.start()
     time.sleep(6)

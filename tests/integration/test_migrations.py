@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from alembic import command
 
-from daemon import migrate, store
+from daemon import migrate, store, tracking
 from daemon.db import create_engine, delivery_statuses, metadata
 
 TABLES = {
@@ -146,7 +146,7 @@ def test_upgrading_from_0001_counts_the_numbers_already_stored(db_url: str) -> N
             command.upgrade(config, "0001")
         with engine.begin() as conn:
             for tag in ("spring", "summer", "empty"):
-                store.track(conn, tag, sent_at=now, window_ends_at=now + timedelta(2), now=now)
+                tracking.track(conn, tag, sent_at=now, window_ends_at=now + timedelta(2), now=now)
             conn.execute(
                 sa.insert(delivery_statuses),
                 [

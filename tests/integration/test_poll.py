@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from structlog.testing import capture_logs
 
-from daemon import store
+from daemon import store, tracking
 from daemon.db import (
     TAG_SUMMARY_SQL_0001,
     delivery_status_events,
@@ -112,7 +112,7 @@ def test_exhausted_retries_fail_the_poll_and_leave_stored_data_untouched(
     assert (result.ok, result.outcome) == (False, "transient_error")
     assert r.rows("down") == before
     with r.engine.connect() as conn:
-        row = store.get_tag(conn, "down")
+        row = tracking.get_tag(conn, "down")
         outcomes = conn.execute(sa.select(poll_runs.c.outcome).order_by(poll_runs.c.id)).all()
     assert row is not None and row["consecutive_failures"] == 1
     assert row["next_poll_at"] == r.clock.now + timedelta(seconds=30)
@@ -185,7 +185,7 @@ def test_closed_window_expires_waiting_numbers_and_the_tag(rig: Callable[..., Ri
         "+332": "delivered",
     }
     with r.engine.connect() as conn:
-        row = store.get_tag(conn, "old")
+        row = tracking.get_tag(conn, "old")
     assert row is not None and (row["state"], row["next_poll_at"]) == ("expired", None)
 
 

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from daemon import migrate, store
+from daemon import migrate, store, tracking
 from daemon.db import create_engine, delivery_status_events, delivery_statuses, stop_sms_optouts
 from daemon.status import Report, Status
 
@@ -22,7 +22,7 @@ def engine(db_url: str) -> Iterator[Engine]:
     eng = create_engine(db_url)
     migrate.upgrade(eng)
     with eng.begin() as conn:
-        store.track(conn, "spring", sent_at=T0, window_ends_at=T0 + timedelta(hours=48), now=T0)
+        tracking.track(conn, "spring", sent_at=T0, window_ends_at=T0 + timedelta(hours=48), now=T0)
     yield eng
     eng.dispose()
 
@@ -209,21 +209,21 @@ def test_sql_rule_matches_the_pure_rule_for_every_pair(engine: Engine) -> None:
 def test_track_again_reopens_and_only_moves_the_window_later(engine: Engine) -> None:
     later = T0 + timedelta(days=3)
     with engine.begin() as conn:
-        store.untrack(conn, "spring", now=T0)
-        store.track(
+        tracking.untrack(conn, "spring", now=T0)
+        tracking.track(
             conn,
             "spring",
             sent_at=T0 - timedelta(days=1),
             window_ends_at=T0 + timedelta(hours=24),
             now=T0,
         )
-        row = store.get_tag(conn, "spring")
+        row = tracking.get_tag(conn, "spring")
         assert row is not None
         assert (row["state"], row["sent_at"]) == ("active", T0)
-        store.track(
+        tracking.track(
             conn, "spring", sent_at=later, window_ends_at=later + timedelta(hours=48), now=later
         )
-        row = store.get_tag(conn, "spring")
+        row = tracking.get_tag(conn, "spring")
         assert row is not None
         assert (row["sent_at"], row["window_ends_at"]) == (later, later + timedelta(hours=48))
 
@@ -239,7 +239,7 @@ def test_tag_summary_counts_and_rate(engine: Engine) -> None:
         rep("+6", Status.FAILED, 1),
     )
     with engine.begin() as conn:
-        store.track(conn, "empty", sent_at=T0, window_ends_at=T0 + timedelta(hours=48), now=T0)
+        tracking.track(conn, "empty", sent_at=T0, window_ends_at=T0 + timedelta(hours=48), now=T0)
         rows = {r["tag"]: dict(r) for r in store.tag_summary(conn)}
     spring = rows["spring"]
     assert (

@@ -1,0 +1,143 @@
+"""SQL handed straight to the driver, for the statements every poll runs.
+
+SQLAlchemy Core builds, caches and binds a statement in ~0.3 ms; at 10,000 small tags
+that was most of the daemon's own work per poll, and on a 100,000-number tag its
+per-row parameter processing (~20 µs a row) outweighed the database's work. So the
+fixed statements are compiled once per dialect (:func:`compiled`) and run with the
+driver's own parameters (:func:`execute`); bulk rows go 100 to a statement on SQLite
+(:func:`bulk`) and by COPY on PostgreSQL (:func:`copy_rows`). Values handed over must
+already be in the driver's form: :func:`db_time` converts datetimes.
+
+:mod:`daemon.store` and :mod:`daemon.tracking` build their statements with these.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from itertools import chain
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from daemon.db import sqlite_parse, sqlite_text
+
+
+def dialect_insert(conn: Connection, table: sa.Table) -> Any:
+    """The dialect's INSERT, which knows ON CONFLICT (both engines spell it the same)."""
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+def copy_rows(
+    conn: Connection, table: str, keys: Sequence[str], rows: list[tuple[Any, ...]]
+) -> None:
+    """PostgreSQL: COPY rows (tuples in ``keys`` order) into ``table``."""
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        with cursor.copy(f"COPY {table} ({', '.join(keys)}) FROM STDIN") as cp:
+            for row in rows:
+                cp.write_row(row)
+    finally:
+        cursor.close()
+
+
+_COMPILED: dict[tuple[Any, ...], Any] = {}
+
+
+def compiled(conn: Connection, name: str, build: Callable[[], Any]) -> Any:
+    """``build()`` compiled for the connection's dialect, once per process and dialect.
+
+    SQL handed to the driver directly skips SQLAlchemy's compiled cache: building and
+    compiling the forward-only upsert on every poll cost ~5 ms, more than all the other
+    database work of a poll of a small tag (``tests/benchmarks/tags_10k.py``).
+    """
+    dialect = conn.dialect
+    key = (name, type(dialect), dialect.paramstyle, dialect.server_version_info)
+    found = _COMPILED.get(key)
+    if found is None:
+        found = _COMPILED[key] = build().compile(dialect=dialect)
+    return found
+
+
+#: Rows per statement for SQLite's bulk writes: 9 columns × 100 rows stays under the
+#: 999 bound values that older SQLite builds allow.
+SQLITE_ROWS_PER_STATEMENT = 100
+
+
+def bulk(
+    conn: Connection,
+    name: str,
+    build: Callable[[list[dict[str, Any]]], Any],
+    keys: Sequence[str],
+    rows: list[tuple[Any, ...]],
+) -> None:
+    """SQLite: run ``build(values)`` (an INSERT taking ``.values(values)``) for many
+    rows, given as tuples in ``keys`` order, through the driver.
+
+    The rows go 100 to a statement: executed once per row, the upsert re-opened the
+    table's and its four indexes' cursors every time and took twice as long. The values
+    skip SQLAlchemy's processors (~20 µs a row), so they must already be in the driver's
+    form (see ``db_time``). PostgreSQL COPYs instead (:func:`copy_rows`).
+    """
+    per = SQLITE_ROWS_PER_STATEMENT
+    whole = len(rows) - len(rows) % per
+    if whole:
+        batches = [tuple(chain.from_iterable(rows[i : i + per])) for i in range(0, whole, per)]
+        _run_values(conn, name, build, keys, per, batches)
+    if whole < len(rows):
+        _run_values(conn, name, build, keys, 1, rows[whole:])
+
+
+def _run_values(
+    conn: Connection,
+    name: str,
+    build: Callable[[list[dict[str, Any]]], Any],
+    keys: Sequence[str],
+    per: int,
+    params: list[tuple[Any, ...]],
+) -> None:
+    """Execute ``build`` with ``per`` rows of VALUES, once per tuple of ``params``."""
+    names = [f"{key}_{i}" for i in range(per) for key in keys]
+
+    def values() -> Any:
+        return build([{key: sa.bindparam(f"{key}_{i}") for key in keys} for i in range(per)])
+
+    statement = compiled(conn, f"{name}/{per}", values)
+    if list(statement.positiontup) != names:  # placeholders in another order
+        get = operator.itemgetter(*(names.index(name) for name in statement.positiontup))
+        params = [get(row) for row in params]
+    conn.exec_driver_sql(str(statement), params)
+
+
+def execute(conn: Connection, name: str, build: Callable[[], Any], **params: Any) -> Any:
+    """Run a fixed statement with named bind parameters through the driver.
+
+    For the statements every poll runs: SQLAlchemy's statement building, cache-key
+    generation and parameter processing cost ~0.3 ms each, which at 10,000 small tags
+    was most of the daemon's own work per poll. Datetimes are converted here (the only
+    bound type that needs it); rows come back in the driver's form.
+    """
+    statement = compiled(conn, name, build)
+    to_db = db_time(conn)
+    values = statement.params  # the constants the statement binds, e.g. "+ 1"
+    values.update((k, to_db(v) if isinstance(v, datetime) else v) for k, v in params.items())
+    if statement.positiontup is not None:  # "?" placeholders
+        return conn.exec_driver_sql(str(statement), tuple(values[k] for k in statement.positiontup))
+    return conn.exec_driver_sql(str(statement), values)
+
+
+def from_db_time(conn: Connection) -> Callable[[Any], datetime | None]:
+    """The inverse of :func:`db_time`: the driver's value → aware UTC datetime."""
+    if conn.dialect.name == "sqlite":
+        return sqlite_parse
+    return lambda v: None if v is None else v.astimezone(UTC)
+
+
+def db_time(conn: Connection) -> Any:
+    """Datetime → the driver's form: ISO text on SQLite, the datetime itself elsewhere."""
+    if conn.dialect.name == "sqlite":
+        return lambda v: None if v is None else sqlite_text(v)
+    return lambda v: v

@@ -5,7 +5,13 @@ Compares, in the same run and over the same loopback pages:
     the bare driver (sqlite3, or psycopg for PostgreSQL);
   * first poll: the daemon's full poll (client, merge, diff, forward-only upsert with
     events, poll_runs, lifecycle) into an empty database;
-  * re-poll: the same tag after 1 % of the numbers changed.
+  * re-poll: the same tag after 1 % of the numbers changed;
+  * SQLite only, the contract's floor: the same two polls with the bare driver into the
+    daemon's own schema (plain INSERT of the 9-column rows, 100 to a statement as the
+    daemon sends them, first-sighting events by
+    INSERT … SELECT, then a dict diff and an UPDATE + event per changed number). No
+    parsing checks, merge, forward-only rule or bookkeeping: what the schema alone costs,
+    so the figures show how much of the gap to the baseline is the daemon's own.
 Goals (issue): first poll ≤ 2× baseline (never > 3×), re-poll ≤ ½ first poll.
 
 The simulator runs in a child process, as a real provider would be elsewhere: the
@@ -26,13 +32,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from daemon import migrate, tracking
-from daemon.db import create_engine
+from daemon.db import create_engine, sqlite_text
 from daemon.log import configure_logging
 from daemon.poller import Poller, tune_gc
 from daemon.settings import load_settings
@@ -113,6 +120,91 @@ def baseline_sqlite(sim: RemoteSimulator, path: Path) -> float:
     elapsed = time.perf_counter() - start
     conn.close()
     return elapsed
+
+
+_BARE_STATUS = {"Delivered": "delivered", "Waiting": "waiting"}
+
+
+def contract_floor(sim: RemoteSimulator, path: Path) -> tuple[float, float]:
+    """The first poll and the re-poll with bare ``sqlite3`` into the daemon's schema.
+
+    Returns:
+        (first poll seconds, re-poll seconds); leaves the simulator serving "changed".
+    """
+    engine = create_engine(f"sqlite:///{path}")
+    migrate.upgrade(engine)
+    with engine.begin() as conn:
+        tracking.track(conn, TAG, sent_at=SENT, window_ends_at=SENT + timedelta(hours=48), now=SENT)
+    engine.dispose()
+    conn = sqlite3.connect(path, isolation_level=None)
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
+        conn.execute(f"PRAGMA {pragma}")
+    now = sqlite_text(SENT + timedelta(hours=1))
+    texts: dict[str, str] = {}
+
+    def as_text(date: str) -> str:  # a campaign shares few dates: convert each once
+        if date not in texts:
+            texts[date] = sqlite_text(datetime.fromtimestamp(int(date), UTC))
+        return texts[date]
+
+    sim.serve("first")
+    start = time.perf_counter()
+    rows = [
+        (tag, phone, _BARE_STATUS[status], status, stop, as_text(date), now,
+         None if status == "Waiting" else now, now)
+        for tag, phone, status, stop, date in fetch_rows(sim)
+    ]  # fmt: skip
+    insert = (
+        "INSERT INTO delivery_statuses (tag, phone_number, status, provider_status, stop_sms, "
+        "reported_at, first_seen_at, resolved_at, updated_at) VALUES "
+    )
+    whole = len(rows) - len(rows) % 100  # 100 rows to a statement, as the daemon sends them
+    conn.execute("BEGIN")
+    conn.executemany(
+        insert + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * 100),
+        [tuple(chain.from_iterable(rows[i : i + 100])) for i in range(0, whole, 100)],
+    )
+    conn.executemany(insert + "(?, ?, ?, ?, ?, ?, ?, ?, ?)", rows[whole:])
+    conn.execute(
+        "INSERT INTO delivery_status_events (tag, phone_number, old_status, new_status, "
+        "reported_at, observed_at) SELECT tag, phone_number, NULL, status, reported_at, "
+        "first_seen_at FROM delivery_statuses WHERE tag = ?",
+        (TAG,),
+    )
+    conn.execute("COMMIT")
+    first = time.perf_counter() - start
+
+    sim.serve("changed")
+    start = time.perf_counter()
+    fetched = fetch_rows(sim)
+    stored = {
+        phone: (status, stop, reported)
+        for phone, status, stop, reported in conn.execute(
+            "SELECT phone_number, status, stop_sms, reported_at FROM delivery_statuses "
+            "WHERE tag = ?",
+            (TAG,),
+        )
+    }
+    changed = [
+        (phone, stored[phone][0], _BARE_STATUS[status], status, as_text(date))
+        for _, phone, status, stop, date in fetched
+        if stored[phone] != (_BARE_STATUS[status], stop, as_text(date))
+    ]
+    conn.execute("BEGIN")
+    conn.executemany(
+        "UPDATE delivery_statuses SET status = ?, provider_status = ?, reported_at = ?, "
+        "resolved_at = ?, updated_at = ? WHERE tag = ? AND phone_number = ?",
+        [(new, raw, date, now, now, TAG, phone) for phone, _, new, raw, date in changed],
+    )
+    conn.executemany(
+        "INSERT INTO delivery_status_events (tag, phone_number, old_status, new_status, "
+        "reported_at, observed_at) VALUES (?, ?, ?, ?, ?, ?)",
+        [(TAG, phone, old, new, date, now) for phone, old, new, _, date in changed],
+    )
+    conn.execute("COMMIT")
+    repoll = time.perf_counter() - start
+    conn.close()
+    return first, repoll
 
 
 def baseline_postgres(sim: RemoteSimulator, url: str) -> float:
@@ -205,6 +297,7 @@ def main() -> None:
     tune_gc()  # as smspartner-status does at start-up
 
     base_times, first_times, repoll_times = [], [], []
+    floor_firsts, floor_repolls = [], []
     sim = RemoteSimulator(args.numbers)
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(args.rounds):
@@ -216,6 +309,10 @@ def main() -> None:
             else:
                 base_times.append(baseline_sqlite(sim, Path(tmp) / f"base{rnd}.db"))
                 url = f"sqlite:///{tmp}/ours{rnd}.db"
+                floor = contract_floor(sim, Path(tmp) / f"floor{rnd}.db")
+                floor_firsts.append(floor[0] / base_times[-1])
+                floor_repolls.append(floor[1] / floor[0])
+                sim.serve("first")
             poller, close = make_poller(sim, url)
             first_times.append(timed(lambda p=poller: _check(p.poll(TAG), args.numbers)))
             sim.serve("changed")
@@ -245,6 +342,15 @@ def main() -> None:
         f"  = {statistics.median(repoll_ratios):.2f}x first poll (rounds: "
         f"{', '.join(f'{r:.2f}' for r in repoll_ratios)}; goal <= 0.5x)"
     )
+    if floor_firsts:
+        pairs = zip(floor_firsts, floor_repolls, strict=True)
+        print(
+            "  contract floor (bare sqlite3, this schema's writes): first poll "
+            f"{statistics.median(floor_firsts):.2f}x baseline, re-poll "
+            f"{statistics.median(floor_repolls):.2f}x its first poll (rounds: "
+            + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in pairs)
+            + ")"
+        )
 
 
 def _check(result: Any, numbers: int, changed: int | None = None) -> None:

@@ -2,8 +2,9 @@
 
 It owns the request (URL, User-Agent, URL-encoded ``apiKey``/``tag``/``page``), the
 client-side rate limit, retries, the mapping of transport errors, HTTP statuses and
-provider codes onto :mod:`daemon.errors`, tolerant parsing of the response, and the
-redaction of the API key from everything it lets out (messages, logs, reprs).
+provider codes onto :mod:`daemon.errors`, and the redaction of the API key from
+everything it lets out (messages, logs, reprs). Reading the body's envelope and items,
+tolerantly, is :mod:`daemon.responses`'s.
 
 Pagination is not documented by the provider: responses carry ``currentPage`` and
 ``total`` but no page parameter is documented. So we send ``page=N`` (1-based) and, after
@@ -40,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import quote, quote_plus
 
 import httpx
@@ -58,7 +59,8 @@ from daemon.errors import (
     SmsPartnerStatusError,
     TransientApiError,
 )
-from daemon.status import Report, Status, map_provider_status, parse_provider_date
+from daemon.responses import Envelope, ItemParser, envelope_or_none
+from daemon.status import Report
 
 __all__ = ["FetchResult", "SmsPartnerClient", "redact"]
 
@@ -71,9 +73,6 @@ _T = TypeVar("_T")
 MAX_RETRY_AFTER: Final = 300.0
 #: Ceiling for the exponential backoff between retries, for the same reason.
 MAX_BACKOFF: Final = 300.0
-#: Per-fetch cap on per-item warnings, so a provider-wide format change logs a sample
-#: and a count rather than 100,000 lines.
-MAX_ITEM_WARNINGS: Final = 20
 #: A page of 1,000 numbers is ~100 KB; a body this large is hostile or broken, and
 #: reading it whole would let one bad answer take the daemon's memory.
 MAX_BODY_BYTES: Final = 32 * 1024 * 1024
@@ -83,10 +82,6 @@ _EXCERPT_CHARS: Final = 120
 _AUTH_CODES: Final = {1: "API key required", 10: "Incorrect API Key"}
 _NO_MESSAGES_CODE: Final = 4
 _RATE_LIMIT_CODE: Final = 429
-_OK_CODE: Final = 200
-
-_TRUE_TEXT: Final = frozenset({"1", "true"})
-_FALSE_TEXT: Final = frozenset({"0", "false", ""})
 
 
 # --- redaction ----------------------------------------------------------------------
@@ -141,181 +136,6 @@ class FetchResult:
     items: int
     skipped: int
     stop_reason: str
-
-
-def _lenient_int(value: object) -> int | None:
-    """An int from an int or numeric string; None for anything else (never raises).
-
-    The provider's field types drift, and a garbled ``total`` must only disable the rule
-    that uses it, not fail the page.
-    """
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return int(text)
-        except ValueError:
-            try:
-                number = float(text)
-            except ValueError:
-                return None
-            return int(number) if number.is_integer() else None
-    return None
-
-
-def _lenient_bool(value: object) -> bool | None:
-    """A bool from ``true``/``false``, ``0``/``1`` (int or text); None when unrecognised."""
-    if value is True or value is False:
-        return value
-    if isinstance(value, int):
-        return {0: False, 1: True}.get(value)
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in _TRUE_TEXT:
-            return True
-        if text in _FALSE_TEXT:
-            return False
-    return None
-
-
-def _lenient_text(value: object) -> str | None:
-    """The provider's ``message`` as text whatever JSON type it arrived as."""
-    if value is None:
-        return None
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-class _Envelope(pydantic.BaseModel):
-    """The page envelope. Items stay raw here; :class:`_ItemParser` handles them.
-
-    Validating 1,000 items through a pydantic model per page costs several times more
-    than the hand-written checks in :class:`_ItemParser`, and per-item tolerance (skip one,
-    keep the page) is easier to express there.
-    """
-
-    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
-
-    success: Annotated[bool | None, pydantic.BeforeValidator(_lenient_bool)] = None
-    code: Annotated[int | None, pydantic.BeforeValidator(_lenient_int)] = None
-    message: Annotated[str | None, pydantic.BeforeValidator(_lenient_text)] = None
-    current_page: Annotated[int | None, pydantic.BeforeValidator(_lenient_int)] = pydantic.Field(
-        default=None, alias="currentPage"
-    )
-    total: Annotated[int | None, pydantic.BeforeValidator(_lenient_int)] = None
-    items: list[Any] | None = pydantic.Field(default=None, alias="StatutResponse_List")
-
-    @property
-    def is_error(self) -> bool:
-        """The provider signals errors with ``success: false`` or a non-200 ``code``."""
-        return self.success is False or (self.code is not None and self.code != _OK_CODE)
-
-
-# --- item parsing -------------------------------------------------------------------
-
-
-def _type_problem(value: object) -> str:
-    """Why a required text field was rejected, for the ``api.item_skipped`` warning."""
-    return "missing" if value is None else f"not a string ({type(value).__name__})"
-
-
-class _ItemParser:
-    """Turns raw items into :class:`Report` objects for one fetch, tolerantly.
-
-    One malformed item is skipped (and counted), never the page. Lookups that repeat
-    across items (status text, send-time ``date``) are cached for the fetch: a bulk send
-    shares a handful of statuses and dates, and this keeps the per-item cost at roughly
-    a microsecond.
-    """
-
-    def __init__(self, tag: str) -> None:
-        self.tag = tag
-        self.skipped = 0
-        self._warnings_left = MAX_ITEM_WARNINGS
-        self._status_cache: dict[str, Status] = {}
-        self._date_cache: dict[str, datetime | None] = {}
-
-    def parse_page(self, raw_items: list[Any], page: int) -> list[Report]:
-        """Parse one page's items, in order; skipped items are logged and counted."""
-        reports: list[Report] = []
-        append = reports.append
-        status_cache = self._status_cache
-        date_cache = self._date_cache
-        for index, item in enumerate(raw_items):
-            if type(item) is not dict:
-                self._skip(page, index, "item", f"not an object ({type(item).__name__})")
-                continue
-            phone = item.get("phoneNumber")
-            if type(phone) is str:
-                phone = phone.strip()
-            elif type(phone) is int:
-                phone = str(phone)
-            else:
-                self._skip(page, index, "phoneNumber", _type_problem(phone))
-                continue
-            if not phone:
-                self._skip(page, index, "phoneNumber", "empty")
-                continue
-            raw_status = item.get("status")
-            if type(raw_status) is not str:
-                self._skip(page, index, "status", _type_problem(raw_status))
-                continue
-            status = status_cache.get(raw_status)
-            if status is None:
-                status = status_cache[raw_status] = map_provider_status(raw_status)
-            stop_sms = item.get("stopSMS")
-            if stop_sms is not True and stop_sms is not False:
-                stop_sms = self._coerce_stop_sms(stop_sms, page, index)
-            raw_date = item.get("date")
-            if type(raw_date) is str:
-                try:
-                    reported_at = date_cache[raw_date]
-                except KeyError:
-                    reported_at = date_cache[raw_date] = parse_provider_date(raw_date)
-                if reported_at is None and raw_date.strip():
-                    self._coerced(page, index, "date", raw_date, "kept without a date")
-            else:
-                reported_at = parse_provider_date(raw_date)
-                if reported_at is None and raw_date is not None:
-                    self._coerced(page, index, "date", raw_date, "kept without a date")
-            append(Report(phone, status, raw_status, stop_sms, reported_at))
-        return reports
-
-    def _coerce_stop_sms(self, raw: object, page: int, index: int) -> bool:
-        """``stopSMS`` drifts between bool and "0"/"1"; anything else means False."""
-        if raw is None:
-            return False
-        value = _lenient_bool(raw)
-        if value is None:
-            self._coerced(page, index, "stopSMS", raw, "treated as false")
-            return False
-        return value
-
-    def _skip(self, page: int, index: int, field: str, reason: str) -> None:
-        self.skipped += 1
-        self._warn("api.item_skipped", page=page, index=index, field=field, reason=reason)
-
-    def _coerced(self, page: int, index: int, field: str, raw: object, outcome: str) -> None:
-        self._warn(
-            "api.item_coerced",
-            page=page,
-            index=index,
-            field=field,
-            value=repr(raw)[:40],
-            outcome=outcome,
-        )
-
-    def _warn(self, event: str, **fields: object) -> None:
-        if self._warnings_left <= 0:
-            return
-        self._warnings_left -= 1
-        if self._warnings_left == 0:
-            fields["note"] = "further item warnings for this fetch are suppressed"
-        _log.warning(event, tag=self.tag, **fields)
 
 
 # --- rate limiting ------------------------------------------------------------------
@@ -401,16 +221,6 @@ def _parse_retry_after(response: httpx.Response) -> float | None:
     return max(0.0, (when - now).total_seconds())
 
 
-def _envelope_or_none(body: dict[str, Any] | None) -> _Envelope | None:
-    """An error response's body as an envelope, or None when unusable (never raises)."""
-    if body is None:
-        return None
-    try:
-        return _Envelope.model_validate(body)
-    except pydantic.ValidationError:
-        return None
-
-
 def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, SmsPartnerStatusError) and exc.transient
 
@@ -487,7 +297,7 @@ class SmsPartnerClient:
             TransientApiError: transport errors, 5xx or unreadable bodies after retries.
             PermanentApiError: anything the provider would refuse again.
         """
-        parser = _ItemParser(tag)
+        parser = ItemParser(tag)
         reports: list[Report] = []
         seen: set[str] = set()
         pages = items = 0
@@ -544,7 +354,7 @@ class SmsPartnerClient:
 
     # --- one page, with retries --------------------------------------------------------
 
-    def _fetch_page(self, tag: str, page: int) -> _Envelope:
+    def _fetch_page(self, tag: str, page: int) -> Envelope:
         """One page, retried on transient errors; raises ours, never httpx's."""
         return self._with_retries(lambda: self._request_page(tag, page))
 
@@ -593,7 +403,7 @@ class SmsPartnerClient:
 
     # --- one HTTP request -------------------------------------------------------------
 
-    def _request_page(self, tag: str, page: int) -> _Envelope:
+    def _request_page(self, tag: str, page: int) -> Envelope:
         self._bucket.acquire()
         where = f"GET {self._path} tag={tag!r} page={page}"
         started = time.perf_counter()
@@ -668,7 +478,7 @@ class SmsPartnerClient:
             return PermanentApiError(detail)
         return TransientApiError(detail)
 
-    def _classify(self, response: httpx.Response, where: str) -> _Envelope:
+    def _classify(self, response: httpx.Response, where: str) -> Envelope:
         """Map a response onto an envelope or one of our errors."""
         status = response.status_code
         if status == httpx.codes.TOO_MANY_REQUESTS:
@@ -680,7 +490,7 @@ class SmsPartnerClient:
         body = self._json_object(response)
         if not 200 <= status < 300:
             # Codes 1/10/4 may come with HTTP 400/401/404: the body says more than the status.
-            envelope = _envelope_or_none(body)
+            envelope = envelope_or_none(body)
             if envelope is not None and envelope.is_error:
                 self._raise_provider_error(envelope, response, where)
             raise PermanentApiError(
@@ -706,9 +516,9 @@ class SmsPartnerClient:
             return None
         return body if isinstance(body, dict) else None
 
-    def _envelope(self, body: dict[str, Any], where: str, status: int) -> _Envelope:
+    def _envelope(self, body: dict[str, Any], where: str, status: int) -> Envelope:
         try:
-            return _Envelope.model_validate(body)
+            return Envelope.model_validate(body)
         except pydantic.ValidationError as exc:
             error = exc.errors()[0]
             field = ".".join(str(part) for part in error["loc"]) or "response"
@@ -718,7 +528,7 @@ class SmsPartnerClient:
             ) from None  # pydantic's error repeats the input, which could be huge
 
     def _raise_provider_error(
-        self, envelope: _Envelope, response: httpx.Response, where: str
+        self, envelope: Envelope, response: httpx.Response, where: str
     ) -> None:
         """Raise the error a provider ``code`` means (the body said ``success: false``)."""
         code = envelope.code

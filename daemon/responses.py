@@ -1,0 +1,215 @@
+"""Reading SMS Partner's answers tolerantly: the page envelope and its items.
+
+The provider's field types drift (``stopSMS`` as bool or "0"/"1", ``date`` as text or
+number, statuses in any case) and it documents none of its edge cases, so nothing here
+raises on a bad field: a garbled envelope field only disables the rule that uses it, and
+a malformed item is skipped and counted, never the page. :mod:`daemon.smspartner`, the
+only user, owns the HTTP around it.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Final
+
+import pydantic
+import structlog
+
+from daemon.status import Report, Status, map_provider_status, parse_provider_date
+
+_log = structlog.get_logger(__name__)
+
+#: Per-fetch cap on per-item warnings, so a provider-wide format change logs a sample
+#: and a count rather than 100,000 lines.
+MAX_ITEM_WARNINGS: Final = 20
+#: The ``code`` of a successful answer.
+OK_CODE: Final = 200
+
+_TRUE_TEXT: Final = frozenset({"1", "true"})
+_FALSE_TEXT: Final = frozenset({"0", "false", ""})
+
+
+def _lenient_int(value: object) -> int | None:
+    """An int from an int or numeric string; None for anything else (never raises).
+
+    The provider's field types drift, and a garbled ``total`` must only disable the rule
+    that uses it, not fail the page.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                return None
+            return int(number) if number.is_integer() else None
+    return None
+
+
+def _lenient_bool(value: object) -> bool | None:
+    """A bool from ``true``/``false``, ``0``/``1`` (int or text); None when unrecognised."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, int):
+        return {0: False, 1: True}.get(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE_TEXT:
+            return True
+        if text in _FALSE_TEXT:
+            return False
+    return None
+
+
+def _lenient_text(value: object) -> str | None:
+    """The provider's ``message`` as text whatever JSON type it arrived as."""
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class Envelope(pydantic.BaseModel):
+    """The page envelope. Items stay raw here; :class:`ItemParser` handles them.
+
+    Validating 1,000 items through a pydantic model per page costs several times more
+    than the hand-written checks in :class:`ItemParser`, and per-item tolerance (skip one,
+    keep the page) is easier to express there.
+    """
+
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+
+    success: Annotated[bool | None, pydantic.BeforeValidator(_lenient_bool)] = None
+    code: Annotated[int | None, pydantic.BeforeValidator(_lenient_int)] = None
+    message: Annotated[str | None, pydantic.BeforeValidator(_lenient_text)] = None
+    current_page: Annotated[int | None, pydantic.BeforeValidator(_lenient_int)] = pydantic.Field(
+        default=None, alias="currentPage"
+    )
+    total: Annotated[int | None, pydantic.BeforeValidator(_lenient_int)] = None
+    items: list[Any] | None = pydantic.Field(default=None, alias="StatutResponse_List")
+
+    @property
+    def is_error(self) -> bool:
+        """The provider signals errors with ``success: false`` or a non-200 ``code``."""
+        return self.success is False or (self.code is not None and self.code != OK_CODE)
+
+
+# --- item parsing -------------------------------------------------------------------
+
+
+def _type_problem(value: object) -> str:
+    """Why a required text field was rejected, for the ``api.item_skipped`` warning."""
+    return "missing" if value is None else f"not a string ({type(value).__name__})"
+
+
+class ItemParser:
+    """Turns raw items into :class:`Report` objects for one fetch, tolerantly.
+
+    One malformed item is skipped (and counted), never the page. Lookups that repeat
+    across items (status text, send-time ``date``) are cached for the fetch: a bulk send
+    shares a handful of statuses and dates, and this keeps the per-item cost at roughly
+    a microsecond.
+    """
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.skipped = 0
+        self._warnings_left = MAX_ITEM_WARNINGS
+        self._status_cache: dict[str, Status] = {}
+        self._date_cache: dict[str, datetime | None] = {}
+
+    def parse_page(self, raw_items: list[Any], page: int) -> list[Report]:
+        """Parse one page's items, in order; skipped items are logged and counted."""
+        reports: list[Report] = []
+        append = reports.append
+        status_cache = self._status_cache
+        date_cache = self._date_cache
+        for index, item in enumerate(raw_items):
+            if type(item) is not dict:
+                self._skip(page, index, "item", f"not an object ({type(item).__name__})")
+                continue
+            phone = item.get("phoneNumber")
+            if type(phone) is str:
+                phone = phone.strip()
+            elif type(phone) is int:
+                phone = str(phone)
+            else:
+                self._skip(page, index, "phoneNumber", _type_problem(phone))
+                continue
+            if not phone:
+                self._skip(page, index, "phoneNumber", "empty")
+                continue
+            raw_status = item.get("status")
+            if type(raw_status) is not str:
+                self._skip(page, index, "status", _type_problem(raw_status))
+                continue
+            status = status_cache.get(raw_status)
+            if status is None:
+                status = status_cache[raw_status] = map_provider_status(raw_status)
+            stop_sms = item.get("stopSMS")
+            if stop_sms is not True and stop_sms is not False:
+                stop_sms = self._coerce_stop_sms(stop_sms, page, index)
+            raw_date = item.get("date")
+            if type(raw_date) is str:
+                try:
+                    reported_at = date_cache[raw_date]
+                except KeyError:
+                    reported_at = date_cache[raw_date] = parse_provider_date(raw_date)
+                if reported_at is None and raw_date.strip():
+                    self._coerced(page, index, "date", raw_date, "kept without a date")
+            else:
+                reported_at = parse_provider_date(raw_date)
+                if reported_at is None and raw_date is not None:
+                    self._coerced(page, index, "date", raw_date, "kept without a date")
+            append(Report(phone, status, raw_status, stop_sms, reported_at))
+        return reports
+
+    def _coerce_stop_sms(self, raw: object, page: int, index: int) -> bool:
+        """``stopSMS`` drifts between bool and "0"/"1"; anything else means False."""
+        if raw is None:
+            return False
+        value = _lenient_bool(raw)
+        if value is None:
+            self._coerced(page, index, "stopSMS", raw, "treated as false")
+            return False
+        return value
+
+    def _skip(self, page: int, index: int, field: str, reason: str) -> None:
+        self.skipped += 1
+        self._warn("api.item_skipped", page=page, index=index, field=field, reason=reason)
+
+    def _coerced(self, page: int, index: int, field: str, raw: object, outcome: str) -> None:
+        self._warn(
+            "api.item_coerced",
+            page=page,
+            index=index,
+            field=field,
+            value=repr(raw)[:40],
+            outcome=outcome,
+        )
+
+    def _warn(self, event: str, **fields: object) -> None:
+        if self._warnings_left <= 0:
+            return
+        self._warnings_left -= 1
+        if self._warnings_left == 0:
+            fields["note"] = "further item warnings for this fetch are suppressed"
+        _log.warning(event, tag=self.tag, **fields)
+
+
+def envelope_or_none(body: dict[str, Any] | None) -> Envelope | None:
+    """An error response's body as an envelope, or None when unusable (never raises)."""
+    if body is None:
+        return None
+    try:
+        return Envelope.model_validate(body)
+    except pydantic.ValidationError:
+        return None

@@ -208,6 +208,7 @@ def contract_floor(sim: RemoteSimulator, path: Path) -> tuple[float, float]:
     conn.execute("COMMIT")
     repoll = time.perf_counter() - start
     conn.close()
+    assert len(changed) == len(fetched) // 100, len(changed)  # the same 1 % as the daemon's
     return first, repoll
 
 

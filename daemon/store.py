@@ -225,7 +225,7 @@ def apply_reports(
     """Upsert one poll's merged reports; write an event per real status change and an
     opt-out row per new STOP.
 
-    Call after :func:`lock_tag` in the same transaction: the diff against what is
+    Call after :func:`daemon.tracking.lock_tag` in the same transaction: the diff against what is
     stored decides which rows to send and which events to write, and the upsert's WHERE
     re-applies the forward-only rule in the database as a safety net.
     """

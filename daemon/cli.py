@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a fake bulk-status-by-tag endpoint with realistic, "
         "evolving statuses, for trying the daemon without an account.",
     )
-    from daemon.simulator import add_cli_arguments
+    from daemon.simulator_cli import add_cli_arguments
 
     add_cli_arguments(p)
     p.set_defaults(func=cmd_simulator, standalone=True)

@@ -452,6 +452,6 @@ def cmd_demo(ctx: Context | None, args: argparse.Namespace) -> int:
 
 def cmd_simulator(ctx: Context | None, args: argparse.Namespace) -> int:
     """Run the bundled fake SMS Partner API (needs no settings or database)."""
-    from daemon.simulator import run_cli
+    from daemon.simulator_cli import run_cli
 
     return run_cli(args)

@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from daemon.simulator import FAULTS, RANDOM_FAULTS, Simulator, add_cli_arguments, run_cli
+from daemon.simulator import FAULTS, RANDOM_FAULTS, Simulator
+from daemon.simulator_cli import add_cli_arguments, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
@@ -484,7 +485,7 @@ def test_stop_is_prompt_with_idle_and_slow_connections(clock: Clock) -> None:
 
 CLI = (
     "import argparse, sys\n"
-    "from daemon.simulator import add_cli_arguments, run_cli\n"
+    "from daemon.simulator_cli import add_cli_arguments, run_cli\n"
     "parser = argparse.ArgumentParser(prog='smspartner-status simulator')\n"
     "add_cli_arguments(parser)\n"
     "sys.exit(run_cli(parser.parse_args()))\n"

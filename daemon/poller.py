@@ -29,7 +29,14 @@ from daemon.errors import (
 )
 from daemon.settings import Settings
 from daemon.smspartner import FetchResult, SmsPartnerClient
-from daemon.status import PENDING, is_complete, merge_reports, next_poll_at, window_closed
+from daemon.status import (
+    PENDING,
+    Status,
+    is_complete,
+    merge_reports,
+    next_poll_at,
+    window_closed,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -125,9 +132,12 @@ class Poller:
                     raise InputError(
                         f"tag {tag!r} is not tracked; run `smspartner-status track {tag}`"
                     )
-                result = self._store(conn, row, now, fetched, outcome, error, no_messages)
+                result, optouts = self._store(conn, row, now, fetched, outcome, error, no_messages)
         except UNAVAILABLE_ERRORS as exc:
             raise DatabaseUnavailableError(f"database error: {exc.orig}") from exc
+        # Only once committed: a rolled-back poll must not announce opt-outs it never stored.
+        for phone, reported_at in optouts:
+            log.info("stop_sms.opt_out", tag=tag, phone_number=phone, reported_at=reported_at)
         self._log(result)
         return result
 
@@ -140,7 +150,8 @@ class Poller:
         outcome: str,
         error: str | None,
         no_messages: bool,
-    ) -> PollResult:
+    ) -> tuple[PollResult, list[tuple[str, datetime | None]]]:
+        """Write the poll's effects; returns its result and the new opt-outs to announce."""
         tag: str = row["tag"]
         sent_at: datetime = row["sent_at"]
         window_ends_at: datetime = row["window_ends_at"] or sent_at + self._settings.report_window
@@ -150,26 +161,38 @@ class Poller:
         if ok:
             applied = store.apply_reports(conn, tag, merged, now=now)
 
+        untracked = row["state"] == "untracked"
         expired = 0
         closed = window_closed(window_ends_at, now)
-        expire = closed and (ok or window_closed(window_ends_at + EXPIRY_GRACE, now))
+        expire = (
+            not untracked and closed and (ok or window_closed(window_ends_at + EXPIRY_GRACE, now))
+        )
         if expire:
             expired = store.expire_pending(conn, tag, now=now)
         # A successful poll's diff knows the counts; after an expiry or a failure they
         # are read back from the tag's counts row.
         counts = applied.counts if ok and not expired else store.status_counts(conn, tag)
-        if expire:
-            state, due = "expired", None
+        # Numbers we expired are unresolved too: a tag whose last poll resolved them all
+        # completes even past its window, and one that has any expired number does not.
+        unresolved = sum(counts.get(s.value, 0) for s in (*PENDING, Status.EXPIRED))
+        complete = ok and is_complete(
+            total=sum(counts.values()),
+            pending=unresolved,
+            sent_at=sent_at,
+            now=now,
+            settle=self._settings.settle,
+        )
+        due: datetime | None = None
+        if untracked:
+            # Untracked while this poll was under way (or polled by hand): what it
+            # fetched is kept, but only `track` puts the tag back on the schedule.
+            state = "untracked"
+        elif complete:
+            state = "completed"
+        elif expire:
+            state = "expired"
         else:
-            complete = ok and is_complete(
-                total=sum(counts.values()),
-                pending=sum(counts.get(s.value, 0) for s in PENDING),
-                sent_at=sent_at,
-                now=now,
-                settle=self._settings.settle,
-            )
-            state = "completed" if complete else "active"
-            due = None if complete else self._next_due(row, now, ok, outcome)
+            state, due = "active", self._next_due(row, now, ok, outcome)
         finished = self._clock()
         store.record_poll_run(
             conn,
@@ -183,9 +206,7 @@ class Poller:
             error=error,
         )
         tracking.finish_poll(conn, tag, now=now, ok=ok, state=state, next_poll_at=due, error=error)
-        for phone, reported_at in applied.optouts:
-            log.info("stop_sms.opt_out", tag=tag, phone_number=phone, reported_at=reported_at)
-        return PollResult(
+        result = PollResult(
             tag=tag,
             outcome=outcome,
             state=state,
@@ -204,6 +225,7 @@ class Poller:
                 ((reported or now) - sent_at).total_seconds() for reported in applied.newly_final
             ),
         )
+        return result, applied.optouts
 
     def _next_due(self, row: Mapping[str, Any], now: datetime, ok: bool, outcome: str) -> datetime:
         if outcome == "auth_error":

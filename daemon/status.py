@@ -275,5 +275,9 @@ def window_closed(window_ends_at: datetime, now: datetime) -> bool:
 def is_complete(
     *, total: int, pending: int, sent_at: datetime, now: datetime, settle: timedelta
 ) -> bool:
-    """A tag is complete when it has numbers, none pending, and has settled."""
+    """A tag is complete when it has numbers, none unresolved, and has settled.
+
+    ``pending`` counts every number the provider has not resolved: the pending statuses,
+    and those the daemon marked ``expired`` when the window closed.
+    """
     return total > 0 and pending == 0 and now - sent_at >= settle

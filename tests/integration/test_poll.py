@@ -3,9 +3,12 @@ the real store on SQLite and PostgreSQL. Assertions are on stored rows and log e
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
+import pytest
 import sqlalchemy as sa
 from structlog.testing import capture_logs
 
@@ -187,6 +190,97 @@ def test_closed_window_expires_waiting_numbers_and_the_tag(rig: Callable[..., Ri
     with r.engine.connect() as conn:
         row = tracking.get_tag(conn, "old")
     assert row is not None and (row["state"], row["next_poll_at"]) == ("expired", None)
+
+
+def test_a_last_poll_that_resolves_every_number_completes_the_tag(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    r.track("late", sent_at=NOW - timedelta(hours=47))
+    r.sim.set_number("late", "+331", "Waiting", date=unix(NOW - timedelta(hours=47)))
+    assert r.poller.poll("late").state == "active"
+    # The window closes; the last poll finds the number delivered: nothing is left to
+    # expire, so the tag is complete, not expired.
+    r.sim.set_number("late", "+331", "Delivered", date=unix(NOW - timedelta(minutes=30)))
+    r.clock.now += timedelta(hours=2)
+    result = r.poller.poll("late")
+    assert (result.state, result.expired) == ("completed", 0)
+    assert r.rows("late")["+331"]["status"] == "delivered"
+    with r.engine.connect() as conn:
+        row = tracking.get_tag(conn, "late")
+    assert row is not None and (row["state"], row["next_poll_at"]) == ("completed", None)
+
+
+def test_a_late_report_for_every_expired_number_completes_an_expired_tag(
+    rig: Callable[..., Rig],
+) -> None:
+    r = rig()
+    r.track("old", sent_at=NOW - timedelta(hours=50))
+    r.sim.set_number("old", "+331", "Waiting", date=unix(NOW - timedelta(hours=50)))
+    assert r.poller.poll("old").state == "expired"
+    r.sim.set_number("old", "+331", "Delivered", date=unix(NOW - timedelta(minutes=5)))
+    r.clock.now += timedelta(minutes=10)
+    result = r.poller.poll("old")  # a manual `poll`: a late report beats our guess
+    assert (result.state, result.counts) == ("completed", {"delivered": 1})
+
+
+def test_a_tag_untracked_during_its_poll_stays_untracked(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    r.track("spring")
+    r.sim.set_number("spring", "+331", "Waiting", date=unix(NOW))
+    assert r.poller.poll("spring").state == "active"
+    r.sim.set_number("spring", "+331", "Delivered", date=unix(NOW + timedelta(minutes=1)))
+    r.sim.inject("slow", tag="spring", seconds=1.0)
+    r.clock.now += timedelta(minutes=2)
+    with ThreadPoolExecutor(1) as pool:
+        polling = pool.submit(r.poller.poll, "spring")
+        deadline = time.monotonic() + 10
+        while r.sim.request_count("spring") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the poll's request is on its way
+        with r.engine.begin() as conn:
+            tracking.untrack(conn, "spring", now=r.clock.now)
+        result = polling.result(timeout=30)
+    # What the poll fetched is kept, but the user's untrack stands: nothing is due.
+    assert result.state == "untracked"
+    assert r.rows("spring")["+331"]["status"] == "delivered"
+    with r.engine.connect() as conn:
+        row = tracking.get_tag(conn, "spring")
+        later = r.clock.now + timedelta(days=1)
+        due = tracking.claim_due(
+            conn, now=later, owner="t", lease_until=later + timedelta(minutes=1), limit=10
+        )
+    assert row is not None and (row["state"], row["next_poll_at"]) == ("untracked", None)
+    assert due == []
+
+
+#: Makes a transaction that wrote a poll_runs row fail at COMMIT, not before: a
+#: deferred check, the way a constraint or a lost connection can fail a commit.
+FAIL_AT_COMMIT = {
+    "sqlite": [
+        "CREATE TABLE guard_parent (id INTEGER PRIMARY KEY)",
+        "CREATE TABLE guard_child (parent INTEGER REFERENCES guard_parent (id)"
+        " DEFERRABLE INITIALLY DEFERRED)",
+        "CREATE TRIGGER guard AFTER INSERT ON poll_runs BEGIN"
+        " INSERT INTO guard_child VALUES (1); END",
+    ],
+    "postgresql": [
+        "CREATE FUNCTION guard() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'commit refused'; END $$",
+        "CREATE CONSTRAINT TRIGGER guard AFTER INSERT ON poll_runs"
+        " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION guard()",
+    ],
+}
+
+
+def test_a_poll_whose_commit_fails_announces_no_opt_out(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    r.track("stop")
+    r.sim.set_number("stop", "+331", "Delivered", date=unix(NOW), stop_sms=True)
+    with r.engine.begin() as conn:
+        for statement in FAIL_AT_COMMIT[conn.dialect.name]:
+            conn.exec_driver_sql(statement)
+    with capture_logs() as logs, pytest.raises(sa.exc.DBAPIError):
+        r.poller.poll("stop")
+    assert [e for e in logs if e["event"] == "stop_sms.opt_out"] == []
+    assert r.count(stop_sms_optouts) == 0
 
 
 def test_resolved_tag_completes_after_the_settle_period(rig: Callable[..., Rig]) -> None:

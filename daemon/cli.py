@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         "poll",
         help="poll one tag now and print a summary",
         description="Poll one tag now, whatever the schedule, tracking it "
-        "first (sent at now) if needed. Exits 1 if the poll fails; 'no "
-        "messages under this tag yet' (code 4) is not a failure.",
+        "first (sent at now) if it is unknown. An untracked tag is polled once "
+        "and stays untracked: 'track' puts it back on the schedule. Exits 1 if "
+        "the poll fails; 'no messages under this tag yet' (code 4) is not a failure.",
     )
     p.add_argument("tag", type=_tag, metavar="TAG")
     p.set_defaults(func=cmd_poll)

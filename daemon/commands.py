@@ -225,7 +225,10 @@ def _summary_line(result: PollResult) -> str:
     )
     if result.skipped:
         text += f", {result.skipped} malformed item(s) skipped"
-    return f"{text}\n  statuses: {counts}\n  tag state: {result.state}"
+    state = result.state
+    if state == "untracked":
+        state += f" (polled once; `smspartner-status track {result.tag}` resumes polling)"
+    return f"{text}\n  statuses: {counts}\n  tag state: {state}"
 
 
 def cmd_poll(ctx: Context, args: argparse.Namespace) -> int:

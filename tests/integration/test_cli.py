@@ -55,6 +55,23 @@ def test_poll_prints_a_summary_and_report_lists_numbers(
     assert_clean(res.out, res.err)
 
 
+def test_poll_of_an_untracked_tag_polls_once_and_keeps_it_untracked(
+    cli_env: dict[str, str], simulator: Simulator
+) -> None:
+    simulator.add_tag("paused", 10, sent_at=simulator.now() - timedelta(hours=2))
+    assert run_cli("track", "paused", env=cli_env).code == 0
+    assert run_cli("untrack", "paused", env=cli_env).code == 0
+    res = run_cli("poll", "paused", env=cli_env)
+    assert res.code == 0, res.err
+    assert "10 numbers seen" in res.out
+    assert "tag state: untracked" in res.out and "track paused` resumes polling" in res.out
+    tags = json.loads(run_cli("tags", "--json", env=cli_env).out)
+    assert [(t["tag"], t["state"], t["next_poll_at"]) for t in tags] == [
+        ("paused", "untracked", None)
+    ]
+    assert_clean(res.out, res.err)
+
+
 def test_poll_of_an_unknown_tag_is_not_a_failure(cli_env: dict[str, str]) -> None:
     res = run_cli("poll", "nothing-yet", env=cli_env)
     assert res.code == 0, res.err

@@ -21,6 +21,7 @@ cannot reach them.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import socket
 import threading
@@ -178,6 +179,14 @@ class HttpServer:
             thread.start()
             self._server, self._thread = server, thread
         log.info("http.started", host=self._host, port=self.port)
+        if self._settings.http_token is None and not _is_loopback(self._host):
+            log.warning(
+                "http.tags_open",
+                host=self._host,
+                port=self.port,
+                hint="POST and DELETE /tags accept any caller that can reach this port; "
+                "set SMSPARTNER_HTTP_TOKEN",
+            )
 
     def stop(self) -> None:
         """Stop serving and close the socket; safe to call twice or before start().
@@ -294,6 +303,17 @@ class HttpServer:
             return _error(HTTPStatus.NOT_FOUND, f"tag {tag!r} is not tracked")
         log.info("http.tag_untracked", tag=tag)
         return _Reply(HTTPStatus.OK, {"tag": tag, "state": "untracked"})
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host`` (a name other than localhost is
+    assumed reachable: the warning it earns is cheap, a wrong guess is not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # --- request bodies and answers -------------------------------------------------------------

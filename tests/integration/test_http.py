@@ -460,6 +460,39 @@ def test_writes_need_the_token_and_it_never_reaches_the_logs(
     assert "Authorization" not in repr(logs)
 
 
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - the case under test: reachable from elsewhere
+
+
+@pytest.mark.parametrize(
+    ("host", "token", "warned"),
+    [(ALL_INTERFACES, None, True), (ALL_INTERFACES, TOKEN, False), ("127.0.0.1", None, False)],
+)
+def test_writes_open_beyond_loopback_are_warned_about(
+    tmp_path: Path, host: str, token: str | None, warned: bool
+) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'open.db'}")
+    overrides: dict[str, object] = {"http_port": 0, **({"http_token": token} if token else {})}
+    server = HttpServer(
+        host=host,
+        port=0,
+        engine=engine,
+        health=Health(Clock()),
+        metrics=Metrics(),
+        settings=load_settings({}, **overrides),
+        clock=Clock(),
+        wake=lambda: None,
+    )
+    try:
+        with capture_logs() as logs:
+            server.start()
+    finally:
+        server.stop()
+        engine.dispose()
+    open_warnings = [e for e in logs if e["event"] == "http.tags_open"]
+    assert len(open_warnings) == (1 if warned else 0)
+    assert all("SMSPARTNER_HTTP_TOKEN" in e["hint"] for e in open_warnings)
+
+
 # --- a database that is down ---------------------------------------------------------------
 
 

@@ -84,13 +84,16 @@ class Context:
         self,
         *,
         sleep: Callable[[float], None] = time.sleep,
+        deadline: Callable[[], float | None] | None = None,
         event_hooks: dict[str, list[Callable[..., Any]]] | None = None,
     ) -> Iterator[Poller]:
         """A poller with its own HTTP client, closed afterwards.
 
         Args:
             sleep: what retries and the rate limit wait with (the daemon's returns early
-                and aborts on shutdown).
+                when shutdown begins).
+            deadline: when a poll must be over, once the daemon is stopping (see
+                ``Daemon.shutdown_deadline``); none by default.
             event_hooks: httpx hooks (the daemon times API requests for its metrics).
         """
         if self.settings.api_key is None:
@@ -110,6 +113,7 @@ class Context:
                 rate_limit_per_second=self.settings.rate_limit_per_second,
                 max_pages=self.settings.max_pages,
                 sleep=sleep,
+                deadline=deadline,
             )
             yield Poller(
                 engine=self.engine, client=client, settings=self.settings, clock=self.clock
@@ -378,6 +382,7 @@ def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
         holder: list[Daemon] = []
         with ctx.poller(
             sleep=lambda seconds: holder[0].interruptible_sleep(seconds),
+            deadline=lambda: holder[0].shutdown_deadline(),
             event_hooks=metrics.httpx_event_hooks(),
         ) as poller:
             daemon = Daemon(

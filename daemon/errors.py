@@ -8,6 +8,7 @@ so callers only ever catch ours::
     SmsPartnerStatusError                 (transient: False unless noted)
     ├── ConfigError                       a setting is missing or invalid
     ├── InputError                        a CLI argument or HTTP body is invalid
+    ├── PollAbandoned                     stopping: this poll cannot end by the deadline
     ├── ApiError                          the SMS Partner boundary
     │   ├── AuthError                     codes 1/10: key missing or wrong
     │   ├── NoMessagesError               code 4: nothing under this tag (yet)
@@ -44,6 +45,22 @@ class ConfigError(SmsPartnerStatusError):
 
 class InputError(SmsPartnerStatusError):
     """A CLI argument or HTTP body is invalid; the message names the field."""
+
+
+class PollAbandoned(SmsPartnerStatusError):
+    """The daemon is stopping and this poll cannot finish before its shutdown deadline.
+
+    Not a failure of the provider nor of the database, so not an :class:`ApiError`: the
+    poller lets it through without writing anything (no ``poll_runs`` row, the tag's
+    counters and schedule untouched), and the tag, still due, is polled at the next start.
+
+    Attributes:
+        pages: pages fetched before the poll was abandoned.
+    """
+
+    def __init__(self, message: str, *, pages: int = 0) -> None:
+        super().__init__(message)
+        self.pages = pages
 
 
 class ApiError(SmsPartnerStatusError):

@@ -111,6 +111,8 @@ class Poller:
         Raises:
             InputError: the tag is not tracked.
             DatabaseUnavailableError: the database failed; nothing of this poll is kept.
+            PollAbandoned: the daemon is stopping and the fetch could not end in time;
+                nothing of this poll is written, the tag stays due.
         """
         now = self._clock()
         fetched, error, outcome = FetchResult([], 0, 0, 0, "empty_page"), None, "ok"

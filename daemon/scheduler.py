@@ -12,8 +12,9 @@ dispatcher:
    replicas, the in-flight set guards this one.
 
 Codes 1/10 pause all claiming for five minutes, then one tag is polled as a probe. On
-SIGTERM/SIGINT the daemon stops claiming, lets polls in flight finish and commit (a poll
-waiting to retry gives up at once), releases its leases and exits 0.
+SIGTERM/SIGINT the daemon stops claiming and lets polls in flight finish and commit, as
+long as they can before :data:`SHUTDOWN_GRACE` runs out; a poll that cannot is abandoned
+without writing anything (the tag stays due). Then it releases its leases and exits 0.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -36,21 +38,25 @@ from sqlalchemy.engine import Engine
 
 from daemon import tracking
 from daemon.db import UNAVAILABLE_ERRORS, write_transaction
-from daemon.errors import DatabaseUnavailableError, TransientApiError
+from daemon.errors import DatabaseUnavailableError, PollAbandoned
 from daemon.health import Health, Notifier, write_heartbeat
 from daemon.poller import AUTH_RETRY, PollResult
 
 log = structlog.get_logger(__name__)
 
 #: How long a claimed tag stays leased without renewal (a crashed replica's tags are
-#: taken over after this). Renewed on every dispatch while the poll runs.
+#: taken over after this). Renewed on every dispatch while the poll runs, and by
+#: ``run --once`` every third of it.
 LEASE = timedelta(seconds=60)
+#: How long polls in flight may go on after SIGTERM: the daemon must exit 0 within 10 s
+#: of the signal (design.md), and the 2 s left are for the last commits, releasing the
+#: leases and exiting. A poll that cannot end by then is abandoned between two pages or
+#: before a wait (rate limit, retry) that would cross it. An HTTP request already sent
+#: cannot be interrupted, though: one started just before the deadline may hold the exit
+#: back by up to ``SMSPARTNER_HTTP_TIMEOUT_SECONDS``.
+SHUTDOWN_GRACE = 8.0
 #: How often the maintenance job (retention) runs; its first run is at start.
 MAINTENANCE_INTERVAL = timedelta(days=1)
-
-
-class ShutdownRequested(TransientApiError):
-    """Raised inside a poll waiting to retry when the daemon is stopping."""
 
 
 class PollFn(Protocol):
@@ -87,6 +93,7 @@ class Daemon:
         dispatch_interval: float = 2.0,
         owner: str | None = None,
         maintenance: Callable[[], None] | None = None,
+        lease: timedelta = LEASE,
     ) -> None:
         self._engine = engine
         self._poll = poll
@@ -100,23 +107,36 @@ class Daemon:
         self._heartbeat_failing = False
         self._interval = dispatch_interval
         self._maintenance = maintenance
+        self._lease = lease
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="poll")
         self._lock = threading.Lock()
         self._in_flight: dict[str, Future[None]] = {}
         self._stopping = threading.Event()
+        self._shutdown_deadline: float | None = None  # time.monotonic(), set by stop()
         self._auth_paused_until: datetime | None = None
         self._scheduler: BackgroundScheduler | None = None
         # run --once: only tags due at the pass's start; a polled tag is due again later.
         self._once_cutoff: datetime | None = None
         self.stats = DaemonStats()
 
-    # --- the stop signal seen by polls waiting to retry --------------------------------
+    # --- the shutdown deadline, as the API client sees it ------------------------------
 
     def interruptible_sleep(self, seconds: float) -> None:
-        """A ``sleep`` for the API client: returns early and aborts when stopping."""
-        if self._stopping.wait(seconds):
-            raise ShutdownRequested("stopped while waiting to retry; nothing was written")
+        """The API client's ``sleep``: returns early when shutdown begins, once.
+
+        The client then checks whether its wait still ends before
+        :meth:`shutdown_deadline` and, if so, sleeps the rest (a plain sleep by then).
+        """
+        if self._stopping.is_set():
+            time.sleep(seconds)
+        else:
+            self._stopping.wait(seconds)
+
+    def shutdown_deadline(self) -> float | None:
+        """The API client's ``deadline``: None until :meth:`stop`, then when polls in
+        flight must be over (``time.monotonic()``), :data:`SHUTDOWN_GRACE` after it."""
+        return self._shutdown_deadline
 
     @property
     def stopping(self) -> bool:
@@ -173,14 +193,14 @@ class Daemon:
                     free = min(free, 1)  # one probe poll tells whether the key works again
                     self._auth_paused_until = now + AUTH_RETRY
         with write_transaction(self._engine) as conn:
-            tracking.renew_leases(conn, in_flight, owner=self.owner, lease_until=now + LEASE)
+            tracking.renew_leases(conn, in_flight, owner=self.owner, lease_until=now + self._lease)
             filled = tracking.fill_missing_windows(conn, window=self._window, now=now)
             tags = (
                 tracking.claim_due(
                     conn,
                     now=self._once_cutoff or now,
                     owner=self.owner,
-                    lease_until=now + LEASE,
+                    lease_until=now + self._lease,
                     limit=free,
                     exclude=exclude,
                 )
@@ -209,6 +229,10 @@ class Daemon:
         while tag is not None:
             try:
                 result = self._poll(tag)
+            except PollAbandoned as exc:
+                # Nothing of it was written: the tag is still due, its lease goes with
+                # the others at the end of the shutdown, and the next start polls it.
+                log.warning("poll.abandoned", tag=tag, pages=exc.pages, reason=str(exc))
             except DatabaseUnavailableError as exc:
                 self._health.database(str(exc))
                 self._health.poll_finished(False)
@@ -240,7 +264,7 @@ class Daemon:
                     conn,
                     now=self._once_cutoff or now,
                     owner=self.owner,
-                    lease_until=now + LEASE,
+                    lease_until=now + self._lease,
                     limit=1,
                     exclude=exclude,
                 )
@@ -296,13 +320,20 @@ class Daemon:
         """Poll every due tag once, then return (``run --once``, for cron jobs)."""
         self._once_cutoff = self._clock()
         while True:
-            if self._auth_paused_until is None:  # a wrong key would fail every tag alike
-                self._claim_and_submit(self._clock())
+            # Renews the leases of the polls in flight, and claims what the pool can take
+            # (nothing while a wrong key pauses polling: it would fail every tag alike).
+            self._claim_and_submit(self._clock())
             with self._lock:
                 futures = list(self._in_flight.values())
             if not futures:
                 break
-            wait(futures, return_when=FIRST_COMPLETED)
+            # Wake well before the leases run out even when every poll is long, or a
+            # replica running `run` on the same database could claim a tag still polled.
+            wait(
+                futures,
+                timeout=self._lease.total_seconds() / 3,
+                return_when=FIRST_COMPLETED,
+            )
         self._drain()
         return self.stats
 
@@ -333,9 +364,14 @@ class Daemon:
         log.info("daemon.started", owner=self.owner, concurrency=self._concurrency)
 
     def stop(self) -> None:
-        """Stop claiming, let polls in flight finish and commit, release leases."""
+        """Stop claiming, let polls in flight finish and commit, release leases.
+
+        Polls that cannot finish within :data:`SHUTDOWN_GRACE` are abandoned.
+        """
         if self._stopping.is_set():
             return
+        # Before the event: a sleeping poll woken by it must find the deadline set.
+        self._shutdown_deadline = time.monotonic() + SHUTDOWN_GRACE
         self._stopping.set()
         self._notifier.notify("STOPPING=1")
         log.info("daemon.stopping", in_flight=len(self._in_flight))

@@ -25,6 +25,11 @@ each page, check in this order:
 Hence a server that ignores ``page`` costs two requests (three at most), never a loop.
 Reports come back in the order received, duplicates included: merging is the poller's
 job (:func:`daemon.status.merge_reports`), so this module never decides which wins.
+
+When the daemon stops, it gives fetches a deadline (``deadline``, on the ``monotonic``
+clock). Pages keep coming at the usual rate until then; a page that would start after it,
+or a wait (rate limit, retry) that would end after it, abandons the fetch with
+:class:`~daemon.errors.PollAbandoned`, which is not an :class:`~daemon.errors.ApiError`.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from daemon.errors import (
     ConfigError,
     NoMessagesError,
     PermanentApiError,
+    PollAbandoned,
     RateLimitedError,
     SmsPartnerStatusError,
     TransientApiError,
@@ -225,6 +231,10 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, SmsPartnerStatusError) and exc.transient
 
 
+def _no_deadline() -> float | None:
+    return None
+
+
 class SmsPartnerClient:
     """Fetches every delivery report under a tag, page by page, politely and safely.
 
@@ -240,8 +250,13 @@ class SmsPartnerClient:
         retry_backoff: base of the full-jitter exponential backoff, in seconds.
         rate_limit_per_second: client-side request rate; 0 or less turns it off.
         max_pages: hard cap on pages per fetch.
-        sleep: injected so tests never wait for real.
-        monotonic: injected clock for the rate limiter.
+        sleep: injected so tests never wait for real. It may return early (the
+            daemon's does when shutdown begins): the wait is then checked against the
+            deadline again and the rest of it slept.
+        monotonic: injected clock for the rate limiter and the deadline.
+        deadline: returns when a fetch must be over, on the ``monotonic`` clock, or
+            None while there is no deadline (the daemon sets one when it stops). None,
+            the default, means never.
 
     Raises:
         ConfigError: ``base_url`` is not an http(s) URL.
@@ -259,6 +274,7 @@ class SmsPartnerClient:
         max_pages: int = 1000,
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
+        deadline: Callable[[], float | None] | None = None,
     ) -> None:
         self._http = http
         self._api_key = api_key
@@ -275,7 +291,9 @@ class SmsPartnerClient:
         self._retry_backoff = max(0.0, retry_backoff)
         self._max_pages = max(1, max_pages)
         self._sleep = sleep
-        self._bucket = _TokenBucket(rate_limit_per_second, sleep=sleep, monotonic=monotonic)
+        self._monotonic = monotonic
+        self._deadline = deadline or _no_deadline
+        self._bucket = _TokenBucket(rate_limit_per_second, sleep=self._pause, monotonic=monotonic)
 
     def __repr__(self) -> str:
         return f"SmsPartnerClient(url={redact(self._url, self._api_key)!r}, api_key='***')"
@@ -296,6 +314,7 @@ class SmsPartnerClient:
             RateLimitedError: still rate limited after every retry.
             TransientApiError: transport errors, 5xx or unreadable bodies after retries.
             PermanentApiError: anything the provider would refuse again.
+            PollAbandoned: the deadline came first; ``pages`` says how far it got.
         """
         parser = ItemParser(tag)
         reports: list[Report] = []
@@ -307,6 +326,9 @@ class SmsPartnerClient:
                 reason = "max_pages"
                 break
             try:
+                # Checked between pages too, so a long fetch stops in time even when
+                # nothing sleeps (rate limit off, or its slot already free).
+                self._abandon_if_late(self._monotonic(), f"page {page} would start")
                 envelope = self._fetch_page(tag, page)
             except NoMessagesError:
                 if page == 1:
@@ -315,6 +337,9 @@ class SmsPartnerClient:
                 pages += 1
                 reason = "empty_page"
                 break
+            except PollAbandoned as exc:
+                exc.pages = pages  # our own exception: amending it is safe
+                raise
             pages += 1
             if envelope.current_page is not None and envelope.current_page != page:
                 reason = "page_mismatch"
@@ -367,11 +392,11 @@ class SmsPartnerClient:
             return call()
 
         retrying = tenacity.Retrying(
-            sleep=self._sleep,
+            sleep=self._pause,
             stop=tenacity.stop_after_attempt(self._max_retries + 1),
             wait=self._wait,
             retry=tenacity.retry_if_exception(_is_transient),
-            before_sleep=self._log_retry,
+            before_sleep=self._before_retry,
             reraise=True,
         )
         try:
@@ -391,7 +416,10 @@ class SmsPartnerClient:
         ceiling = min(self._retry_backoff * 2 ** (retry_state.attempt_number - 1), MAX_BACKOFF)
         return random.uniform(0.0, ceiling)
 
-    def _log_retry(self, retry_state: tenacity.RetryCallState) -> None:
+    def _before_retry(self, retry_state: tenacity.RetryCallState) -> None:
+        """Log the retry about to be waited for, unless it would come past the deadline."""
+        wait = retry_state.upcoming_sleep
+        self._abandon_if_late(self._monotonic() + wait, f"a retry in {wait:.1f} s would come")
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         _log.warning(
             "api.retry_scheduled",
@@ -400,6 +428,31 @@ class SmsPartnerClient:
             error=redact(str(exc), self._api_key),
             error_type=type(exc).__name__,
         )
+
+    # --- waiting, within the shutdown deadline -----------------------------------------
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` (the rate limit, a retry) unless it would end past the deadline.
+
+        Raises:
+            PollAbandoned: the wait would end after the deadline, known before or during it.
+        """
+        wake_at = self._monotonic() + seconds
+        self._abandon_if_late(wake_at, f"a wait of {seconds:.1f} s would end")
+        self._sleep(seconds)
+        if self._deadline() is not None:
+            # The daemon's sleep returns early when shutdown begins: decide again, now
+            # that the deadline is known, and sleep the rest.
+            self._abandon_if_late(wake_at, f"a wait of {seconds:.1f} s would end")
+            rest = wake_at - self._monotonic()
+            if rest > 0:
+                self._sleep(rest)
+
+    def _abandon_if_late(self, moment: float, what: str) -> None:
+        """Raise :class:`PollAbandoned` when ``moment`` is past the deadline, if any."""
+        deadline = self._deadline()
+        if deadline is not None and moment > deadline:
+            raise PollAbandoned(f"the daemon is stopping: {what} after its shutdown deadline")
 
     # --- one HTTP request -------------------------------------------------------------
 

@@ -100,6 +100,7 @@ def main() -> None:
                 base_url=url,
                 rate_limit_per_second=0,
                 sleep=lambda s: holder[0].interruptible_sleep(s),
+                deadline=lambda: holder[0].shutdown_deadline(),
             )
             poller = Poller(engine=engine, client=client, settings=settings, clock=clock)
             daemon = Daemon(

@@ -168,6 +168,7 @@ def live_daemon(tmp_path: Any, simulator: Simulator) -> Iterator[Callable[..., D
             retry_backoff=0.01,
             rate_limit_per_second=0,
             sleep=lambda s: holder[0].interruptible_sleep(s),
+            deadline=lambda: holder[0].shutdown_deadline(),
         )
         poller = Poller(engine=engine, client=client, settings=settings, clock=clock)
         daemon = Daemon(

@@ -22,6 +22,7 @@ from daemon.errors import (
     ConfigError,
     NoMessagesError,
     PermanentApiError,
+    PollAbandoned,
     RateLimitedError,
     TransientApiError,
 )
@@ -725,6 +726,154 @@ def test_rate_limit_off_never_sleeps(clock: FakeClock) -> None:
     client.fetch_tag("t")
     assert len(server.requests) == 2
     assert clock.sleeps == []
+
+
+# --- the shutdown deadline -----------------------------------------------------------
+
+
+class Deadline:
+    """What the daemon gives the client: None until shutdown, then a monotonic time."""
+
+    def __init__(self, at: float | None = None) -> None:
+        self.at = at
+
+    def __call__(self) -> float | None:
+        return self.at
+
+
+def timed_pages(clock: FakeClock, seconds: float, on_page: Callable[[int], None]) -> Handler:
+    """An endless tag whose every request takes ``seconds`` of the fake clock."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        page = int(request.url.params["page"])
+        on_page(page)
+        clock.now += seconds
+        return httpx.Response(200, json=body(numbers(page * 10, 10)))
+
+    return handler
+
+
+def test_deadline_abandons_a_long_fetch_between_pages_with_the_rate_limit_off(
+    clock: FakeClock,
+) -> None:
+    deadline = Deadline()
+
+    def shutdown_during_page_3(page: int) -> None:
+        if page == 3:
+            deadline.at = clock.now + 2.5  # SIGTERM while page 3 is being fetched
+
+    client, server = make_client(
+        timed_pages(clock, 1.0, shutdown_during_page_3),
+        clock,
+        rate_limit_per_second=0,
+        max_pages=1000,
+        deadline=deadline,
+    )
+    with pytest.raises(PollAbandoned) as caught:
+        client.fetch_tag("t")
+    # Pages 4 and 5 still start before the deadline; page 6 would start after it.
+    assert server.pages == [1, 2, 3, 4, 5]
+    assert caught.value.pages == 5
+    assert "page 6 would start after its shutdown deadline" in str(caught.value)
+    assert not isinstance(caught.value, ApiError)  # not a provider failure
+    assert clock.sleeps == []
+
+
+def test_rate_limited_pages_go_on_as_usual_before_the_deadline(clock: FakeClock) -> None:
+    def eight_numbers(request: httpx.Request) -> httpx.Response:
+        page = int(request.url.params["page"])
+        return httpx.Response(200, json=body(numbers(page, 1), total=8))
+
+    client, server = make_client(
+        eight_numbers, clock, rate_limit_per_second=4, deadline=Deadline(clock.now + 8)
+    )
+    result = client.fetch_tag("t")
+    assert (result.pages, result.stop_reason, len(result.reports)) == (8, "total_reached", 8)
+    assert server.pages == list(range(1, 9))
+    assert clock.sleeps == [0.25] * 7
+
+
+def test_a_rate_limit_wait_past_the_deadline_abandons(clock: FakeClock) -> None:
+    client, server = make_client(
+        timed_pages(clock, 0.0, lambda page: None),
+        clock,
+        rate_limit_per_second=0.5,  # one request every 2 s
+        deadline=Deadline(clock.now + 5),
+    )
+    with pytest.raises(PollAbandoned) as caught:
+        client.fetch_tag("t")
+    assert server.pages == [1, 2, 3]  # at +0, +2 and +4 s; +6 s is too late
+    assert caught.value.pages == 3
+    assert clock.sleeps == [2.0, 2.0]
+
+
+def test_a_retry_that_would_come_past_the_deadline_is_not_scheduled(clock: FakeClock) -> None:
+    client, server = make_client(
+        lambda r: httpx.Response(429, headers={"Retry-After": "30"}),
+        clock,
+        deadline=Deadline(clock.now + 8),
+    )
+    with capture_logs() as logs, pytest.raises(PollAbandoned) as caught:
+        client.fetch_tag("t")
+    assert len(server.requests) == 1 and caught.value.pages == 0
+    assert "a retry in 30.0 s would come after its shutdown deadline" in str(caught.value)
+    assert clock.sleeps == []
+    assert not [e for e in logs if e["event"] == "api.retry_scheduled"]
+
+
+def test_a_retry_before_the_deadline_still_happens(clock: FakeClock) -> None:
+    answers = iter(
+        [httpx.Response(429, headers={"Retry-After": "3"}), httpx.Response(200, json=body([]))]
+    )
+    client, server = make_client(lambda r: next(answers), clock, deadline=Deadline(clock.now + 8))
+    with capture_logs() as logs:
+        assert client.fetch_tag("t").stop_reason == "empty_page"
+    assert clock.sleeps == [3.0] and len(server.requests) == 2
+    assert [e["event"] for e in logs].count("api.retry_scheduled") == 1
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "abandoned"), [(30.0, True), (5.0, False)], ids=["too-long", "fits"]
+)
+def test_a_wait_cut_short_by_shutdown_is_decided_again(
+    clock: FakeClock, retry_after: float, abandoned: bool
+) -> None:
+    """The daemon's sleep returns as soon as shutdown begins; the client then knows the
+    deadline, gives up a wait that would end after it and finishes one that would not."""
+    deadline = Deadline()
+    slept: list[float] = []
+
+    def daemon_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if deadline.at is None:  # SIGTERM 1 s into the wait
+            clock.now += 1.0
+            deadline.at = clock.now + 8
+        else:
+            clock.sleep(seconds)
+
+    answers = iter(
+        [
+            httpx.Response(429, headers={"Retry-After": f"{retry_after:g}"}),
+            httpx.Response(200, json=body([])),
+        ]
+    )
+    server = Server(lambda r: next(answers))
+    client = SmsPartnerClient(
+        httpx.Client(transport=httpx.MockTransport(server)),
+        api_key=KEY,
+        base_url=BASE_URL,
+        rate_limit_per_second=0,
+        sleep=daemon_sleep,
+        monotonic=clock.monotonic,
+        deadline=deadline,
+    )
+    if abandoned:
+        with pytest.raises(PollAbandoned):
+            client.fetch_tag("t")
+        assert (slept, len(server.requests)) == ([30.0], 1)
+    else:
+        assert client.fetch_tag("t").stop_reason == "empty_page"
+        assert (slept, len(server.requests)) == ([5.0, 4.0], 2)  # the rest of the wait
 
 
 def test_error_bodies_are_json_serialisable_in_logs(clock: FakeClock) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 from daemon import tracking
 from daemon.db import tracked_tags
 from daemon.errors import InputError
-from daemon.status import parse_timestamp, tag_problem
+from daemon.status import parse_sent_at, tag_problem
 
 _COLUMNS = ("tag", "sent_at")
 
@@ -92,12 +92,9 @@ def _csv_row(text: str, columns: list[str], where: str, number: int) -> TagLine:
     sent_at = None
     if row.get("sent_at"):
         try:
-            sent_at = parse_timestamp(row["sent_at"])
-        except ValueError:
-            raise InputError(
-                f"{where}: sent_at {row['sent_at']!r} is not an ISO-8601 date-time like "
-                "2026-11-26T09:00:00Z"
-            ) from None
+            sent_at = parse_sent_at(row["sent_at"])
+        except ValueError as exc:
+            raise InputError(f"{where}: sent_at {exc}") from None
     return TagLine(_check_tag(row["tag"], where), sent_at, number)
 
 

@@ -4,10 +4,10 @@ This module owns the parser (every verb, option, help text and argument type) an
 ``main()``, which parses arguments, builds the settings once, configures logging, then
 builds the Context (engine, HTTP client, SMS Partner client and poller, each made when a
 verb first asks) and hands it to the verb. What the verbs do lives in
-``daemon.commands``. Every expected error (our exception tree) becomes one ``error: …``
-line on stderr and a non-zero exit: 2 for bad input or configuration, 1 for a failure at
-run time. Only the entry points (``daemon.__main__`` and the console script) import this
-module.
+``daemon.commands``. Every expected error (our exception tree, and a database failing
+a verb's statement) becomes one ``error: …`` line on stderr and a non-zero exit: 2 for
+bad input or configuration, 1 for a failure at run time. Only the entry points
+(``daemon.__main__`` and the console script) import this module.
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ from daemon.commands import (
     cmd_untrack,
     utcnow,
 )
+from daemon.db import UNAVAILABLE_ERRORS
 from daemon.errors import ConfigError, InputError, SmsPartnerStatusError
 from daemon.log import configure_logging
+from daemon.output import print_error
 from daemon.poller import tune_gc
 from daemon.settings import load_settings
-from daemon.status import parse_duration, parse_timestamp, tag_problem
+from daemon.status import parse_duration, parse_sent_at, tag_problem
 
 EXAMPLES = """\
 examples:
@@ -71,14 +73,12 @@ def _tag(value: str) -> str:
     return value
 
 
-def parse_sent_at(value: str) -> datetime:
-    """ISO-8601 date-time; without an offset it is taken as UTC."""
+def _sent_at(value: str) -> datetime:
+    """ISO-8601 date-time; without an offset it is taken as UTC (status.parse_sent_at)."""
     try:
-        return parse_timestamp(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--sent-at: {value!r} is not an ISO-8601 date-time like 2026-11-26T09:00:00Z"
-        ) from None
+        return parse_sent_at(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None  # argparse names the option
 
 
 def _age(value: str) -> timedelta:
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sent-at",
-        type=parse_sent_at,
+        type=_sent_at,
         metavar="ISO-8601",
         help="when the campaign was sent (default: now; no offset means UTC); "
         "the report window and the poll cadence count from it",
@@ -291,10 +291,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx = Context(settings=settings, clock=utcnow)
         return int(args.func(ctx, args))
     except (ConfigError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     except SmsPartnerStatusError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
+        return 1
+    except UNAVAILABLE_ERRORS as exc:
+        # A verb's own statement failed: a read-only SQLite file, a server that went
+        # away mid-command. Only the driver's message: the SQL and its parameters are
+        # noise here, and the URL is shown with its password masked.
+        where = ctx.settings.safe_database_url if ctx is not None else "database"
+        print_error(f"database {where}: {getattr(exc, 'orig', None) or exc}")
         return 1
     except KeyboardInterrupt:
         return 130

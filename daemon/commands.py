@@ -39,7 +39,7 @@ from daemon.health import (
 )
 from daemon.http import HttpServer
 from daemon.metrics import Metrics
-from daemon.output import SUMMARY_COLUMNS, TAG_COLUMNS, iso, print_json, table
+from daemon.output import SUMMARY_COLUMNS, TAG_COLUMNS, iso, print_error, print_json, table
 from daemon.poller import Poller, PollResult
 from daemon.scheduler import Daemon
 from daemon.settings import Settings
@@ -252,7 +252,7 @@ def cmd_poll(ctx: Context, args: argparse.Namespace) -> int:
     with ctx.poller() as poller:
         result = poller.poll(args.tag)
     if not result.ok:
-        print(f"error: poll of {args.tag!r} failed: {result.error}", file=sys.stderr)
+        print_error(f"poll of {args.tag!r} failed: {result.error}")
         return 1
     if result.no_messages:
         print(f"polled {args.tag!r}: no messages under this tag yet (tag state: {result.state})")
@@ -433,7 +433,7 @@ def _run_once(daemon: Daemon) -> int:
         f"polled {stats.polls} tag(s): {stats.polls - stats.failures} ok, {stats.failures} failed"
     )
     for result in failed:
-        print(f"error: poll of {result.tag!r} failed: {result.error}", file=sys.stderr)
+        print_error(f"poll of {result.tag!r} failed: {result.error}")
     return 1 if stats.failures else 0
 
 

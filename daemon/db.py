@@ -27,7 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from daemon.errors import DatabaseBusyError
+from daemon.errors import ConfigError, DatabaseBusyError
 from daemon.status import Status
 
 
@@ -340,12 +340,17 @@ def create_engine(url: str, *, echo: bool = False) -> Engine:
     SQLite: WAL (readers never block the writer: BI tools can read while we poll), a
     busy timeout instead of instant "database is locked", foreign keys on.
     PostgreSQL: pre-ping so a restarted server costs one failed checkout, not a crash.
+
+    Raises:
+        ConfigError: a SQLite file's directory cannot be created, or the file created.
     """
     sa_url = sa.engine.make_url(url)
     if sa_url.get_backend_name() == "sqlite":
-        database = sa_url.database
-        if database and database != ":memory:":
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path = _sqlite_file(url)
+        if path is not None:
+            _make_directory(path)
+            if not sa_url.query.get("uri"):  # a file: URI is not a plain path
+                _create_file(path)
         engine = sa.create_engine(url, echo=echo, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -380,6 +385,57 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL; None for other databases and in-memory SQLite."""
+    sa_url = sa.engine.make_url(url)
+    if sa_url.get_backend_name() != "sqlite" or sa_url.database in (None, "", ":memory:"):
+        return None
+    return Path(str(sa_url.database)).expanduser()
+
+
+def _path_error(what: str, exc: OSError) -> ConfigError:
+    """A file-system failure on the database's path, as a configuration error.
+
+    A directory that cannot be created or written is a deployment mistake (a read-only
+    container filesystem, a systemd service without its StateDirectory): the user fixes
+    the path or its permissions, so it is reported like a bad setting.
+    """
+    return ConfigError(f"SMSPARTNER_DATABASE_URL: {what}: {exc.strerror or exc}")
+
+
+def _make_directory(path: Path) -> None:
+    """Create the directory of a SQLite file (and its parents) if missing.
+
+    Raises:
+        ConfigError: it cannot be created (no permission, read-only, a file in the way).
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        # exc.filename is the component that failed, not always the last one.
+        raise _path_error(f"cannot create directory {exc.filename or path.parent}", exc) from None
+
+
+def _create_file(path: Path) -> None:
+    """Create an empty SQLite file if there is none (an empty file is an empty database).
+
+    SQLite would create it on the first connection, but report a directory it cannot
+    write in only as "unable to open database file"; creating it here gives the reason.
+    An existing file is left alone, even read-only: reading it still works.
+
+    Raises:
+        ConfigError: the file does not exist and cannot be created.
+    """
+    if path.exists():
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))  # SQLite's mode
+    except FileExistsError:
+        pass  # created meanwhile by another process: fine
+    except OSError as exc:
+        raise _path_error(f"cannot create {path.name} in directory {path.parent}", exc) from None
+
+
 def sqlite_run_lock(url: str) -> TextIO | None:
     """Make sure only one ``run`` writes a SQLite file; None for other databases.
 
@@ -388,13 +444,18 @@ def sqlite_run_lock(url: str) -> TextIO | None:
 
     Raises:
         DatabaseBusyError: another daemon holds it.
+        ConfigError: the directory cannot be created, or the lock file opened.
     """
-    sa_url = sa.engine.make_url(url)
-    if sa_url.get_backend_name() != "sqlite" or sa_url.database in (None, "", ":memory:"):
+    found = _sqlite_file(url)
+    if found is None:
         return None
-    path = Path(str(sa_url.database)).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path.with_name(path.name + ".lock"), "a+", encoding="utf-8")  # noqa: SIM115
+    path = found.resolve()
+    _make_directory(path)
+    lock = path.with_name(path.name + ".lock")
+    try:
+        handle = open(lock, "a+", encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise _path_error(f"cannot open the lock file {lock} in {path.parent}", exc) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

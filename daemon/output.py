@@ -7,6 +7,7 @@ the output stays stable for scripts that grep it.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -91,3 +92,12 @@ def cell(value: Any) -> str:
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=plain))
+
+
+def print_error(message: str) -> None:
+    """Print one ``error: …`` line on stderr, however many lines ``message`` spans.
+
+    Driver messages can span lines (psycopg's "…refused\n\tIs the server running…");
+    scripts, ``journalctl`` and log collectors expect one line per error.
+    """
+    print("error: " + " ".join(message.split()), file=sys.stderr)

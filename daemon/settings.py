@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from daemon.errors import ConfigError
-from daemon.status import CadenceStep, parse_cadence
+from daemon.status import MAX_REPORT_WINDOW, CadenceStep, parse_cadence
 
 ENV_PREFIX = "SMSPARTNER_"
 #: Settings that may be read from files (``*_FILE`` or systemd credentials).
@@ -31,8 +31,9 @@ SECRET_FIELDS = ("api_key", "http_token", "database_url")
 class Settings(BaseSettings):
     """Everything the daemon can be told; names are public API (see README)."""
 
+    # allow_inf_nan=False: "inf" or "nan" is never a sensible number of seconds or hours.
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True, allow_inf_nan=False
     )
 
     api_key: SecretStr | None = None
@@ -62,6 +63,16 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: object) -> object:
         # `SMSPARTNER_API_KEY=` as copied from .env.example means "not set".
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("report_window_hours")
+    @classmethod
+    def _check_report_window(cls, value: float) -> float:
+        limit = MAX_REPORT_WINDOW / timedelta(hours=1)
+        if value > limit:
+            raise ValueError(
+                f"must be at most {limit:g} hours (a year); SMS Partner documents 48 hours"
+            )
+        return value
 
     @field_validator("base_url")
     @classmethod

@@ -3,6 +3,7 @@ PostgreSQL cluster), the simulator on loopback, and the CLI as a subprocess."""
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import shutil
@@ -10,7 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,8 +205,16 @@ def cli_env(tmp_path: Path, simulator: Simulator) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> CliResult:
-    """Run ``python -m daemon ARGS`` as a user would, and capture everything."""
+def run_cli(
+    *args: str,
+    env: dict[str, str],
+    timeout: float = 60,
+    preexec_fn: Callable[[], None] | None = None,
+) -> CliResult:
+    """Run ``python -m daemon ARGS`` as a user would, and capture everything.
+
+    ``preexec_fn`` runs in the child before the CLI starts (see :func:`as_service_user`).
+    """
     proc = subprocess.run(
         [sys.executable, "-m", "daemon", *args],
         env=env,
@@ -213,5 +222,39 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> CliResult:
         text=True,
         timeout=timeout,
         check=False,
+        preexec_fn=preexec_fn,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+#: prctl(2) option and capabilities(7) numbers for :func:`as_service_user`.
+_PR_CAPBSET_DROP, _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 24, 1, 2
+
+
+def as_service_user() -> None:
+    """A ``preexec_fn`` that makes root obey file permissions, as a service user does.
+
+    Tests often run as root (containers, CI), and root writes anywhere: drop the
+    capabilities that bypass permission checks from the bounding set, so the CLI the
+    child execs has none of them. A no-op for other users.
+
+    Raises:
+        OSError: the capabilities cannot be dropped (see :func:`permissions_apply`).
+    """
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def permissions_apply(target: Path) -> bool:
+    """Whether a CLI run with :func:`as_service_user` is refused opening ``target`` for
+    writing (a file that exists, or a new one in a directory)."""
+    probe = [sys.executable, "-c", f"open({str(target)!r}, 'a')"]
+    try:
+        proc = subprocess.run(probe, preexec_fn=as_service_user, capture_output=True, check=False)
+    except subprocess.SubprocessError:  # the capabilities could not be dropped
+        return False
+    return proc.returncode != 0 and b"PermissionError" in proc.stderr

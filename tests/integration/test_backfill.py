@@ -97,6 +97,11 @@ def test_csv_with_sent_at_optional_per_row(tmp_path: Path, env: dict[str, str]) 
         (["tag,sent_at", "spring,2026-11-26,x"], "f.csv:2: expected 2 field(s)"),
         (["tag", '"spring'], "f.csv:2: not a CSV line"),
         (["ok", "x" * 65], "f.csv:2: invalid tag 'xxx"),
+        (
+            ["tag,sent_at", "far,9999-12-31T23:00:00Z"],
+            "f.csv:2: sent_at '9999-12-31T23:00:00Z' is too far in the future",
+        ),
+        (["tag,sent_at", "a,0001-01-01T00:00:00+01:00"], "f.csv:2: sent_at '0001-01-01T00:0"),
     ],
 )
 def test_a_bad_line_is_named(lines: list[str], message: str) -> None:
@@ -111,6 +116,21 @@ def test_a_bad_line_writes_nothing(tmp_path: Path, env: dict[str, str]) -> None:
     assert res.err == f"error: {tmp_path / 'tags.txt'}:3: invalid tag 'autumn sale': " + (
         "tag must not contain whitespace\n"
     )
+    assert stored(env) == {}
+
+
+def test_a_sent_at_too_far_in_the_future_writes_nothing(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    res = track_file(tmp_path, env, "tag,sent_at\nspring,\nfar,9999-12-31T23:00:00Z\n")
+    assert res.code == 2
+    assert res.err == (
+        f"error: {tmp_path / 'tags.txt'}:3: sent_at '9999-12-31T23:00:00Z' is too far in the "
+        "future: its report window would end after the year 9999\n"
+    )
+    assert stored(env) == {}
+    res = track_file(tmp_path, env, "spring\n", "--sent-at", "9999-12-31T23:00:00Z")
+    assert res.code == 2 and "--sent-at" in res.err and res.err.count("\n") == 1
     assert stored(env) == {}
 
 

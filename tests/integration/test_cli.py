@@ -4,12 +4,14 @@ Checks exit codes, what is printed, and that no secret and no traceback ever sho
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 from daemon.simulator import Simulator
-from tests.conftest import API_KEY, run_cli
+from tests.conftest import API_KEY, as_service_user, permissions_apply, run_cli
 
 
 def assert_clean(*outputs: str) -> None:
@@ -119,6 +121,10 @@ def test_retries_exhausted_exit_non_zero(cli_env: dict[str, str], simulator: Sim
         (("track", "has space"), "whitespace"),
         (("track", "x" * 65), "at most 64"),
         (("track", "ok", "--sent-at", "yesterday"), "--sent-at"),
+        (("track", "far", "--sent-at", "9999-12-31T23:00:00Z"), "--sent-at: '9999-12-31T23"),
+        (("track", "far", "--sent-at", "9999-12-31T23:00:00Z"), "too far in the future"),
+        (("track", "early", "--sent-at", "0001-01-01T00:00:00+01:00"), "--sent-at: '0001"),
+        (("prune", "--events-older-than", "99999999999d"), "--events-older-than"),
         (("untrack", "never-tracked"), "not tracked"),
         (("report", "never-tracked"), "not tracked"),
         (("frobnicate",), "invalid choice"),
@@ -138,6 +144,18 @@ def test_bad_setting_names_the_variable(cli_env: dict[str, str]) -> None:
     assert res.code == 2 and res.err.startswith("error: SMSPARTNER_CONCURRENCY:")
     res = run_cli("poll", "x", env={k: v for k, v in cli_env.items() if k != "SMSPARTNER_API_KEY"})
     assert res.code == 2 and "SMSPARTNER_API_KEY" in res.err
+
+
+@pytest.mark.parametrize("hours", ["1e9", "8761", "inf"])
+def test_a_report_window_beyond_a_year_is_refused(cli_env: dict[str, str], hours: str) -> None:
+    for args in (("track", "t"), ("poll", "t"), ("run", "--once")):
+        res = run_cli(*args, env={**cli_env, "SMSPARTNER_REPORT_WINDOW_HOURS": hours})
+        assert res.code == 2, (args, res.err)
+        assert res.err.startswith("error: SMSPARTNER_REPORT_WINDOW_HOURS:")
+        assert len(res.err.strip().splitlines()) == 1
+        assert_clean(res.out, res.err)
+    res = run_cli("track", "t", env={**cli_env, "SMSPARTNER_REPORT_WINDOW_HOURS": "8760"})
+    assert res.code == 0, res.err
 
 
 def test_suspicious_tag_is_accepted_with_a_warning(cli_env: dict[str, str]) -> None:
@@ -187,3 +205,117 @@ def test_database_password_never_shows_when_the_database_is_down(
             assert "cannot" in res.err and "***" in res.err
             assert "Pa55-w0rd-xyz" not in res.out + res.err
             assert_clean(res.out, res.err)
+            # psycopg's message spans two lines ("…refused\n\tIs the server running…").
+            errors = [line for line in res.err.splitlines() if "error:" in line]
+            assert len(errors) == 1 and errors[0].startswith("error: cannot"), res.err
+            assert "Is the server running" in errors[0] and "\t" not in errors[0]
+        res = run_cli("tags", env={**env, "SMSPARTNER_LOG_LEVEL": "info"})
+        assert res.err.count("\n") == 1 and res.err.startswith("error: cannot open database")
+
+
+# --- the SQLite file's path -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args", [("tags",), ("db", "upgrade"), ("track", "t"), ("run", "--once"), ("poll", "t")]
+)
+def test_a_database_directory_that_cannot_be_created_is_one_line_and_exit_2(
+    cli_env: dict[str, str], tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    in_the_way = tmp_path / "state"
+    in_the_way.write_text("a file where the directory should be")
+    for database, reason in (
+        (in_the_way / "x.db", "File exists"),
+        (in_the_way / "sub" / "x.db", "Not a directory"),
+    ):
+        env = {**cli_env, "SMSPARTNER_DATABASE_URL": f"sqlite:///{database}"}
+        res = run_cli(*args, env=env)
+        assert res.code == 2, (args, res.err)
+        assert res.err.startswith("error: SMSPARTNER_DATABASE_URL: cannot create directory ")
+        assert str(database.parent) in res.err and reason in res.err
+        assert res.err.count("\n") == 1
+        assert_clean(res.out, res.err)
+    assert in_the_way.read_text() == "a file where the directory should be"
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory the CLI, run as a service user would be, cannot write in."""
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    directory.chmod(0o555)
+    try:
+        if not permissions_apply(directory / "probe"):
+            pytest.skip("file permissions cannot be made to apply to this user")
+        yield directory
+    finally:
+        directory.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("args", "what"),
+    [
+        (("tags",), "cannot create x.db in directory"),
+        (("db", "upgrade"), "cannot create x.db in directory"),
+        (("run", "--once"), "cannot open the lock file"),
+        (("run",), "cannot open the lock file"),
+    ],
+)
+def test_a_database_directory_that_cannot_be_written_is_one_line_and_exit_2(
+    cli_env: dict[str, str], read_only_dir: Path, args: tuple[str, ...], what: str
+) -> None:
+    for database in (read_only_dir / "x.db", read_only_dir / "sub" / "x.db"):
+        env = {**cli_env, "SMSPARTNER_DATABASE_URL": f"sqlite:///{database}"}
+        res = run_cli(*args, env=env, preexec_fn=as_service_user)
+        assert res.code == 2, (args, res.err)
+        assert res.err.startswith("error: SMSPARTNER_DATABASE_URL: cannot ")
+        if database.parent == read_only_dir:
+            assert what in res.err
+        else:
+            assert f"cannot create directory {database.parent}" in res.err
+        assert str(read_only_dir) in res.err and "Permission denied" in res.err
+        assert res.err.count("\n") == 1
+        assert_clean(res.out, res.err)
+    assert list(read_only_dir.iterdir()) == []
+
+
+def test_a_read_only_database_file_is_read_but_not_written(
+    cli_env: dict[str, str], simulator: Simulator, tmp_path: Path
+) -> None:
+    simulator.add_tag("promo", 5)
+    assert run_cli("track", "kept", env=cli_env).code == 0
+    database = Path(cli_env["SMSPARTNER_DATABASE_URL"].removeprefix("sqlite:///"))
+    database.chmod(0o444)
+    if not permissions_apply(database):
+        database.chmod(0o644)
+        pytest.skip("file permissions cannot be made to apply to this user")
+    try:
+        res = run_cli("tags", "--json", env=cli_env, preexec_fn=as_service_user)
+        assert res.code == 0, res.err
+        assert [t["tag"] for t in json.loads(res.out)] == ["kept"]
+        for args in (("track", "new"), ("poll", "promo"), ("run", "--once")):
+            res = run_cli(*args, env=cli_env, preexec_fn=as_service_user)
+            assert res.code == 1, (args, res.err)
+            errors = [line for line in res.err.splitlines() if line.startswith("error:")]
+            assert errors == [
+                f"error: database sqlite:///{database}: attempt to write a readonly database"
+            ], res.err
+            assert_clean(res.out, res.err)
+    finally:
+        database.chmod(0o644)
+    assert [t["tag"] for t in json.loads(run_cli("tags", "--json", env=cli_env).out)] == ["kept"]
+
+
+def test_a_file_that_is_not_a_database_is_one_line_and_exit_1(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    database = tmp_path / "notes.db"
+    database.write_text("these are my notes, not a database\n")
+    env = {**cli_env, "SMSPARTNER_DATABASE_URL": f"sqlite:///{database}"}
+    for args in (("tags",), ("track", "t"), ("db", "upgrade"), ("run", "--once")):
+        res = run_cli(*args, env=env)
+        assert res.code == 1, (args, res.err)
+        assert res.err.startswith("error: cannot ") and "file is not a database" in res.err
+        assert res.err.count("\n") == 1
+        assert_clean(res.out, res.err)
+    assert database.read_text() == "these are my notes, not a database\n"

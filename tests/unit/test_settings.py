@@ -37,6 +37,10 @@ def test_defaults_match_the_design() -> None:
         ("SMSPARTNER_DATABASE_URL", "mysql://x/y", "only sqlite"),
         ("SMSPARTNER_LOG_LEVEL", "loud", "SMSPARTNER_LOG_LEVEL"),
         ("SMSPARTNER_AUTO_MIGRATE", "perhaps", "SMSPARTNER_AUTO_MIGRATE"),
+        ("SMSPARTNER_REPORT_WINDOW_HOURS", "1e9", "must be at most 8760 hours"),
+        ("SMSPARTNER_REPORT_WINDOW_HOURS", "inf", "finite"),
+        ("SMSPARTNER_HTTP_TIMEOUT_SECONDS", "nan", "finite"),
+        ("SMSPARTNER_POLL_CADENCE", "99999999999d=1m", "too long a duration"),
     ],
 )
 def test_bad_value_names_the_variable_in_one_line(
@@ -90,3 +94,9 @@ def test_blank_secrets_count_as_unset(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("SMSPARTNER_API_KEY=\nSMSPARTNER_HTTP_TOKEN=\n")
     s = load_settings({})
     assert s.api_key is None and s.http_token is None
+
+
+def test_a_report_window_of_a_year_is_the_longest() -> None:
+    assert load_settings({}, report_window_hours=8760).report_window == timedelta(days=365)
+    with pytest.raises(ConfigError, match=r"^SMSPARTNER_REPORT_WINDOW_HOURS: must be at most"):
+        load_settings({}, report_window_hours=8760.01)

@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from daemon.status import (
+    LATEST_SENT_AT,
+    MAX_REPORT_WINDOW,
     Report,
     Status,
     is_complete,
@@ -15,7 +17,9 @@ from daemon.status import (
     merge_reports,
     next_poll_at,
     parse_cadence,
+    parse_duration,
     parse_provider_date,
+    parse_sent_at,
     supersedes,
     tag_problem,
     tag_warnings,
@@ -189,3 +193,35 @@ def test_completion_needs_numbers_none_pending_and_settling() -> None:
     )
     assert not is_complete(total=3, pending=1, sent_at=T0, now=T0 + settle, settle=settle)
     assert not is_complete(total=0, pending=0, sent_at=T0, now=T0 + settle, settle=settle)
+
+
+def test_sent_at_is_iso_8601_and_leaves_room_for_any_report_window() -> None:
+    assert parse_sent_at("2026-11-26T10:00:00+01:00") == T0
+    assert parse_sent_at(" 2026-11-26 09:00 ") == T0  # no offset: UTC
+    latest = parse_sent_at("9998-12-31T23:59:59Z")
+    assert latest <= LATEST_SENT_AT
+    assert latest + MAX_REPORT_WINDOW <= datetime.max.replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("yesterday", "'yesterday' is not an ISO-8601 date-time"),
+        ("", "'' is not an ISO-8601 date-time"),
+        ("9999-01-01T00:00:00Z", "'9999-01-01T00:00:00Z' is too far in the future"),
+        ("9999-12-31T23:00:00+01:00", "'9999-12-31T23:00:00+01:00' is too far in the future"),
+        ("0001-01-01T00:00:00+01:00", "'0001-01-01T00:00:00+01:00' is outside the years 1"),
+        ("9999-12-31T23:00:00-05:00", "'9999-12-31T23:00:00-05:00' is outside the years 1"),
+        ("x" * 100, "'" + "x" * 40 + "…' is not"),
+    ],
+)
+def test_a_bad_sent_at_is_a_value_error_quoting_it(text: str, words: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_sent_at(text)
+    assert str(caught.value).startswith(words)
+
+
+def test_a_duration_too_long_for_timedelta_is_a_value_error() -> None:
+    assert parse_duration("90d") == timedelta(days=90)
+    with pytest.raises(ValueError, match="too long a duration"):
+        parse_duration("99999999999d")

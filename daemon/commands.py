@@ -237,19 +237,21 @@ def _summary_line(result: PollResult) -> str:
 
 def cmd_poll(ctx: Context, args: argparse.Namespace) -> int:
     """Poll one tag now, tracking it first if needed."""
-    now = ctx.clock()
-    with ctx.engine.begin() as conn:
-        if tracking.get_tag(conn, args.tag) is None:
-            _warn_tag(args.tag)
-            tracking.track(
-                conn,
-                args.tag,
-                sent_at=now,
-                window_ends_at=now + ctx.settings.report_window,
-                now=now,
-            )
-            print(f"tracking tag {args.tag!r} (sent at now)")
+    # The poller first: without an API key nothing is tracked (a command that fails
+    # must not leave a new tag behind for the daemon).
     with ctx.poller() as poller:
+        now = ctx.clock()
+        with ctx.engine.begin() as conn:
+            if tracking.get_tag(conn, args.tag) is None:
+                _warn_tag(args.tag)
+                tracking.track(
+                    conn,
+                    args.tag,
+                    sent_at=now,
+                    window_ends_at=now + ctx.settings.report_window,
+                    now=now,
+                )
+                print(f"tracking tag {args.tag!r} (sent at now)")
         result = poller.poll(args.tag)
     if not result.ok:
         print_error(f"poll of {args.tag!r} failed: {result.error}")

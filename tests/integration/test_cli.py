@@ -158,6 +158,14 @@ def test_a_report_window_beyond_a_year_is_refused(cli_env: dict[str, str], hours
     assert res.code == 0, res.err
 
 
+def test_poll_without_a_key_fails_before_tracking_anything(cli_env: dict[str, str]) -> None:
+    env = {k: v for k, v in cli_env.items() if k != "SMSPARTNER_API_KEY"}
+    res = run_cli("poll", "new-tag", env=env)
+    assert res.code == 2 and res.err.startswith("error: SMSPARTNER_API_KEY: not set")
+    assert "tracking" not in res.out
+    assert json.loads(run_cli("tags", "--json", env=cli_env).out) == []
+
+
 def test_suspicious_tag_is_accepted_with_a_warning(cli_env: dict[str, str]) -> None:
     res = run_cli("track", "Spring-Sale-2026-November", env=cli_env)
     assert res.code == 0

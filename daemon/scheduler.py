@@ -14,7 +14,8 @@ dispatcher:
 Codes 1/10 pause all claiming for five minutes, then one tag is polled as a probe. On
 SIGTERM/SIGINT the daemon stops claiming and lets polls in flight finish and commit, as
 long as they can before :data:`SHUTDOWN_GRACE` runs out; a poll that cannot is abandoned
-without writing anything (the tag stays due). Then it releases its leases and exits 0.
+without writing anything (the tag stays due). Then it releases its leases, removes its
+heartbeat file (so ``check`` fails at once) and exits 0.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from sqlalchemy.engine import Engine
 from daemon import tracking
 from daemon.db import UNAVAILABLE_ERRORS, write_transaction
 from daemon.errors import DatabaseUnavailableError, PollAbandoned
-from daemon.health import Health, Notifier, write_heartbeat
+from daemon.health import Health, Notifier, remove_heartbeat, write_heartbeat
 from daemon.poller import AUTH_RETRY, PollResult
 
 log = structlog.get_logger(__name__)
@@ -105,6 +106,7 @@ class Daemon:
         self._notifier = notifier or Notifier(socket_path="")
         self._heartbeat = heartbeat
         self._heartbeat_failing = False
+        self._heartbeat_written: datetime | None = None
         self._interval = dispatch_interval
         self._maintenance = maintenance
         self._lease = lease
@@ -162,6 +164,7 @@ class Daemon:
         if self._heartbeat is not None:
             try:
                 write_heartbeat(self._heartbeat, now)
+                self._heartbeat_written = now
                 self._heartbeat_failing = False
             except OSError as exc:  # e.g. a read-only /tmp: `check` cannot see us
                 if not self._heartbeat_failing:
@@ -405,4 +408,8 @@ class Daemon:
                 pass
         finally:
             self.stop()
+        # A clean stop only (an exception skips this): `check` must not call a daemon
+        # that has exited healthy for the next minute.
+        if self._heartbeat is not None and self._heartbeat_written is not None:
+            remove_heartbeat(self._heartbeat, self._heartbeat_written)
         log.info("daemon.stopped", polls=self.stats.polls, failures=self.stats.failures)

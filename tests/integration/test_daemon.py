@@ -19,6 +19,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from daemon.health import heartbeat_age, heartbeat_path, remove_heartbeat, write_heartbeat
 from daemon.simulator import Simulator
 from tests.conftest import API_KEY, run_cli
 
@@ -223,6 +224,37 @@ def test_sd_notify_ready_watchdog_stopping_and_check(
         assert messages.index("READY=1") < messages.index("STOPPING=1")
     finally:
         listener.close()
+    # A clean stop removes the heartbeat: `check` fails at once, not a minute later.
+    check = run_cli("check", env=env)
+    assert check.code == 1 and "no heartbeat" in check.err
+
+
+def test_check_is_unhealthy_as_soon_as_run_stops_cleanly(
+    cli_env: dict[str, str], running: Callable[..., Running]
+) -> None:
+    env = {**cli_env, "SMSPARTNER_HTTP_PORT": "0"}
+    daemon = running(env)
+    wait_for(lambda: run_cli("check", env=env).code == 0, 20, "the first heartbeat")
+    assert daemon.stop(signal.SIGTERM)[0] == 0
+    check = run_cli("check", env=env)
+    assert (check.code, check.err) == (1, "unhealthy: no heartbeat from a running daemon\n")
+    # After a crash the heartbeat stays until it is stale: nothing cleaned up.
+    crashed = running(env)
+    wait_for(lambda: run_cli("check", env=env).code == 0, 20, "the first heartbeat")
+    crashed.stop(signal.SIGKILL)
+    assert heartbeat_path(env["SMSPARTNER_DATABASE_URL"]).exists()
+    heartbeat_path(env["SMSPARTNER_DATABASE_URL"]).unlink()
+
+
+def test_a_clean_stop_keeps_the_heartbeat_another_daemon_wrote(tmp_path: Path) -> None:
+    path, ours = tmp_path / "beat", datetime(2026, 11, 26, 9, 0, 2, tzinfo=UTC)
+    write_heartbeat(path, ours)
+    remove_heartbeat(path, ours)
+    assert not path.exists()
+    remove_heartbeat(path, ours)  # already gone: nothing to do, no error
+    write_heartbeat(path, ours + timedelta(seconds=1))  # a replica on the same database
+    remove_heartbeat(path, ours)
+    assert heartbeat_age(path, ours + timedelta(seconds=2)) == timedelta(seconds=1)
 
 
 def test_wrong_key_pauses_polling_with_one_error_and_fails_readiness(

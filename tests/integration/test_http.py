@@ -331,20 +331,61 @@ def test_a_body_over_64_kib_is_refused_before_reading(app: App) -> None:
     assert body(app.client.get("/tags")) == []
 
 
-def test_content_type_and_length_rules(app: App) -> None:
-    response = app.client.post(
-        "/tags", content=b'{"tag": "a"}', headers={"Content-Type": "text/plain"}
-    )
-    assert response.status_code == 415
-    assert "Content-Type" in body(response)["error"]
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "application/json; charset=utf-8",
+        "application/x-www-form-urlencoded",  # what `curl -d` sends unless told otherwise
+        "text/plain",
+        "application/octet-stream",
+    ],
+)
+def test_a_json_body_is_accepted_whatever_its_content_type(
+    app: App, content_type: str | None
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = app.client.post("/tags", content=b'{"tag": "summer"}', headers=headers)
+    assert response.status_code == 201, response.text
+    assert body(response)["tag"] == "summer"
+    assert [t["tag"] for t in body(app.client.get("/tags"))] == ["summer"]
 
-    response = app.client.post(
-        "/tags",
-        content=b'{"tag": "a"}',
-        headers={"Content-Type": "application/json; charset=utf-8"},
-    )
-    assert response.status_code == 201
 
+def test_a_body_that_is_not_json_is_a_400_naming_the_problem(app: App) -> None:
+    # `curl -d tag=summer`: a form, whatever the Content-Type says.
+    for content_type in ("application/x-www-form-urlencoded", "application/json"):
+        response = app.client.post(
+            "/tags", content=b"tag=summer", headers={"Content-Type": content_type}
+        )
+        assert response.status_code == 400
+        assert body(response)["error"].startswith("body is not valid JSON: ")
+    assert body(app.client.get("/tags")) == []
+    assert app.wakes == []
+
+
+def test_the_curl_examples_of_the_deploy_files_work(make_app: Callable[..., App]) -> None:
+    # deploy/kubernetes/deployment.yaml: POST {"tag": "spring-sale"} with the bearer
+    # token, sent as curl sends it: `curl -X POST URL -H 'Authorization: Bearer …' -d '…'`.
+    app = make_app(token=TOKEN)
+    data = b'{"tag": "spring-sale"}'
+    curl = {
+        "User-Agent": "curl/8.5.0",
+        "Accept": "*/*",
+        "Authorization": "Bearer " + TOKEN,
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Content-Length": str(len(data)),
+    }
+    status, headers, answer = app.raw("POST", "/tags", body=data, headers=curl)
+    assert (status, answer["tag"]) == (201, "spring-sale")
+    assert headers["location"] == "/tags/spring-sale"
+    # deploy/systemd/README.md: the same with -H 'Content-Type: application/json'.
+    data = b'{"tag": "autumn"}'
+    curl.update({"Content-Type": "application/json", "Content-Length": str(len(data))})
+    status, _, answer = app.raw("POST", "/tags", body=data, headers=curl)
+    assert (status, answer["tag"]) == (201, "autumn")
+
+
+def test_length_rules_answer_the_same_json_errors(app: App) -> None:
     # A generator body goes out chunked, without Content-Length.
     response = app.client.post("/tags", content=iter([b'{"tag": "b"}']))
     assert response.status_code == 411
@@ -360,10 +401,23 @@ def test_content_type_and_length_rules(app: App) -> None:
 
     with socket.create_connection(("127.0.0.1", app.server.port), timeout=5) as sock:
         sock.sendall(b"POST /tags HTTP/1.0\r\nHost: x\r\n\r\n")  # no Content-Length at all
-        with sock.makefile("rb") as answer:
-            answer_bytes = answer.read()
-    assert answer_bytes.startswith(b"HTTP/1.0 411 ")
-    assert b"Content-Length is required" in answer_bytes
+        with sock.makefile("rb") as answer_file:
+            answer_bytes = answer_file.read()
+    head, _, data = answer_bytes.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 411 ")
+    assert b"\r\nContent-Type: application/json\r\n" in head
+    assert json.loads(data) == {"error": "Content-Length is required"}
+
+    status, headers, answer = app.raw(
+        "POST",
+        "/tags",
+        body=b"{}",
+        headers={"Content-Type": "text/plain", "Content-Length": str(MAX_BODY + 1)},
+    )
+    assert status == 413 and headers["content-type"] == "application/json"
+    assert answer == {"error": f"body must be at most {MAX_BODY} bytes (Content-Length is "
+                      f"{MAX_BODY + 1})"}  # fmt: skip
+    assert body(app.client.get("/tags")) == []
 
 
 # --- DELETE and paths ------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Every value comes from ``SMSPARTNER_*`` environment variables or a ``.env`` file in the
 working directory. Secrets (the API key, the HTTP token, the database URL, which may
 hold a password) may also come from a file named by ``SMSPARTNER_<NAME>_FILE`` or from
-systemd's ``$CREDENTIALS_DIRECTORY/<name>`` (``LoadCredential=api_key:…``); a variable
-set directly wins over a file. A bad value fails fast with one line naming the variable.
+systemd's ``$CREDENTIALS_DIRECTORY/<name>`` (``LoadCredential=api_key:…``). The
+environment beats ``.env``, and in each a variable beats its ``_FILE`` (the order is
+spelled out in :func:`_secret_values`). A bad value fails fast with one line naming the
+variable.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
@@ -132,26 +135,71 @@ class Settings(BaseSettings):
         return [s for s in found if s]
 
 
-def _file_secrets(environ: Mapping[str, str]) -> dict[str, str]:
-    """Secrets read from ``*_FILE`` variables and systemd's credentials directory."""
+def _secret_values(environ: Mapping[str, str], dotenv: Mapping[str, str]) -> dict[str, str]:
+    """Secrets that files (and ``.env``) set, for those the environment does not set.
+
+    A secret comes from the first of these that is set (a blank value counts as unset):
+
+    1. ``SMSPARTNER_<NAME>`` in the environment;
+    2. the file named by ``SMSPARTNER_<NAME>_FILE`` in the environment;
+    3. ``$CREDENTIALS_DIRECTORY/<name>`` (systemd's ``LoadCredential=``);
+    4. ``SMSPARTNER_<NAME>`` in ``.env``;
+    5. the file named by ``SMSPARTNER_<NAME>_FILE`` in ``.env``.
+
+    That is: the environment beats ``.env`` (what the service manager or the shell says
+    for this run beats a file lying in the working directory), and in each the variable
+    beats its ``_FILE``. pydantic-settings reads 1 itself; what is returned here becomes
+    an init argument, which it ranks above the environment, so nothing is returned for a
+    secret that 1 sets.
+
+    Args:
+        environ: the process environment.
+        dotenv: the ``.env`` file's variables, names in upper case.
+
+    Raises:
+        ConfigError: a file named by one of these cannot be read.
+    """
     found: dict[str, str] = {}
     creds = environ.get("CREDENTIALS_DIRECTORY")
     for name in SECRET_FIELDS:
         env_name = ENV_PREFIX + name.upper()
-        if environ.get(env_name):
-            continue
+        file_name = env_name + "_FILE"
         path: Path | None = None
-        if environ.get(env_name + "_FILE"):
-            path = Path(environ[env_name + "_FILE"])
+        source = file_name
+        if _is_set(environ, env_name):
+            continue
+        if _is_set(environ, file_name):
+            path = Path(environ[file_name])
         elif creds and (Path(creds) / name).is_file():
-            path = Path(creds) / name
+            path, source = Path(creds) / name, "$CREDENTIALS_DIRECTORY"
+        elif _is_set(dotenv, env_name):
+            # pydantic-settings would read it too, but an empty SMSPARTNER_<NAME> in the
+            # environment (compose's `${VAR:-}`) would beat it there.
+            found[name] = dotenv[env_name]
+            continue
+        elif _is_set(dotenv, file_name):
+            path, source = Path(dotenv[file_name]), f"{file_name} (in .env)"
         if path is None:
             continue
         try:
             found[name] = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ConfigError(f"{env_name}_FILE: cannot read {path}: {exc.strerror}") from None
+            raise ConfigError(f"{source}: cannot read {path}: {exc.strerror}") from None
     return found
+
+
+def _is_set(variables: Mapping[str, str | None], name: str) -> bool:
+    value = variables.get(name)
+    return value is not None and bool(value.strip())
+
+
+def _read_dotenv() -> dict[str, str]:
+    """The ``.env`` file pydantic-settings reads (names upper-cased, as it matches them
+    case-insensitively); empty when there is none."""
+    path = Path(str(Settings.model_config.get("env_file") or ".env"))
+    if not path.is_file():
+        return {}
+    return {k.upper(): v for k, v in dotenv_values(path).items() if v is not None}
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -162,7 +210,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
             ``os.environ``; the variables themselves are read by pydantic-settings).
         overrides: values that win over the environment (CLI options, tests).
     """
-    values: dict[str, object] = {**_file_secrets(os.environ if environ is None else environ)}
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {**_secret_values(environ, _read_dotenv())}
     values.update(overrides)
     try:
         return Settings(**values)  # type: ignore[arg-type]

@@ -100,3 +100,65 @@ def test_a_report_window_of_a_year_is_the_longest() -> None:
     assert load_settings({}, report_window_hours=8760).report_window == timedelta(days=365)
     with pytest.raises(ConfigError, match=r"^SMSPARTNER_REPORT_WINDOW_HOURS: must be at most"):
         load_settings({}, report_window_hours=8760.01)
+
+
+def _key() -> str | None:
+    key = load_settings().api_key
+    return None if key is None else key.get_secret_value()
+
+
+def test_a_secret_comes_from_the_environment_then_files_then_dotenv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The environment beats .env, and in each a variable beats its _FILE (README)."""
+    for name in ("env-file", "creds/api_key", "dotenv-file"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(f"from-{name.partition('/')[0]}\n")
+    dotenv = tmp_path / ".env"
+
+    dotenv.write_text(f"SMSPARTNER_API_KEY_FILE={tmp_path / 'dotenv-file'}\n")
+    assert _key() == "from-dotenv-file"
+    dotenv.write_text(
+        f"SMSPARTNER_API_KEY=from-dotenv\nSMSPARTNER_API_KEY_FILE={tmp_path / 'dotenv-file'}\n"
+    )
+    assert _key() == "from-dotenv"
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+    assert _key() == "from-creds"
+    monkeypatch.setenv("SMSPARTNER_API_KEY_FILE", str(tmp_path / "env-file"))
+    assert _key() == "from-env-file"
+    monkeypatch.setenv("SMSPARTNER_API_KEY", "from-env")
+    assert _key() == "from-env"
+
+    # An empty variable counts as not set, wherever it is: compose's `${VAR:-}`.
+    monkeypatch.setenv("SMSPARTNER_API_KEY", "")
+    assert _key() == "from-env-file"
+    for name in ("SMSPARTNER_API_KEY_FILE", "CREDENTIALS_DIRECTORY"):
+        monkeypatch.delenv(name)
+    assert _key() == "from-dotenv"
+    dotenv.write_text(f"SMSPARTNER_API_KEY= \nSMSPARTNER_API_KEY_FILE={tmp_path / 'dotenv-file'}\n")
+    assert _key() == "from-dotenv-file"
+    dotenv.write_text("SMSPARTNER_API_KEY=\n")
+    assert _key() is None
+
+
+def test_every_secret_follows_the_same_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "token").write_text("t0ken-from-file")
+    (tmp_path / ".env").write_text(
+        "SMSPARTNER_HTTP_TOKEN=t0ken-from-dotenv\n"
+        "SMSPARTNER_DATABASE_URL=sqlite:///from-dotenv.db\n"
+        f"SMSPARTNER_DATABASE_URL_FILE={tmp_path / 'missing'}\n"  # outranked: never read
+    )
+    monkeypatch.setenv("SMSPARTNER_HTTP_TOKEN_FILE", str(tmp_path / "token"))
+    s = load_settings()
+    assert s.http_token is not None and s.http_token.get_secret_value() == "t0ken-from-file"
+    assert s.database_url.get_secret_value() == "sqlite:///from-dotenv.db"
+
+
+def test_an_unreadable_file_named_in_dotenv_names_where_it_was_set(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(f"SMSPARTNER_API_KEY_FILE={tmp_path / 'missing'}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings({})
+    assert str(caught.value).startswith("SMSPARTNER_API_KEY_FILE (in .env): cannot read ")
+    assert "No such file" in str(caught.value)

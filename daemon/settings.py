@@ -27,6 +27,8 @@ from daemon.errors import ConfigError
 from daemon.status import MAX_REPORT_WINDOW, CadenceStep, parse_cadence
 
 ENV_PREFIX = "SMSPARTNER_"
+#: The slowest client-side rate limit: one request every 1,000 s.
+MIN_RATE_LIMIT = 0.001
 #: Settings that may be read from files (``*_FILE`` or systemd credentials).
 SECRET_FIELDS = ("api_key", "http_token", "database_url")
 
@@ -43,13 +45,15 @@ class Settings(BaseSettings):
     base_url: str = "https://api.smspartner.fr/v1"
     database_url: SecretStr = SecretStr("sqlite:///smspartner-status.db")
     report_window_hours: float = Field(48.0, gt=0)
-    http_timeout_seconds: float = Field(10.0, gt=0)
+    # Upper bounds far beyond any sensible value, so that no value crashes deep inside
+    # (timedelta and socket timeouts overflow): an hour per request, a year to settle.
+    http_timeout_seconds: float = Field(10.0, gt=0, le=3600)
     max_retries: int = Field(3, ge=0, le=20)
     retry_backoff_seconds: float = Field(1.0, ge=0)
     rate_limit_per_second: float = Field(5.0, ge=0)
     concurrency: int = Field(4, ge=1, le=64)
     poll_cadence: str = "15m=1m,2h=5m,12h=15m,48h=1h"
-    settle_minutes: float = Field(10.0, ge=0)
+    settle_minutes: float = Field(10.0, ge=0, le=MAX_REPORT_WINDOW / timedelta(minutes=1))
     max_pages: int = Field(1000, ge=1)
     http_host: str = "127.0.0.1"
     http_port: int = Field(8787, ge=0, le=65535)
@@ -58,8 +62,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     auto_migrate: bool = True
     # Retention of `run`'s daily job (unset = keep forever); `prune` does the rest.
-    prune_events_days: float | None = Field(None, gt=0)
-    prune_runs_days: float | None = Field(None, gt=0)
+    prune_events_days: float | None = Field(None, gt=0, le=36500)  # a century
+    prune_runs_days: float | None = Field(None, gt=0, le=36500)
 
     @field_validator("api_key", "http_token", "prune_events_days", "prune_runs_days", mode="before")
     @classmethod
@@ -75,6 +79,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"must be at most {limit:g} hours (a year); SMS Partner documents 48 hours"
             )
+        return value
+
+    @field_validator("rate_limit_per_second")
+    @classmethod
+    def _check_rate_limit(cls, value: float) -> float:
+        if 0 < value < MIN_RATE_LIMIT:  # a wait of 1/rate seconds must stay sleepable
+            raise ValueError(f"must be 0 (no limit) or at least {MIN_RATE_LIMIT:g}")
         return value
 
     @field_validator("base_url")

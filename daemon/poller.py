@@ -36,6 +36,7 @@ from daemon.status import (
     merge_reports,
     next_poll_at,
     window_closed,
+    window_end,
 )
 
 log = structlog.get_logger(__name__)
@@ -156,7 +157,7 @@ class Poller:
         """Write the poll's effects; returns its result and the new opt-outs to announce."""
         tag: str = row["tag"]
         sent_at: datetime = row["sent_at"]
-        window_ends_at: datetime = row["window_ends_at"] or sent_at + self._settings.report_window
+        window_ends_at = self._window_ends_at(row)
         ok = outcome == "ok"
         applied = store.Applied()
         merged = merge_reports(fetched.reports)
@@ -229,11 +230,16 @@ class Poller:
         )
         return result, applied.optouts
 
+    def _window_ends_at(self, row: Mapping[str, Any]) -> datetime:
+        """The tag's window end; a row another program inserted may not have one yet."""
+        ends: datetime | None = row["window_ends_at"]
+        return ends or window_end(row["sent_at"], self._settings.report_window)
+
     def _next_due(self, row: Mapping[str, Any], now: datetime, ok: bool, outcome: str) -> datetime:
         if outcome == "auth_error":
             return now + AUTH_RETRY
         sent_at: datetime = row["sent_at"]
-        window_ends_at = row["window_ends_at"] or sent_at + self._settings.report_window
+        window_ends_at = self._window_ends_at(row)
         failures = 0 if ok else row["consecutive_failures"] + 1
         due = next_poll_at(
             sent_at=sent_at,

@@ -182,6 +182,17 @@ MAX_REPORT_WINDOW = timedelta(days=365)
 LATEST_SENT_AT = datetime.max.replace(tzinfo=UTC) - MAX_REPORT_WINDOW
 
 
+def window_end(sent_at: datetime, window: timedelta) -> datetime:
+    """When a tag's report window closes.
+
+    A ``sent_at`` past :data:`LATEST_SENT_AT` can only come from a row another program
+    wrote into ``tracked_tags``; it is clamped, so one absurd row cannot overflow the
+    dispatcher's or the poller's date arithmetic (``window`` is at most
+    :data:`MAX_REPORT_WINDOW`, a bound the settings enforce).
+    """
+    return min(sent_at, LATEST_SENT_AT) + window
+
+
 def parse_sent_at(text: str) -> datetime:
     """When a campaign was sent, as a user gives it (CLI, HTTP body, tag file).
 

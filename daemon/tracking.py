@@ -9,7 +9,7 @@ are fixed and go through :mod:`daemon.sql`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from daemon import sql
 from daemon.db import UtcDateTime, tracked_tags
+from daemon.status import window_end
 
 _tt = tracked_tags.c
 
@@ -89,7 +90,7 @@ def untrack(conn: Connection, tag: str, *, now: datetime) -> bool:
     return result.rowcount > 0
 
 
-def fill_missing_windows(conn: Connection, *, window: Any, now: datetime) -> list[str]:
+def fill_missing_windows(conn: Connection, *, window: timedelta, now: datetime) -> list[str]:
     """Complete rows that another program inserted with only a tag (and maybe sent_at).
 
     Such rows have no ``window_ends_at``; give them one and make them due now.
@@ -101,7 +102,7 @@ def fill_missing_windows(conn: Connection, *, window: Any, now: datetime) -> lis
             .where(_tt.tag == tag)
             .values(
                 sent_at=sent_at,  # rewritten in our canonical format
-                window_ends_at=sent_at + window,
+                window_ends_at=window_end(sent_at, window),
                 next_poll_at=sa.func.coalesce(_tt.next_poll_at, now),
                 updated_at=now,
             )

@@ -189,6 +189,26 @@ def test_a_row_inserted_by_another_program_is_polled_within_5_seconds(
     assert daemon.stop()[0] == 0
 
 
+def test_an_absurd_inserted_row_does_not_stop_the_other_tags(
+    cli_env: dict[str, str], simulator: Simulator
+) -> None:
+    simulator.add_tag("fine", 20)
+    assert run_cli("track", "fine", env=cli_env).code == 0
+    db = cli_env["SMSPARTNER_DATABASE_URL"].removeprefix("sqlite:///")
+    with sqlite3.connect(db) as conn:  # another program, with a typo'd year
+        conn.execute(
+            "INSERT INTO tracked_tags (tag, sent_at) VALUES ('typo', '9999-12-31T23:00:00.000Z')"
+        )
+    res = run_cli("run", "--once", env=cli_env, timeout=60)
+    assert res.code == 0, res.err
+    assert "Traceback" not in res.out + res.err
+    with sqlite3.connect(db) as conn:
+        fine = conn.execute("SELECT count(*) FROM delivery_statuses WHERE tag = 'fine'")
+        assert fine.fetchone()[0] == 20
+        ends = conn.execute("SELECT window_ends_at FROM tracked_tags WHERE tag = 'typo'")
+        assert ends.fetchone()[0].startswith("9999-")  # clamped inside the calendar
+
+
 def test_second_run_on_the_same_sqlite_file_refuses(
     cli_env: dict[str, str], running: Callable[..., Running]
 ) -> None:

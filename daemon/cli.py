@@ -276,11 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``smspartner-status`` and ``python -m daemon``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "standalone", False):
-        return int(args.func(None, args))
     ctx: Context | None = None
-    tune_gc()
     try:
+        if getattr(args, "standalone", False):  # demo, simulator: no settings, no Context
+            return int(args.func(None, args))
+        tune_gc()
         settings = load_settings()
         configure_logging(
             level=settings.log_level,

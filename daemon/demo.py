@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 
 from daemon import migrate, store, tracking
 from daemon.db import create_engine
+from daemon.errors import InputError
 from daemon.health import Health
 from daemon.log import configure_logging
 from daemon.output import SUMMARY_COLUMNS, table
@@ -62,13 +63,27 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Run the demo; returns the exit code."""
+    """Run the demo; returns the exit code.
+
+    Raises:
+        InputError: ``--database`` names a file that cannot be replaced or created.
+    """
     if args.seconds <= 0:
         print("error: --seconds must be positive", file=sys.stderr)
         return 2
     db = Path(args.database).expanduser().resolve()
+    # main() prints these as one line, exit 2.
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        where = exc.filename or db.parent
+        raise InputError(f"--database: cannot create directory {where}: {exc.strerror}") from None
     for suffix in ("", "-wal", "-shm"):
-        db.with_name(db.name + suffix).unlink(missing_ok=True)
+        old = db.with_name(db.name + suffix)
+        try:
+            old.unlink(missing_ok=True)
+        except OSError as exc:
+            raise InputError(f"--database: cannot replace {old}: {exc.strerror}") from None
     scale = 48 * 3600 / args.seconds
     configure_logging(level="error", fmt="console", stream=sys.stderr)
 

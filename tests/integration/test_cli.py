@@ -74,6 +74,23 @@ def test_poll_of_an_untracked_tag_polls_once_and_keeps_it_untracked(
     assert_clean(res.out, res.err)
 
 
+def test_demo_with_an_unusable_database_path_is_one_line(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-dir.db").mkdir()
+    cases = [
+        (tmp_path / "a-file" / "demo.db", "cannot create directory"),
+        (tmp_path / "a-dir.db", "cannot replace"),
+    ]
+    for path, reason in cases:
+        res = run_cli("demo", "--database", str(path), env=cli_env, timeout=60)
+        assert res.code == 2, res.err
+        assert res.err.startswith("error: --database: ") and reason in res.err
+        assert len(res.err.strip().splitlines()) == 1
+        assert_clean(res.out, res.err)
+
+
 def test_poll_of_an_unknown_tag_is_not_a_failure(cli_env: dict[str, str]) -> None:
     res = run_cli("poll", "nothing-yet", env=cli_env)
     assert res.code == 0, res.err

@@ -10,12 +10,14 @@ Routes (design.md, "Interfaces")::
     DELETE /tags/{tag}   200 | 404
 
 A ``ThreadingHTTPServer`` is plenty for probes, a scraper and an occasional ``POST``;
-no framework, nothing async. :class:`_Handler` owns the protocol (routing, methods,
-headers, body limits, the bearer token, turning errors into JSON); :class:`HttpServer`
-owns what the routes do. Every answer is JSON except ``/metrics``. When
-``SMSPARTNER_HTTP_TOKEN`` is set, ``POST`` and ``DELETE`` need it as a bearer token;
-``GET`` stays open for probes. Request logs never include headers, so the token
-cannot reach them.
+no framework, nothing async. :class:`HttpServer` owns the application: the routes and
+the methods each allows, the bearer token, what each route answers, starting and
+stopping. :mod:`daemon.http_protocol` owns the wire under it (reading requests and
+bodies within their limits, sending answers, request logs, turning errors into JSON)
+and calls :meth:`HttpServer.answer` for each request; it imports nothing from here.
+Every answer is JSON except ``/metrics``. When ``SMSPARTNER_HTTP_TOKEN`` is set,
+``POST`` and ``DELETE`` need it as a bearer token; ``GET`` stays open for probes.
+Request logs never include headers, so the token cannot reach them.
 """
 
 from __future__ import annotations
@@ -23,15 +25,11 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-import socket
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, cast
+from typing import Any
 from urllib.parse import quote, unquote
 
 import sqlalchemy as sa
@@ -41,6 +39,8 @@ from sqlalchemy.engine import Engine, RowMapping
 from daemon import store, tracking
 from daemon.errors import ConfigError, InputError
 from daemon.health import Health
+from daemon.http_protocol import MAX_BODY as MAX_BODY  # re-exported: part of this surface
+from daemon.http_protocol import REQUEST_TIMEOUT, Reply, Request, Server, clip
 from daemon.metrics import Metrics
 from daemon.output import plain
 from daemon.settings import Settings
@@ -48,14 +48,6 @@ from daemon.status import parse_sent_at, tag_problem, tag_warnings
 
 log = structlog.get_logger(__name__)
 
-#: Largest ``POST`` body accepted; a tag registration is well under 1 KiB.
-MAX_BODY = 64 * 1024
-#: Socket timeout per read, so a slow or stalled client cannot hold a thread forever.
-REQUEST_TIMEOUT = 10.0
-#: After refusing a body we did not read, read (and drop) up to this much of it so the
-#: connection closes cleanly: closing with unread data makes the kernel send a reset,
-#: which can destroy our answer before the client reads it.
-_DRAIN_LIMIT = 1024 * 1024
 #: How often the serving loop checks for stop(): the worst-case delay of a shutdown.
 _SHUTDOWN_POLL = 0.1
 
@@ -81,28 +73,6 @@ _SUMMARY_COUNTS = (
     "delivery_rate",
 )
 _DB_ERRORS = (sa.exc.DBAPIError, sa.exc.TimeoutError)
-
-
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    """One answer: a JSON-ready body (or raw bytes with their content type)."""
-
-    status: int
-    body: Any
-    headers: tuple[tuple[str, str], ...] = ()
-    content_type: str = "application/json"
-
-
-def _error(status: int, message: str, *headers: tuple[str, str]) -> _Reply:
-    return _Reply(status, {"error": message}, headers)
-
-
-class _Refused(Exception):
-    """Stop handling a request and send this answer instead."""
-
-    def __init__(self, reply: _Reply) -> None:
-        super().__init__(reply.status)
-        self.reply = reply
 
 
 class HttpServer:
@@ -140,7 +110,7 @@ class HttpServer:
         self._clock = clock
         self._wake = wake
         self._lock = threading.Lock()
-        self._server: _Server | None = None
+        self._server: Server | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
 
@@ -161,9 +131,8 @@ class HttpServer:
                 raise RuntimeError("an HttpServer cannot be started again after stop()")
             if self._server is not None:
                 return
-            family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
             try:
-                server = _Server((self._host, self._port), self, family)
+                server = Server((self._host, self._port), self.answer)
             except OSError as exc:
                 reason = exc.strerror or str(exc)
                 raise ConfigError(
@@ -203,6 +172,58 @@ class HttpServer:
         thread.join(timeout=REQUEST_TIMEOUT)
         log.info("http.stopped")
 
+    # --- routing ------------------------------------------------------------------------
+
+    def answer(self, request: Request) -> Reply:
+        """Answer one request: route it, check its method and token, run the route.
+
+        The database being unreachable is a 503, whichever route met it.
+
+        Raises:
+            InputError: a bad body or tag (the protocol answers 400 with the message).
+        """
+        try:
+            return self._route(request)
+        except _DB_ERRORS as exc:
+            _log_db_error(request.path, exc)
+            return Reply.error(HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable")
+
+    def _route(self, request: Request) -> Reply:
+        path = request.path
+        if path in _ROUTES:
+            allowed = _ROUTES[path]
+        elif path.startswith(_TAG_PREFIX):
+            allowed = ("DELETE",)
+            if "/" in path[len(_TAG_PREFIX) :]:  # /tags/a/b, /tags/../x
+                return Reply.error(HTTPStatus.NOT_FOUND, "no such route")
+        else:
+            return Reply.error(HTTPStatus.NOT_FOUND, "no such route")
+        method = request.method
+        if method not in allowed:
+            return Reply.error(
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                f"method {method} is not allowed here (allowed: {', '.join(allowed)})",
+                ("Allow", ", ".join(allowed)),
+            )
+        if method in ("POST", "DELETE") and not self.authorized(
+            request.headers.get("Authorization")
+        ):
+            return Reply.error(
+                HTTPStatus.UNAUTHORIZED,
+                "Authorization: Bearer <SMSPARTNER_HTTP_TOKEN> is required",
+                ("WWW-Authenticate", "Bearer"),
+            )
+        if method == "DELETE":
+            return self.untrack(path[len(_TAG_PREFIX) :])
+        if method == "POST":
+            return self.track(request.read_body())
+        return {
+            "/healthz": self.healthz,
+            "/readyz": self.readyz,
+            "/metrics": self.metrics,
+            "/tags": self.list_tags,
+        }[path]()
+
     # --- what the routes do ---------------------------------------------------------------
 
     def authorized(self, header: str | None) -> bool:
@@ -217,13 +238,13 @@ class HttpServer:
         raw = given.strip().encode("latin-1", errors="replace")
         return hmac.compare_digest(raw, token.get_secret_value().encode())
 
-    def healthz(self) -> _Reply:
+    def healthz(self) -> Reply:
         """Alive when the scheduler loop beat recently."""
         if self._health.alive():
-            return _Reply(HTTPStatus.OK, {"status": "ok"})
-        return _Reply(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "stalled"})
+            return Reply(HTTPStatus.OK, {"status": "ok"})
+        return Reply(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "stalled"})
 
-    def readyz(self) -> _Reply:
+    def readyz(self) -> Reply:
         """Ready when the database answers and the scheduler reports no problem."""
         problems = self._health.problems()
         try:
@@ -235,10 +256,10 @@ class HttpServer:
                 problems.append("database unreachable")
         if problems:
             body = {"status": "not ready", "problems": problems}
-            return _Reply(HTTPStatus.SERVICE_UNAVAILABLE, body)
-        return _Reply(HTTPStatus.OK, {"status": "ready"})
+            return Reply(HTTPStatus.SERVICE_UNAVAILABLE, body)
+        return Reply(HTTPStatus.OK, {"status": "ready"})
 
-    def metrics(self) -> _Reply:
+    def metrics(self) -> Reply:
         """Refresh the gauges (if the database answers) and render every metric."""
         try:
             with self._engine.connect() as conn:
@@ -246,9 +267,9 @@ class HttpServer:
         except _DB_ERRORS as exc:
             _log_db_error("/metrics", exc)  # the counters are still worth scraping
         data, content_type = self._metrics.render()
-        return _Reply(HTTPStatus.OK, data, content_type=content_type)
+        return Reply(HTTPStatus.OK, data, content_type=content_type)
 
-    def list_tags(self) -> _Reply:
+    def list_tags(self) -> Reply:
         """Every tracked tag with its ``tag_summary`` counts."""
         with self._engine.connect() as conn:
             rows = tracking.list_tags(conn)
@@ -258,9 +279,9 @@ class HttpServer:
             summary = summaries.get(row["tag"])
             counts = {n: plain(summary[n] if summary else None) for n in _SUMMARY_COUNTS}
             tags.append({**_public(row), **counts})
-        return _Reply(HTTPStatus.OK, tags)
+        return Reply(HTTPStatus.OK, tags)
 
-    def track(self, body: bytes) -> _Reply:
+    def track(self, body: bytes) -> Reply:
         """Track (or re-activate) the tag a ``POST /tags`` body names, then wake the
         scheduler so it is polled at once.
 
@@ -280,9 +301,9 @@ class HttpServer:
         log.info("http.tag_tracked", tag=tag, sent_at=row["sent_at"])
         location = ("Location", _TAG_PREFIX + quote(tag, safe=""))
         body_out = {**_public(row), "warnings": tag_warnings(tag)}
-        return _Reply(HTTPStatus.CREATED, body_out, (location,))
+        return Reply(HTTPStatus.CREATED, body_out, (location,))
 
-    def untrack(self, segment: str) -> _Reply:
+    def untrack(self, segment: str) -> Reply:
         """Untrack the tag named by the (still URL-encoded) last path segment.
 
         Raises:
@@ -298,9 +319,9 @@ class HttpServer:
         with self._engine.begin() as conn:
             found = tracking.untrack(conn, tag, now=self._clock())
         if not found:
-            return _error(HTTPStatus.NOT_FOUND, f"tag {tag!r} is not tracked")
+            return Reply.error(HTTPStatus.NOT_FOUND, f"tag {tag!r} is not tracked")
         log.info("http.tag_untracked", tag=tag)
-        return _Reply(HTTPStatus.OK, {"tag": tag, "state": "untracked"})
+        return Reply(HTTPStatus.OK, {"tag": tag, "state": "untracked"})
 
 
 def _is_loopback(host: str) -> bool:
@@ -378,187 +399,4 @@ def _log_db_error(path: str, exc: Exception) -> None:
     """Log a database failure without its SQL parameters or connection URL."""
     cause = getattr(exc, "orig", None) or exc
     reason = " ".join(str(cause).split())[:300]
-    log.warning("http.database_error", path=path, error=f"{type(cause).__name__}: {reason}")
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-# --- the protocol -------------------------------------------------------------------------
-
-
-class _Server(ThreadingHTTPServer):
-    """One thread per connection; threads are daemons so a stuck client never blocks exit."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], app: HttpServer, family: int) -> None:
-        self.address_family = family
-        self.app = app
-        super().__init__(address, _Handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # The default prints a traceback to stderr; a client hanging up mid-answer is
-        # routine and the handler already turned everything else into a 500.
-        log.debug("http.connection_error", exc_info=True)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """Turns one HTTP request into one call of :class:`HttpServer` and one JSON answer."""
-
-    timeout = REQUEST_TIMEOUT
-    server_version = "smspartner-status"
-    sys_version = ""
-    _started = 0.0
-    _unread = 0  # body bytes the client announced that were not read
-
-    # -- plumbing of BaseHTTPRequestHandler
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silenced: ``http.request`` is logged through structlog instead, without headers."""
-
-    def parse_request(self) -> bool:
-        self._started = time.perf_counter()
-        return super().parse_request()
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """The base class's own refusals (bad request line, unknown method…), as JSON."""
-        self.close_connection = True
-        self._send(_error(code, message or HTTPStatus(code).phrase))
-
-    def do_GET(self) -> None:
-        """Every method goes through one dispatcher, so wrong ones get 405 with Allow."""
-        self._dispatch()
-
-    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
-
-    # -- routing
-
-    def _dispatch(self) -> None:
-        path = self._path()
-        try:
-            reply = self._route(cast(_Server, self.server).app, path)
-        except _Refused as refused:
-            reply = refused.reply
-        except InputError as exc:
-            reply = _error(HTTPStatus.BAD_REQUEST, str(exc))
-        except _DB_ERRORS as exc:
-            _log_db_error(_clip(path), exc)
-            reply = _error(HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable")
-        except TimeoutError:
-            # The client stopped sending mid-body: nobody is waiting for an answer.
-            log.debug("http.timeout", method=self.command, path=_clip(path))
-            self.close_connection = True
-            return
-        except Exception:
-            log.exception("http.internal_error", method=self.command, path=_clip(path))
-            reply = _error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
-        self._send(reply)
-        self._drain()
-
-    def _route(self, app: HttpServer, path: str) -> _Reply:
-        if path in _ROUTES:
-            allowed = _ROUTES[path]
-        elif path.startswith(_TAG_PREFIX):
-            allowed = ("DELETE",)
-            if "/" in path[len(_TAG_PREFIX) :]:  # /tags/a/b, /tags/../x
-                return _error(HTTPStatus.NOT_FOUND, "no such route")
-        else:
-            return _error(HTTPStatus.NOT_FOUND, "no such route")
-        method = self.command
-        if method not in allowed:
-            return _error(
-                HTTPStatus.METHOD_NOT_ALLOWED,
-                f"method {method} is not allowed here (allowed: {', '.join(allowed)})",
-                ("Allow", ", ".join(allowed)),
-            )
-        if method in ("POST", "DELETE") and not app.authorized(self.headers.get("Authorization")):
-            return _error(
-                HTTPStatus.UNAUTHORIZED,
-                "Authorization: Bearer <SMSPARTNER_HTTP_TOKEN> is required",
-                ("WWW-Authenticate", "Bearer"),
-            )
-        if method == "DELETE":
-            return app.untrack(path[len(_TAG_PREFIX) :])
-        if method == "POST":
-            return app.track(self._read_json_body())
-        return {
-            "/healthz": app.healthz,
-            "/readyz": app.readyz,
-            "/metrics": app.metrics,
-            "/tags": app.list_tags,
-        }[path]()
-
-    def _path(self) -> str:
-        """The request path without query or fragment (never normalised: no ``..`` magic)."""
-        return getattr(self, "path", "").split("?", 1)[0].split("#", 1)[0]
-
-    # -- bodies
-
-    def _read_json_body(self) -> bytes:
-        """Read a ``POST`` body after checking its announced length.
-
-        The Content-Type is not checked: the body is parsed as JSON whatever it says, so
-        ``curl -d '{"tag": "x"}'`` (sent as a form) works, and a body that is not JSON
-        gets a 400 naming the problem either way.
-
-        Raises:
-            _Refused: 411 or 413.
-            InputError: the Content-Length header is not a number.
-        """
-        declared = self.headers.get("Content-Length")
-        if declared is not None and declared.strip().isascii() and declared.strip().isdigit():
-            self._unread = int(declared)
-        if declared is None or self.headers.get("Transfer-Encoding"):
-            self.close_connection = True  # a chunked body we will not parse
-            raise _Refused(_error(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required"))
-        if not self._unread and declared.strip() != "0":
-            raise InputError("Content-Length must be a number of bytes")
-        if self._unread > MAX_BODY:
-            raise _Refused(
-                _error(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"body must be at most {MAX_BODY} bytes (Content-Length is {self._unread})",
-                )
-            )
-        body = self.rfile.read(self._unread)
-        self._unread = 0
-        return body
-
-    def _drain(self) -> None:
-        """Read and drop a body we answered without reading, so the close is clean."""
-        remaining, self._unread = self._unread, 0
-        if remaining > _DRAIN_LIMIT:
-            return  # not worth it: the client may see a reset
-        try:
-            while remaining > 0:
-                chunk = self.rfile.read(min(remaining, 64 * 1024))
-                if not chunk:
-                    return
-                remaining -= len(chunk)
-        except OSError:
-            pass  # the client went away or stalled: nothing left to protect
-
-    # -- answers
-
-    def _send(self, reply: _Reply) -> None:
-        body = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
-        # Logged before answering, so whoever reads the answer can already see the line.
-        started = self._started or time.perf_counter()
-        log.debug(
-            "http.request",
-            method=getattr(self, "command", None) or "-",
-            path=_clip(self._path()),
-            status=int(reply.status),
-            duration_ms=round((time.perf_counter() - started) * 1000, 1),
-        )
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in reply.headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+    log.warning("http.database_error", path=clip(path), error=f"{type(cause).__name__}: {reason}")

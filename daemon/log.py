@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from daemon.smspartner import redact
+from daemon.redaction import redact
 
 _LEVELS = {
     "debug": logging.DEBUG,

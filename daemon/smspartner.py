@@ -1,10 +1,11 @@
 """The one module that talks HTTP to SMS Partner (``GET /bulk-status-by-tag``).
 
-It owns the request (URL, User-Agent, URL-encoded ``apiKey``/``tag``/``page``), the
-client-side rate limit, retries, the mapping of transport errors, HTTP statuses and
-provider codes onto :mod:`daemon.errors`, and the redaction of the API key from
-everything it lets out (messages, logs, reprs). Reading the body's envelope and items,
-tolerantly, is :mod:`daemon.responses`'s.
+It owns the request (URL, User-Agent, URL-encoded ``apiKey``/``tag``/``page``), retries,
+the mapping of transport errors, HTTP statuses and provider codes onto
+:mod:`daemon.errors`, and the redaction of the API key from everything it lets out
+(messages, logs, reprs; the text work is :mod:`daemon.redaction`'s). Reading the body's
+envelope and items, tolerantly, is :mod:`daemon.responses`'s; when a request may go out
+(the rate limit, the wait before a retry, the shutdown deadline) is :mod:`daemon.pacing`'s.
 
 Pagination is not documented by the provider: responses carry ``currentPage`` and
 ``total`` but no page parameter is documented. So we send ``page=N`` (1-based) and, after
@@ -26,28 +27,21 @@ Hence a server that ignores ``page`` costs two requests (three at most), never a
 Reports come back in the order received, duplicates included: merging is the poller's
 job (:func:`daemon.status.merge_reports`), so this module never decides which wins.
 
-When the daemon stops, it gives fetches a deadline (``deadline``, on the ``monotonic``
-clock). Pages keep coming at the usual rate until then; a page that would start after it,
-or a wait (rate limit, retry) that would end after it, abandons the fetch with
-:class:`~daemon.errors.PollAbandoned`, which is not an :class:`~daemon.errors.ApiError`.
+When the daemon stops, it gives fetches a deadline (``deadline``); a page that would start
+after it, or a wait that would end after it, abandons the fetch with
+:class:`~daemon.errors.PollAbandoned`, which is not an :class:`~daemon.errors.ApiError`
+(:mod:`daemon.pacing` decides).
 """
 
 from __future__ import annotations
 
-import contextlib
-import email.utils
 import functools
 import importlib.metadata
 import json
-import random
-import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
-from urllib.parse import quote, quote_plus
 
 import httpx
 import pydantic
@@ -65,20 +59,17 @@ from daemon.errors import (
     SmsPartnerStatusError,
     TransientApiError,
 )
+from daemon.pacing import Pacer, retry_after_seconds
+from daemon.redaction import redact, scrub
 from daemon.responses import Envelope, ItemParser, envelope_or_none
 from daemon.status import Report
 
-__all__ = ["FetchResult", "SmsPartnerClient", "redact"]
+__all__ = ["FetchResult", "SmsPartnerClient"]
 
 _log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
 
-#: Longest wait we accept from a ``Retry-After`` header; beyond it a poll would hold a
-#: worker thread for too long, and the scheduler's own backoff takes over anyway.
-MAX_RETRY_AFTER: Final = 300.0
-#: Ceiling for the exponential backoff between retries, for the same reason.
-MAX_BACKOFF: Final = 300.0
 #: A page of 1,000 numbers is ~100 KB; a body this large is hostile or broken, and
 #: reading it whole would let one bad answer take the daemon's memory.
 MAX_BODY_BYTES: Final = 32 * 1024 * 1024
@@ -88,36 +79,6 @@ _EXCERPT_CHARS: Final = 120
 _AUTH_CODES: Final = {1: "API key required", 10: "Incorrect API Key"}
 _NO_MESSAGES_CODE: Final = 4
 _RATE_LIMIT_CODE: Final = 429
-
-
-# --- redaction ----------------------------------------------------------------------
-
-# ``apiKey=`` in any case, up to the next parameter, whitespace or quote: covers URLs in
-# httpx's own log lines, exception messages and reprs such as ``<Request('GET', '…')>``.
-_API_KEY_PARAM = re.compile(r"(apikey=)[^&\s\"']*", re.IGNORECASE)
-
-
-def redact(text: str, secret: str | None = None) -> str:
-    """Hide the API key in ``text`` before it can reach a log, an error or a repr.
-
-    Replaces every ``apiKey=<value>`` query parameter with ``apiKey=***`` and, when
-    ``secret`` is given, every occurrence of the secret itself, raw and URL-encoded
-    (both ``%20`` and ``+`` forms, since httpx encodes query strings the latter way).
-
-    Args:
-        text: any text that may contain a URL or a response excerpt.
-        secret: the API key; an empty secret is ignored (it would match everywhere).
-
-    Returns:
-        The text with the key replaced by ``***``.
-    """
-    text = _API_KEY_PARAM.sub(r"\1***", text)
-    if secret:
-        # Longest first, so an encoded form is not half-replaced by a shorter variant.
-        variants = {secret, quote(secret, safe=""), quote_plus(secret, safe=""), quote(secret)}
-        for variant in sorted(variants, key=len, reverse=True):
-            text = text.replace(variant, "***")
-    return text
 
 
 # --- results and response models ----------------------------------------------------
@@ -144,44 +105,6 @@ class FetchResult:
     stop_reason: str
 
 
-# --- rate limiting ------------------------------------------------------------------
-
-
-class _TokenBucket:
-    """A thread-safe token bucket holding one token: requests are evenly spaced.
-
-    Each caller reserves the next free slot under the lock and sleeps outside it, so
-    concurrent workers queue up one interval apart without holding the lock while they
-    wait. A bucket of one (no burst) is the cautious choice for limits nobody documents.
-    """
-
-    def __init__(
-        self,
-        rate_per_second: float,
-        *,
-        sleep: Callable[[float], None],
-        monotonic: Callable[[], float],
-    ) -> None:
-        self._interval = 1.0 / rate_per_second if rate_per_second > 0 else 0.0
-        self._sleep = sleep
-        self._monotonic = monotonic
-        self._lock = threading.Lock()
-        self._next_free: float | None = None
-
-    def acquire(self) -> float:
-        """Wait for a token; return how long we waited (0 when the bucket is off)."""
-        if self._interval <= 0:
-            return 0.0
-        with self._lock:
-            now = self._monotonic()
-            slot = now if self._next_free is None else max(now, self._next_free)
-            self._next_free = slot + self._interval
-        wait = slot - now
-        if wait > 0:
-            self._sleep(wait)
-        return wait
-
-
 # --- the client ---------------------------------------------------------------------
 
 
@@ -195,51 +118,16 @@ def _user_agent() -> str:
     return f"smspartner-status/{version}"
 
 
-def _parse_retry_after(response: httpx.Response) -> float | None:
-    """``Retry-After`` in seconds, from delta-seconds or an HTTP-date.
-
-    An HTTP-date is measured against the response's own ``Date`` header when present
-    (immune to our clock's skew), else against our UTC clock; a past date means 0.
-    """
-    raw = response.headers.get("Retry-After")
-    if raw is None:
-        return None
-    raw = raw.strip()
-    try:
-        seconds = float(raw)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if seconds == seconds else None  # NaN is not a delay
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    now = datetime.now(UTC)
-    server_date = response.headers.get("Date")
-    if server_date:
-        with contextlib.suppress(TypeError, ValueError, IndexError):
-            now = email.utils.parsedate_to_datetime(server_date)
-        if now.tzinfo is None:
-            now = now.replace(tzinfo=UTC)
-    return max(0.0, (when - now).total_seconds())
-
-
 def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, SmsPartnerStatusError) and exc.transient
-
-
-def _no_deadline() -> float | None:
-    return None
 
 
 class SmsPartnerClient:
     """Fetches every delivery report under a tag, page by page, politely and safely.
 
-    Shared by the poller's thread pool: the only mutable state (the rate limiter) is
-    locked, and each :meth:`fetch_tag` call keeps its own parsing state.
+    Shared by the poller's thread pool: the only mutable state (the rate limiter, in its
+    :class:`~daemon.pacing.Pacer`) is locked, and each :meth:`fetch_tag` call keeps its
+    own parsing state.
 
     Args:
         http: the caller's ``httpx.Client``; it owns timeouts, proxies and its own
@@ -288,12 +176,14 @@ class SmsPartnerClient:
         # Messages name the endpoint by path only: no host, no query string, no key.
         self._path = redact(url.path, api_key)
         self._max_retries = max(0, max_retries)
-        self._retry_backoff = max(0.0, retry_backoff)
         self._max_pages = max(1, max_pages)
-        self._sleep = sleep
-        self._monotonic = monotonic
-        self._deadline = deadline or _no_deadline
-        self._bucket = _TokenBucket(rate_limit_per_second, sleep=self._pause, monotonic=monotonic)
+        self._pacer = Pacer(
+            rate_limit_per_second,
+            retry_backoff=retry_backoff,
+            sleep=sleep,
+            monotonic=monotonic,
+            deadline=deadline,
+        )
 
     def __repr__(self) -> str:
         return f"SmsPartnerClient(url={redact(self._url, self._api_key)!r}, api_key='***')"
@@ -326,9 +216,7 @@ class SmsPartnerClient:
                 reason = "max_pages"
                 break
             try:
-                # Checked between pages too, so a long fetch stops in time even when
-                # nothing sleeps (rate limit off, or its slot already free).
-                self._abandon_if_late(self._monotonic(), f"page {page} would start")
+                self._pacer.before_page(page)
                 envelope = self._fetch_page(tag, page)
             except NoMessagesError:
                 if page == 1:
@@ -392,9 +280,9 @@ class SmsPartnerClient:
             return call()
 
         retrying = tenacity.Retrying(
-            sleep=self._pause,
+            sleep=self._pacer.pause,
             stop=tenacity.stop_after_attempt(self._max_retries + 1),
-            wait=self._wait,
+            wait=self._pacer.retry_wait,
             retry=tenacity.retry_if_exception(_is_transient),
             before_sleep=self._before_retry,
             reraise=True,
@@ -408,18 +296,9 @@ class SmsPartnerClient:
                 exc.args = (exc.message,)
             raise
 
-    def _wait(self, retry_state: tenacity.RetryCallState) -> float:
-        """``Retry-After`` exactly when the provider gave one, else full-jitter backoff."""
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
-            return min(exc.retry_after, MAX_RETRY_AFTER)
-        ceiling = min(self._retry_backoff * 2 ** (retry_state.attempt_number - 1), MAX_BACKOFF)
-        return random.uniform(0.0, ceiling)
-
     def _before_retry(self, retry_state: tenacity.RetryCallState) -> None:
         """Log the retry about to be waited for, unless it would come past the deadline."""
-        wait = retry_state.upcoming_sleep
-        self._abandon_if_late(self._monotonic() + wait, f"a retry in {wait:.1f} s would come")
+        self._pacer.before_retry(retry_state.upcoming_sleep)
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         _log.warning(
             "api.retry_scheduled",
@@ -429,35 +308,10 @@ class SmsPartnerClient:
             error_type=type(exc).__name__,
         )
 
-    # --- waiting, within the shutdown deadline -----------------------------------------
-
-    def _pause(self, seconds: float) -> None:
-        """Sleep ``seconds`` (the rate limit, a retry) unless it would end past the deadline.
-
-        Raises:
-            PollAbandoned: the wait would end after the deadline, known before or during it.
-        """
-        wake_at = self._monotonic() + seconds
-        self._abandon_if_late(wake_at, f"a wait of {seconds:.1f} s would end")
-        self._sleep(seconds)
-        if self._deadline() is not None:
-            # The daemon's sleep returns early when shutdown begins: decide again, now
-            # that the deadline is known, and sleep the rest.
-            self._abandon_if_late(wake_at, f"a wait of {seconds:.1f} s would end")
-            rest = wake_at - self._monotonic()
-            if rest > 0:
-                self._sleep(rest)
-
-    def _abandon_if_late(self, moment: float, what: str) -> None:
-        """Raise :class:`PollAbandoned` when ``moment`` is past the deadline, if any."""
-        deadline = self._deadline()
-        if deadline is not None and moment > deadline:
-            raise PollAbandoned(f"the daemon is stopping: {what} after its shutdown deadline")
-
     # --- one HTTP request -------------------------------------------------------------
 
     def _request_page(self, tag: str, page: int) -> Envelope:
-        self._bucket.acquire()
+        self._pacer.before_request()
         where = f"GET {self._path} tag={tag!r} page={page}"
         started = time.perf_counter()
         try:
@@ -466,7 +320,7 @@ class SmsPartnerClient:
             raise self._transport_error(exc, where) from exc
         except httpx.InvalidURL as exc:
             # A bad base_url: settings should have caught it; retrying will not help.
-            _scrubbed(exc, self._api_key)
+            scrub(exc, self._api_key)
             raise PermanentApiError(self._redact(f"{where}: invalid URL ({exc})")) from exc
         _log.debug(
             "api.request",
@@ -524,7 +378,7 @@ class SmsPartnerClient:
 
     def _transport_error(self, exc: httpx.HTTPError, where: str) -> ApiError:
         """Translate an httpx error; its message (which may hold the URL) is redacted."""
-        _scrubbed(exc, self._api_key)
+        scrub(exc, self._api_key)
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         detail = self._redact(f"{where}: {reason}")
         if isinstance(exc, httpx.UnsupportedProtocol | httpx.TooManyRedirects):
@@ -612,7 +466,7 @@ class SmsPartnerClient:
     def _rate_limited(
         self, response: httpx.Response, where: str, *, code: int | None
     ) -> RateLimitedError:
-        retry_after = _parse_retry_after(response)
+        retry_after = retry_after_seconds(response.headers)
         _log.warning(
             "api.rate_limited",
             http_status=response.status_code,
@@ -642,20 +496,3 @@ class SmsPartnerClient:
 
     def _redact(self, text: str) -> str:
         return redact(text, self._api_key)
-
-
-def _scrubbed(exc: BaseException, secret: str) -> None:
-    """Redact a third-party exception's message, and its chain's, in place.
-
-    ``raise … from exc`` keeps the original as ``__cause__``, and a traceback printer
-    would show its message (and its own causes'), which for httpx may hold the full URL
-    with the key.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        current.args = tuple(
-            redact(arg, secret) if isinstance(arg, str) else arg for arg in current.args
-        )
-        current = current.__cause__ or current.__context__

@@ -26,7 +26,8 @@ from daemon.errors import (
     RateLimitedError,
     TransientApiError,
 )
-from daemon.smspartner import FetchResult, SmsPartnerClient, redact
+from daemon.redaction import redact
+from daemon.smspartner import FetchResult, SmsPartnerClient
 from daemon.status import Status
 
 KEY = "k&y=+/é"

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 from daemon import tracking
 from daemon.db import tracked_tags
 from daemon.errors import InputError
-from daemon.status import parse_sent_at, tag_problem
+from daemon.status import parse_sent_at, tag_problem, window_end
 
 _COLUMNS = ("tag", "sent_at")
 
@@ -145,5 +145,7 @@ def track_all(
         latest[entry.tag] = max(sent_at, latest.get(entry.tag, sent_at))
     count = sa.select(sa.func.count()).select_from(tracked_tags)
     before = int(conn.scalar(count) or 0)
-    tracking.track_many(conn, [(tag, s, s + window) for tag, s in latest.items()], now=now)
+    tracking.track_many(
+        conn, [(tag, s, window_end(s, window)) for tag, s in latest.items()], now=now
+    )
     return Tracked(tags=len(latest), new=int(conn.scalar(count) or 0) - before)

@@ -44,7 +44,7 @@ from daemon.poller import Poller, PollResult
 from daemon.scheduler import Daemon
 from daemon.settings import Settings
 from daemon.smspartner import SmsPartnerClient
-from daemon.status import tag_warnings
+from daemon.status import tag_warnings, window_end
 
 
 def utcnow() -> datetime:
@@ -150,7 +150,7 @@ def cmd_track(ctx: Context, args: argparse.Namespace) -> int:
             conn,
             args.tag,
             sent_at=sent_at,
-            window_ends_at=sent_at + ctx.settings.report_window,
+            window_ends_at=window_end(sent_at, ctx.settings.report_window),
             now=now,
         )
         row = tracking.get_tag(conn, args.tag)
@@ -248,7 +248,7 @@ def cmd_poll(ctx: Context, args: argparse.Namespace) -> int:
                     conn,
                     args.tag,
                     sent_at=now,
-                    window_ends_at=now + ctx.settings.report_window,
+                    window_ends_at=window_end(now, ctx.settings.report_window),
                     now=now,
                 )
                 print(f"tracking tag {args.tag!r} (sent at now)")

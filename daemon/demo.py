@@ -28,7 +28,7 @@ from daemon.scheduler import Daemon
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
 from daemon.smspartner import SmsPartnerClient
-from daemon.status import PENDING
+from daemon.status import PENDING, window_end
 
 DEMO_KEY = "demo-key"
 #: (tag, numbers, sent this long before the demo starts)
@@ -110,7 +110,7 @@ def run_demo(args: argparse.Namespace) -> int:
                     conn,
                     tag,
                     sent_at=sent_at,
-                    window_ends_at=sent_at + settings.report_window,
+                    window_ends_at=window_end(sent_at, settings.report_window),
                     now=start,
                 )
                 print(f"  tracking {tag!r}: {count:,} numbers, sent {_ago(ago)}")

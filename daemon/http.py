@@ -44,7 +44,7 @@ from daemon.http_protocol import REQUEST_TIMEOUT, Reply, Request, Server, clip
 from daemon.metrics import Metrics
 from daemon.output import plain
 from daemon.settings import Settings
-from daemon.status import parse_sent_at, tag_problem, tag_warnings
+from daemon.status import parse_sent_at, tag_problem, tag_warnings, window_end
 
 log = structlog.get_logger(__name__)
 
@@ -291,8 +291,7 @@ class HttpServer:
         tag, sent_at = parse_track_body(body)
         now = self._clock()
         sent_at = sent_at or now
-        # parse_sent_at keeps sent_at early enough for any allowed window to fit.
-        window_ends_at = sent_at + self._settings.report_window
+        window_ends_at = window_end(sent_at, self._settings.report_window)
         with self._engine.begin() as conn:
             tracking.track(conn, tag, sent_at=sent_at, window_ends_at=window_ends_at, now=now)
             row = tracking.get_tag(conn, tag)

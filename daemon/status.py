@@ -183,12 +183,12 @@ LATEST_SENT_AT = datetime.max.replace(tzinfo=UTC) - MAX_REPORT_WINDOW
 
 
 def window_end(sent_at: datetime, window: timedelta) -> datetime:
-    """When a tag's report window closes.
+    """When a tag's report window closes: the one place every caller computes it.
 
-    A ``sent_at`` past :data:`LATEST_SENT_AT` can only come from a row another program
-    wrote into ``tracked_tags``; it is clamped, so one absurd row cannot overflow the
-    dispatcher's or the poller's date arithmetic (``window`` is at most
-    :data:`MAX_REPORT_WINDOW`, a bound the settings enforce).
+    Users' ``sent_at`` is checked by :func:`parse_sent_at`; one past
+    :data:`LATEST_SENT_AT` can only come from a row another program wrote into
+    ``tracked_tags``, and is clamped so that it cannot overflow the date arithmetic
+    (``window`` is at most :data:`MAX_REPORT_WINDOW`, a bound the settings enforce).
     """
     return min(sent_at, LATEST_SENT_AT) + window
 

@@ -18,7 +18,8 @@ from typing import Any
 import structlog
 from sqlalchemy.engine import Connection, Engine
 
-from daemon import store, tracking
+from daemon import answers, store, tracking
+from daemon.answers import Answer, Answers
 from daemon.db import UNAVAILABLE_ERRORS, write_transaction
 from daemon.errors import (
     ApiError,
@@ -38,6 +39,7 @@ from daemon.status import (
     window_closed,
     window_end,
 )
+from daemon.store import Tally
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +62,10 @@ def tune_gc() -> None:
     frees everything else at once; only cycles wait a little longer.
     """
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
+class _StaleAnswer(Exception):
+    """The tag was written by something else while this poll fetched with its answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +105,14 @@ class Poller:
         client: SmsPartnerClient,
         settings: Settings,
         clock: Callable[[], datetime],
+        answers: Answers | None = None,
     ) -> None:
         self._engine = engine
         self._client = client
         self._settings = settings
         self._cadence = settings.cadence
         self._clock = clock
+        self._answers = answers or Answers()
 
     def poll(self, tag: str) -> PollResult:
         """Poll one tracked tag now and store what changed.
@@ -115,11 +123,34 @@ class Poller:
             PollAbandoned: the daemon is stopping and the fetch could not end in time;
                 nothing of this poll is written, the tag stays due.
         """
+        try:
+            return self._poll(tag, self._remembered(tag))
+        except _StaleAnswer:
+            # Something else wrote the tag while this poll fetched: poll it in full.
+            self._answers.forget(tag)
+            return self._poll(tag, None)
+
+    def _remembered(self, tag: str) -> Answer | None:
+        """The tag's remembered answer, if the tag's row still carries its marker."""
+        answer = self._answers.get(tag)
+        if answer is None:
+            return None
+        try:
+            with self._engine.connect() as conn:
+                row = tracking.get_tag(conn, tag)
+        except UNAVAILABLE_ERRORS:
+            return None  # the poll's own transaction reports the database's trouble
+        if row is None or answers.marker(row) != answer.marker:
+            self._answers.forget(tag)
+            return None
+        return answer
+
+    def _poll(self, tag: str, answer: Answer | None) -> PollResult:
         now = self._clock()
         fetched, error, outcome = FetchResult([], 0, 0, 0, "empty_page"), None, "ok"
         no_messages = False
         try:
-            fetched = self._client.fetch_tag(tag)
+            fetched = self._client.fetch_tag(tag, answer.signatures if answer else None)
         except NoMessagesError:
             no_messages = True
         except AuthError as exc:
@@ -130,16 +161,30 @@ class Poller:
 
         try:
             with write_transaction(self._engine) as conn:
-                row = tracking.lock_tag(conn, tag, now=now)
+                row = tracking.lock_tag(conn, tag)
                 if row is None:
                     raise InputError(
                         f"tag {tag!r} is not tracked; run `smspartner-status track {tag}`"
                     )
-                result, optouts = self._store(conn, row, now, fetched, outcome, error, no_messages)
+                if answer is not None and answers.marker(row) != answer.marker:
+                    raise _StaleAnswer
+                tally = answer.tally if answer else None
+                result, applied = self._store(
+                    conn, row, now, fetched, outcome, error, no_messages, tally
+                )
         except UNAVAILABLE_ERRORS as exc:
             raise DatabaseUnavailableError(f"database error: {exc.orig}") from exc
+        if result.ok and result.state == "active":
+            signatures = fetched.signatures
+            if answer is not None:
+                signatures = {**answer.signatures, **signatures}
+            tally = Tally(applied.counts, applied.stop_sms)
+            remembered = Answer((row["poll_count"] + 1, now), signatures, tally)
+            self._answers.remember(tag, remembered)
+        else:
+            self._answers.forget(tag)
         # Only once committed: a rolled-back poll must not announce opt-outs it never stored.
-        for phone, reported_at in optouts:
+        for phone, reported_at in applied.optouts:
             log.info("stop_sms.opt_out", tag=tag, phone_number=phone, reported_at=reported_at)
         self._log(result)
         return result
@@ -153,8 +198,9 @@ class Poller:
         outcome: str,
         error: str | None,
         no_messages: bool,
-    ) -> tuple[PollResult, list[tuple[str, datetime | None]]]:
-        """Write the poll's effects; returns its result and the new opt-outs to announce."""
+        tally: Tally | None,
+    ) -> tuple[PollResult, store.Applied]:
+        """Write the poll's effects; returns its result and what it applied."""
         tag: str = row["tag"]
         sent_at: datetime = row["sent_at"]
         window_ends_at = self._window_ends_at(row)
@@ -162,7 +208,7 @@ class Poller:
         applied = store.Applied()
         merged = merge_reports(fetched.reports)
         if ok:
-            applied = store.apply_reports(conn, tag, merged, now=now)
+            applied = store.apply_reports(conn, tag, merged, now=now, tally=tally)
 
         untracked = row["state"] == "untracked"
         expired = 0
@@ -204,7 +250,7 @@ class Poller:
             finished_at=finished,
             outcome=outcome,
             pages=fetched.pages,
-            numbers_seen=len(merged),
+            numbers_seen=fetched.numbers,
             numbers_changed=applied.changed + expired,
             error=error,
         )
@@ -214,7 +260,7 @@ class Poller:
             outcome=outcome,
             state=state,
             pages=fetched.pages,
-            numbers_seen=len(merged),
+            numbers_seen=fetched.numbers,
             changed=applied.changed + expired,
             events=applied.events + expired,
             optouts=len(applied.optouts),
@@ -228,7 +274,7 @@ class Poller:
                 ((reported or now) - sent_at).total_seconds() for reported in applied.newly_final
             ),
         )
-        return result, applied.optouts
+        return result, applied
 
     def _window_ends_at(self, row: Mapping[str, Any]) -> datetime:
         """The tag's window end; a row another program inserted may not have one yet."""

@@ -39,8 +39,8 @@ import functools
 import importlib.metadata
 import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import httpx
@@ -61,7 +61,7 @@ from daemon.errors import (
 )
 from daemon.pacing import Pacer, retry_after_seconds
 from daemon.redaction import redact, scrub
-from daemon.responses import Envelope, ItemParser, envelope_or_none
+from daemon.responses import Envelope, ItemParser, Signature, envelope_or_none
 from daemon.status import Report
 
 __all__ = ["FetchResult", "SmsPartnerClient"]
@@ -96,6 +96,9 @@ class FetchResult:
         skipped: malformed items skipped, each logged as ``api.item_skipped``.
         stop_reason: why pagination stopped; one of ``empty_page``, ``total_reached``,
             ``page_mismatch``, ``no_new_numbers``, ``max_pages``.
+        numbers: distinct numbers with a well-formed item, reported or not.
+        signatures: each reported number's :data:`~daemon.responses.Signature`, for
+            the next fetch's ``known``.
     """
 
     reports: list[Report]
@@ -103,6 +106,8 @@ class FetchResult:
     items: int
     skipped: int
     stop_reason: str
+    numbers: int = 0
+    signatures: dict[str, Signature] = field(default_factory=dict)
 
 
 # --- the client ---------------------------------------------------------------------
@@ -195,8 +200,12 @@ class SmsPartnerClient:
         that built the ``httpx.Client`` closes it.
         """
 
-    def fetch_tag(self, tag: str) -> FetchResult:
+    def fetch_tag(self, tag: str, known: Mapping[str, Signature] | None = None) -> FetchResult:
         """Fetch every report under ``tag``, following the pagination rules above.
+
+        ``known``: numbers whose stored report came from an item with this signature;
+        items that repeat it are counted as seen but not reported (see
+        :class:`~daemon.responses.ItemParser`).
 
         Raises:
             AuthError: codes 1/10, the key is missing or wrong.
@@ -206,9 +215,8 @@ class SmsPartnerClient:
             PermanentApiError: anything the provider would refuse again.
             PollAbandoned: the deadline came first; ``pages`` says how far it got.
         """
-        parser = ItemParser(tag)
+        parser = ItemParser(tag, known)
         reports: list[Report] = []
-        seen: set[str] = set()
         pages = items = 0
         page = 1
         while True:
@@ -237,14 +245,12 @@ class SmsPartnerClient:
                 reason = "empty_page"
                 break
             items += len(raw_items)
-            page_reports = parser.parse_page(raw_items, page)
-            reports.extend(page_reports)
-            before = len(seen)
-            seen.update([report.phone_number for report in page_reports])
+            before = len(parser.seen)
+            reports.extend(parser.parse_page(raw_items, page))
             if envelope.total is not None and items >= envelope.total:
                 reason = "total_reached"
                 break
-            if len(seen) == before:
+            if len(parser.seen) == before:
                 reason = "no_new_numbers"
                 break
             page += 1
@@ -256,6 +262,7 @@ class SmsPartnerClient:
             pages=pages,
             items=items,
             skipped=parser.skipped,
+            repeated=items - parser.skipped - len(reports),
         )
         return FetchResult(
             reports=reports,
@@ -263,6 +270,8 @@ class SmsPartnerClient:
             items=items,
             skipped=parser.skipped,
             stop_reason=reason,
+            numbers=len(parser.seen),
+            signatures=parser.signatures,
         )
 
     # --- one page, with retries --------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -64,6 +64,14 @@ def _literal(status: Status) -> Any:
 
 def _values(statuses: Iterable[Status]) -> list[Any]:
     return [_literal(s) for s in sorted(statuses)]
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """A tag's numbers per status, and how many answered STOP."""
+
+    counts: Mapping[str, int]
+    stop_sms: int
 
 
 @dataclass(slots=True)
@@ -193,22 +201,50 @@ def _first_seen_events(conn: Connection, tag: str, now: datetime) -> None:
     sql.execute(conn, "first_seen_events", build, tag=tag, now=now)
 
 
-def _stored_states(conn: Connection, tag: str) -> dict[str, tuple[Any, ...]]:
-    """What is stored for a tag: number → ``(number, status, stop_sms, reported_at)``,
-    the driver's own tuple.
+#: Numbers per statement when reading back only some of a tag's numbers.
+_NUMBERS_PER_READ = 500
+_STATE_COLUMNS = (_ds.phone_number, _ds.status, _ds.stop_sms, _ds.reported_at)
+
+
+def _stored_states(
+    conn: Connection, tag: str, only: Collection[str] | None = None
+) -> dict[str, tuple[Any, ...]]:
+    """What is stored for a tag (or for the numbers ``only`` of it): number →
+    ``(number, status, stop_sms, reported_at)``, the driver's own tuple.
 
     A re-poll of a 100,000-number tag reads every row back, so this skips SQLAlchemy's
     row objects and every conversion: :func:`apply_reports` compares the tuples as they
     are and builds a :class:`Report` only for a number whose values differ.
     """
-    result = sql.execute(
-        conn,
-        "stored_states",
-        lambda: sa.select(_ds.phone_number, _ds.status, _ds.stop_sms, _ds.reported_at).where(
-            _ds.tag == sa.bindparam("tag")
-        ),
-        tag=tag,
-    )
+    if only is None:
+        return _fetch_states(
+            conn,
+            "stored_states",
+            lambda: sa.select(*_STATE_COLUMNS).where(_ds.tag == sa.bindparam("tag")),
+            tag=tag,
+        )
+    per = _NUMBERS_PER_READ
+    names = [f"n{i}" for i in range(per)]
+
+    def of_numbers() -> Any:
+        wanted: list[Any] = [sa.bindparam(name) for name in names]
+        return sa.select(*_STATE_COLUMNS).where(
+            _ds.tag == sa.bindparam("tag"), _ds.phone_number.in_(wanted)
+        )
+
+    numbers, states = list(only), {}
+    for start in range(0, len(numbers), per):
+        chunk = numbers[start : start + per]
+        chunk += chunk[-1:] * (per - len(chunk))  # one statement: pad with a repeat
+        params = dict(zip(names, chunk, strict=True))
+        states.update(_fetch_states(conn, "stored_states_of", of_numbers, tag=tag, **params))
+    return states
+
+
+def _fetch_states(
+    conn: Connection, name: str, build: Callable[[], Any], **params: Any
+) -> dict[str, tuple[Any, ...]]:
+    result = sql.execute(conn, name, build, **params)
     dbapi_error = conn.dialect.loaded_dbapi.Error
     try:
         rows = result.cursor.fetchall()
@@ -220,7 +256,12 @@ def _stored_states(conn: Connection, tag: str) -> dict[str, tuple[Any, ...]]:
 
 
 def apply_reports(
-    conn: Connection, tag: str, reports: Mapping[str, Report], *, now: datetime
+    conn: Connection,
+    tag: str,
+    reports: Mapping[str, Report],
+    *,
+    now: datetime,
+    tally: Tally | None = None,
 ) -> Applied:
     """Upsert one poll's merged reports; write an event per real status change and an
     opt-out row per new STOP.
@@ -228,8 +269,19 @@ def apply_reports(
     Call after :func:`daemon.tracking.lock_tag` in the same transaction: the diff against what is
     stored decides which rows to send and which events to write, and the upsert's WHERE
     re-applies the forward-only rule in the database as a safety net.
+
+    ``tally``: the tag's counts as they stand, when the caller knows them (it stored
+    them itself, and nothing else wrote since). Then only the numbers in ``reports``
+    are read back, instead of the whole tag.
     """
-    stored = _stored_states(conn, tag)
+    if tally is None:
+        stored = _stored_states(conn, tag)
+        counts = Counter(map(operator.itemgetter(1), stored.values()))
+        stop_sms = sum(map(operator.itemgetter(2), stored.values()))
+        new_tag = not stored
+    else:
+        stored = _stored_states(conn, tag, reports.keys())
+        counts, stop_sms, new_tag = Counter(tally.counts), tally.stop_sms, False
     to_db, from_db = sql.db_time(conn), sql.from_db_time(conn)
     now_db = to_db(now)
     value, by_value = _VALUE_OF, _STATUS_BY_VALUE
@@ -259,14 +311,13 @@ def apply_reports(
     # re-poll the few new numbers are sent along, rather than scanning the whole tag.
     events = [
         (tag, phone, None, value[status], dates[reported], now_db)
-        for phone, status, _, _, reported in (fresh if stored else [])
+        for phone, status, _, _, reported in ([] if new_tag else fresh)
     ] + [
         (tag, new.phone_number, value[old.status], value[new.status], dates[new.reported_at],
          now_db)
         for new, old in moved
         if new.status is not old.status
     ]  # fmt: skip
-    counts = Counter(map(operator.itemgetter(1), stored.values()))
     counts.update(value[new.status] for new in fresh)
     counts.subtract(value[old.status] for _, old in moved)
     counts.update(value[new.status] for new, _ in moved)
@@ -278,7 +329,7 @@ def apply_reports(
     ]  # fmt: skip
     applied = Applied(
         changed=len(rows),
-        events=len(events) + (0 if stored else len(fresh)),
+        events=len(events) + (len(fresh) if new_tag else 0),
         newly_final=[new.reported_at for new in fresh if new.status in PROVIDER_FINAL]
         + [
             new.reported_at
@@ -286,7 +337,7 @@ def apply_reports(
             if new.status in PROVIDER_FINAL and old.status not in PROVIDER_FINAL
         ],
         counts={status: n for status, n in counts.items() if n},
-        stop_sms=sum(map(operator.itemgetter(2), stored.values())) + len(stops),
+        stop_sms=stop_sms + len(stops),
     )
     if conn.dialect.name == "postgresql":
         if events:
@@ -297,7 +348,7 @@ def apply_reports(
         sql.bulk(conn, "insert_events", _insert_events, _EVENT_KEYS, events)
         upsert = functools.partial(_upsert_statuses, conn, None)
         sql.bulk(conn, "upsert_statuses", upsert, _STATUS_KEYS, rows)
-    if fresh and not stored:
+    if fresh and new_tag:
         _first_seen_events(conn, tag, now)
     if rows:
         _save_counts_row(conn, tag, applied.counts, applied.stop_sms, now=now)

@@ -249,14 +249,15 @@ def finish_poll(
     )
 
 
-def lock_tag(conn: Connection, tag: str, *, now: datetime) -> dict[str, Any] | None:
+def lock_tag(conn: Connection, tag: str) -> dict[str, Any] | None:
     """Take the tag's row lock for this transaction and read the row; None when the tag
     is not tracked.
 
     Polls of one tag are serialised by it: on PostgreSQL a row lock, on SQLite the
     database write lock (the first write of the transaction takes it). The row returned,
     and everything read afterwards in the transaction, is therefore exactly what the
-    poll's writes replace.
+    poll's writes replace. The write changes nothing, so the row comes back as the last
+    writer left it (:mod:`daemon.answers` relies on that).
     """
     found = sql.execute(
         conn,
@@ -264,11 +265,10 @@ def lock_tag(conn: Connection, tag: str, *, now: datetime) -> dict[str, Any] | N
         lambda: (
             sa.update(tracked_tags)
             .where(_tt.tag == sa.bindparam("tag"))
-            .values(updated_at=sa.bindparam("now", type_=UtcDateTime()))
+            .values(updated_at=_tt.updated_at)
             .returning(*tracked_tags.c)
         ),
         tag=tag,
-        now=now,
     ).first()
     if found is None:
         return None

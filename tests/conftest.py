@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import logging
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from daemon.simulator import Simulator
 
@@ -172,6 +174,15 @@ def pg_database(server: PgServer) -> Iterator[str]:
 
 
 # --- simulator and CLI ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def debug_logs() -> Iterator[None]:
+    """Let debug events through whatever level another test configured, then restore."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture

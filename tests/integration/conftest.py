@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from daemon import migrate, store, tracking
+from daemon.answers import Answers
 from daemon.db import create_engine
 from daemon.poller import Poller
 from daemon.settings import load_settings
@@ -69,7 +71,8 @@ def rig(db_url: str, simulator: Simulator) -> Iterator[Callable[..., Rig]]:
     engines: list[Engine] = []
     clients: list[httpx.Client] = []
 
-    def build(**overrides: Any) -> Rig:
+    def build(*, remember: bool = True, **overrides: Any) -> Rig:
+        """A rig with these settings; ``remember=False`` re-polls every number in full."""
         values: dict[str, Any] = dict(
             api_key=API_KEY,
             base_url=simulator.url,
@@ -96,7 +99,12 @@ def rig(db_url: str, simulator: Simulator) -> Iterator[Callable[..., Rig]]:
             max_pages=settings.max_pages,
         )
         clock = Clock()
-        poller = Poller(engine=engine, client=client, settings=settings, clock=clock)
+        # Every tag's answer is remembered, however small: each re-poll in these tests
+        # takes the path a large tag takes in the daemon (see daemon/answers.py).
+        answers = Answers(min_numbers=1 if remember else sys.maxsize)
+        poller = Poller(
+            engine=engine, client=client, settings=settings, clock=clock, answers=answers
+        )
         return Rig(engine, poller, clock, simulator)
 
     yield build

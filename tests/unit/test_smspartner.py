@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import traceback
 from collections.abc import Callable, Iterator, MutableMapping
@@ -13,7 +12,6 @@ from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
 from daemon.errors import (
@@ -74,15 +72,6 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def debug_logs() -> Iterator[None]:
-    """Let debug events through whatever level another test configured, then restore."""
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    yield
-    structlog.configure(**saved)
-
-
 def make_client(
     handler: Handler, clock: FakeClock, **kwargs: Any
 ) -> tuple[SmsPartnerClient, Server]:
@@ -139,9 +128,52 @@ def test_stops_on_empty_page(clock: FakeClock) -> None:
     client, server = make_client(paged({1: body(numbers(0, 2))}), clock)
     result = client.fetch_tag("t")
     assert result == FetchResult(
-        reports=result.reports, pages=2, items=2, skipped=0, stop_reason="empty_page"
+        reports=result.reports,
+        pages=2,
+        items=2,
+        skipped=0,
+        stop_reason="empty_page",
+        numbers=2,
+        signatures=result.signatures,
     )
     assert [r.phone_number for r in result.reports] == ["+33600000000", "+33600000001"]
+    assert server.pages == [1, 2]
+
+
+def test_items_repeating_a_known_signature_are_counted_but_not_reported(
+    clock: FakeClock,
+) -> None:
+    first = [
+        item("+331"),
+        item("+332", "Waiting"),
+        item("+333", stopSMS="1"),
+        item("+334", date=["garbled"]),  # unhashable: remembered never, parsed always
+    ]
+    client, _ = make_client(paged({1: body(first)}), clock)
+    known = client.fetch_tag("t").signatures
+    assert set(known) == {"+331", "+332", "+333"}
+
+    later = [
+        item("+331"),  # repeated verbatim
+        item("+332", "Delivered"),  # changed
+        item("+333", stopSMS="1"),
+        item("+334", date=["garbled"]),
+        item("+335"),  # new
+    ]
+    client, _ = make_client(paged({1: body(later)}), clock)
+    result = client.fetch_tag("t", known)
+    assert [r.phone_number for r in result.reports] == ["+332", "+334", "+335"]
+    assert (result.numbers, result.items) == (5, 5)
+    assert set(result.signatures) == {"+332", "+335"}
+
+
+def test_a_server_ignoring_page_still_stops_when_every_item_is_known(clock: FakeClock) -> None:
+    answer = body(numbers(0, 3))  # no total, no currentPage, whatever the page
+    client, server = make_client(lambda _: httpx.Response(200, json=answer), clock)
+    known = client.fetch_tag("t").signatures
+    client, server = make_client(lambda _: httpx.Response(200, json=answer), clock)
+    result = client.fetch_tag("t", known)
+    assert (result.reports, result.numbers, result.stop_reason) == ([], 3, "no_new_numbers")
     assert server.pages == [1, 2]
 
 

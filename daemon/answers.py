@@ -1,0 +1,95 @@
+"""What the daemon remembers of each large active tag's last answer, so that a re-poll
+parses, diffs and reads back only the numbers whose item changed.
+
+The provider sends every number of a tag on every poll. A 100,000-number tag re-polled
+where 1 % changed used to parse 100,000 items, read 100,000 stored rows back and compare
+them all, to write 1,000. An item identical to one the store has already applied cannot
+change anything: statuses only move forward, so the stored row holds that item's effect
+or a later one. After each committed poll of a large active tag, the poller therefore
+keeps each number's item :data:`~daemon.responses.Signature` and the tag's counts; the
+next poll skips the items that repeat them and reads back only the rest.
+
+An entry holds only while nothing else has written the tag: it carries the tag row's
+``(poll_count, updated_at)`` as its poll committed them, and every other writer of the
+tag changes them (a poll by another replica or by ``poll``, ``track``, ``untrack``, the
+window fill). The poller checks the marker before it fetches and again under the tag's
+lock, and drops the entry when it moved. Hand edits of ``delivery_statuses`` do not move
+it: after one, restart the daemon (or ``track`` the tag again) so the next poll compares
+every number.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from sqlalchemy.engine import RowMapping
+
+from daemon.responses import Signature
+from daemon.store import Tally
+
+#: Below this many numbers a tag is not remembered: reading it back costs less than
+#: the check that an entry still holds.
+MIN_NUMBERS: Final = 1_000
+#: At most this many numbers are remembered over all tags (~100 bytes each; the
+#: signatures are shared tuples); the least recently polled tags go first.
+MAX_NUMBERS: Final = 1_000_000
+
+Marker = tuple[int, datetime]
+
+
+def marker(row: Mapping[str, Any] | RowMapping) -> Marker:
+    """A ``tracked_tags`` row's ``(poll_count, updated_at)``: what every writer changes."""
+    return (row["poll_count"], row["updated_at"])
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One tag's last committed answer."""
+
+    #: The tag row's :func:`marker` as that poll committed it.
+    marker: Marker
+    #: Each number's item signature, as that poll (or an earlier one) applied it.
+    signatures: Mapping[str, Signature]
+    #: The tag's counts after that poll.
+    tally: Tally
+
+
+class Answers:
+    """Remembered answers by tag, bounded by their numbers; safe across worker threads."""
+
+    def __init__(self, *, min_numbers: int = MIN_NUMBERS, max_numbers: int = MAX_NUMBERS) -> None:
+        self._min_numbers = min_numbers
+        self._max_numbers = max_numbers
+        self._entries: dict[str, Answer] = {}  # least recently remembered first
+        self._numbers = 0
+        self._lock = threading.Lock()
+
+    def get(self, tag: str) -> Answer | None:
+        """The tag's entry, if one is kept (its marker is the caller's to check)."""
+        return self._entries.get(tag)
+
+    def remember(self, tag: str, answer: Answer) -> None:
+        """Keep ``answer`` for ``tag`` (small tags are not kept), evicting the oldest."""
+        with self._lock:
+            self._drop(tag)
+            size = len(answer.signatures)
+            if not self._min_numbers <= size <= self._max_numbers:
+                return
+            while self._numbers + size > self._max_numbers:
+                self._drop(next(iter(self._entries)))
+            self._entries[tag] = answer
+            self._numbers += size
+
+    def forget(self, tag: str) -> None:
+        """Drop the tag's entry: its next poll compares every number."""
+        with self._lock:
+            self._drop(tag)
+
+    def _drop(self, tag: str) -> None:
+        old = self._entries.pop(tag, None)
+        if old is not None:
+            self._numbers -= len(old.signatures)

@@ -2,12 +2,13 @@
 parses, diffs and reads back only the numbers whose item changed.
 
 The provider sends every number of a tag on every poll. A 100,000-number tag re-polled
-where 1 % changed used to parse 100,000 items, read 100,000 stored rows back and compare
-them all, to write 1,000. An item identical to one the store has already applied cannot
-change anything: statuses only move forward, so the stored row holds that item's effect
-or a later one. After each committed poll of a large active tag, the poller therefore
-keeps each number's item :data:`~daemon.responses.Signature` and the tag's counts; the
-next poll skips the items that repeat them and reads back only the rest.
+where 1 % changed used to merge and diff 100,000 reports and read 100,000 stored rows
+back, to write 1,000. A report the store has already applied cannot change anything:
+statuses only move forward, so the stored row holds that report's effect or a later one.
+After each committed poll of a large active tag, the poller therefore keeps each
+number's last report (the merged dict the poll built anyway) and the tag's counts; the
+next poll's parser leaves out the items that read as those reports, and the store reads
+back only the numbers that remain.
 
 An entry holds only while nothing else has written the tag: it carries the tag row's
 ``(poll_count, updated_at)`` as its poll committed them, and every other writer of the
@@ -28,15 +29,15 @@ from typing import Any, Final
 
 from sqlalchemy.engine import RowMapping
 
-from daemon.responses import Signature
+from daemon.status import Report
 from daemon.store import Tally
 
 #: Below this many numbers a tag is not remembered: reading it back costs less than
 #: the check that an entry still holds.
 MIN_NUMBERS: Final = 1_000
-#: At most this many numbers are remembered over all tags (~100 bytes each; the
-#: signatures are shared tuples); the least recently polled tags go first.
-MAX_NUMBERS: Final = 1_000_000
+#: At most this many numbers are remembered over all tags (~200 bytes each: a report,
+#: its number, a dict entry); the least recently polled tags go first.
+MAX_NUMBERS: Final = 500_000
 
 Marker = tuple[int, datetime]
 
@@ -52,8 +53,8 @@ class Answer:
 
     #: The tag row's :func:`marker` as that poll committed it.
     marker: Marker
-    #: Each number's item signature, as that poll (or an earlier one) applied it.
-    signatures: Mapping[str, Signature]
+    #: Each number's report, as that poll (or an earlier one) applied it.
+    reports: Mapping[str, Report]
     #: The tag's counts after that poll.
     tally: Tally
 
@@ -76,7 +77,7 @@ class Answers:
         """Keep ``answer`` for ``tag`` (small tags are not kept), evicting the oldest."""
         with self._lock:
             self._drop(tag)
-            size = len(answer.signatures)
+            size = len(answer.reports)
             if not self._min_numbers <= size <= self._max_numbers:
                 return
             while self._numbers + size > self._max_numbers:
@@ -92,4 +93,4 @@ class Answers:
     def _drop(self, tag: str) -> None:
         old = self._entries.pop(tag, None)
         if old is not None:
-            self._numbers -= len(old.signatures)
+            self._numbers -= len(old.reports)

@@ -5,6 +5,10 @@ The fetch happens before the transaction opens, so a slow provider never holds a
 database lock; everything the poll writes (statuses, events, opt-outs, the tag's new
 state and the run row) commits together or not at all. A failed fetch writes only the
 run row and the tag's failure counters: stored statuses are never touched.
+
+A poller remembers the last reports of the large active tags it polled
+(:mod:`daemon.answers`), so their re-polls merge, diff and read back only the numbers
+whose report changed.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from daemon.settings import Settings
 from daemon.smspartner import FetchResult, SmsPartnerClient
 from daemon.status import (
     PENDING,
+    Report,
     Status,
     is_complete,
     merge_reports,
@@ -112,7 +117,7 @@ class Poller:
         self._settings = settings
         self._cadence = settings.cadence
         self._clock = clock
-        self._answers = answers or Answers()
+        self._answers = Answers() if answers is None else answers
 
     def poll(self, tag: str) -> PollResult:
         """Poll one tracked tag now and store what changed.
@@ -150,7 +155,7 @@ class Poller:
         fetched, error, outcome = FetchResult([], 0, 0, 0, "empty_page"), None, "ok"
         no_messages = False
         try:
-            fetched = self._client.fetch_tag(tag, answer.signatures if answer else None)
+            fetched = self._client.fetch_tag(tag, answer.reports if answer else None)
         except NoMessagesError:
             no_messages = True
         except AuthError as exc:
@@ -158,6 +163,7 @@ class Poller:
         except ApiError as exc:
             outcome = "transient_error" if exc.transient else "api_error"
             error = str(exc)
+        merged = merge_reports(fetched.reports)
 
         try:
             with write_transaction(self._engine) as conn:
@@ -170,16 +176,14 @@ class Poller:
                     raise _StaleAnswer
                 tally = answer.tally if answer else None
                 result, applied = self._store(
-                    conn, row, now, fetched, outcome, error, no_messages, tally
+                    conn, row, now, fetched, merged, outcome, error, no_messages, tally
                 )
         except UNAVAILABLE_ERRORS as exc:
             raise DatabaseUnavailableError(f"database error: {exc.orig}") from exc
         if result.ok and result.state == "active":
-            signatures = fetched.signatures
-            if answer is not None:
-                signatures = {**answer.signatures, **signatures}
+            reports = {**answer.reports, **merged} if answer else merged
             tally = Tally(applied.counts, applied.stop_sms)
-            remembered = Answer((row["poll_count"] + 1, now), signatures, tally)
+            remembered = Answer((row["poll_count"] + 1, now), reports, tally)
             self._answers.remember(tag, remembered)
         else:
             self._answers.forget(tag)
@@ -195,6 +199,7 @@ class Poller:
         row: Mapping[str, Any],
         now: datetime,
         fetched: FetchResult,
+        merged: dict[str, Report],
         outcome: str,
         error: str | None,
         no_messages: bool,
@@ -206,7 +211,6 @@ class Poller:
         window_ends_at = self._window_ends_at(row)
         ok = outcome == "ok"
         applied = store.Applied()
-        merged = merge_reports(fetched.reports)
         if ok:
             applied = store.apply_reports(conn, tag, merged, now=now, tally=tally)
 

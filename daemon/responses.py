@@ -27,11 +27,6 @@ MAX_ITEM_WARNINGS: Final = 20
 #: The ``code`` of a successful answer.
 OK_CODE: Final = 200
 
-#: An item's raw ``(status, stopSMS, date)``. Items of one number with equal signatures
-#: parse to the same report, so one the store has already applied need not be parsed,
-#: merged or diffed again (see :class:`ItemParser`'s ``known``).
-Signature = tuple[object, object, object]
-
 _TRUE_TEXT: Final = frozenset({"1", "true"})
 _FALSE_TEXT: Final = frozenset({"0", "false", ""})
 
@@ -124,24 +119,22 @@ class ItemParser:
     shares a handful of statuses and dates, and this keeps the per-item cost at roughly
     a microsecond.
 
-    ``known`` maps numbers to the signature of an answer already stored: an item that
-    repeats it exactly yields no report (its number still counts as seen). On a re-poll
-    where 1 % changed, that leaves 1 % of the items to parse, merge and diff.
+    ``known`` maps numbers to the report the store has already applied: an item that
+    reads as exactly that report yields none (its number still counts as seen). On a
+    re-poll where 1 % changed, that leaves 1 % of the items to merge and diff.
     """
 
-    def __init__(self, tag: str, known: Mapping[str, Signature] | None = None) -> None:
+    def __init__(self, tag: str, known: Mapping[str, Report] | None = None) -> None:
         self.tag = tag
         self.skipped = 0
         #: Every number with a well-formed item, including those ``known`` left out.
         self.seen: set[str] = set()
-        #: The signature of each number's last parsed item.
-        self.signatures: dict[str, Signature] = {}
-        self._known: Mapping[str, Signature] = known or {}
+        self._known: Mapping[str, Report] = known or {}
         self._warnings_left = MAX_ITEM_WARNINGS
-        self._status_cache: dict[str, Status] = {}
+        # Status text → (status, one shared copy of the text), so the reports a poller
+        # keeps (daemon/answers.py) do not hold 100,000 copies of "Delivered".
+        self._status_cache: dict[str, tuple[Status, str]] = {}
         self._date_cache: dict[str, datetime | None] = {}
-        # A campaign's items share a handful of signatures: keep one tuple of each.
-        self._shared: dict[Signature, Signature] = {}
 
     def parse_page(self, raw_items: list[Any], page: int) -> list[Report]:
         """Parse one page's items, in order; skipped items are logged and counted."""
@@ -150,7 +143,6 @@ class ItemParser:
         status_cache = self._status_cache
         date_cache = self._date_cache
         seen_add, known_get = self.seen.add, self._known.get
-        signatures, shared = self.signatures, self._shared
         for index, item in enumerate(raw_items):
             if type(item) is not dict:
                 self._skip(page, index, "item", f"not an object ({type(item).__name__})")
@@ -166,24 +158,15 @@ class ItemParser:
             if not phone:
                 self._skip(page, index, "phoneNumber", "empty")
                 continue
-            raw_status, stop_sms, raw_date = signature = (
-                item.get("status"), item.get("stopSMS"), item.get("date")
-            )  # fmt: skip
+            raw_status = item.get("status")
             if type(raw_status) is not str:
                 self._skip(page, index, "status", _type_problem(raw_status))
                 continue
             seen_add(phone)
-            if known_get(phone) == signature:
-                continue
-            try:
-                signatures[phone] = shared.setdefault(signature, signature)
-            except TypeError:  # a list or object where a scalar belongs: never skipped
-                signatures.pop(phone, None)
-            status = status_cache.get(raw_status)
-            if status is None:
-                status = status_cache[raw_status] = map_provider_status(raw_status)
+            stop_sms = item.get("stopSMS")
             if stop_sms is not True and stop_sms is not False:
                 stop_sms = self._coerce_stop_sms(stop_sms, page, index)
+            raw_date = item.get("date")
             if type(raw_date) is str:
                 try:
                     reported_at = date_cache[raw_date]
@@ -195,7 +178,18 @@ class ItemParser:
                 reported_at = parse_provider_date(raw_date)
                 if reported_at is None and raw_date is not None:
                     self._coerced(page, index, "date", raw_date, "kept without a date")
-            append(Report(phone, status, raw_status, stop_sms, reported_at))
+            old = known_get(phone)
+            if (
+                old is not None
+                and old[4] == reported_at
+                and old[3] is stop_sms
+                and old[2] == raw_status
+            ):
+                continue  # the report the store already holds
+            status = status_cache.get(raw_status)
+            if status is None:
+                status = status_cache[raw_status] = (map_provider_status(raw_status), raw_status)
+            append(Report(phone, status[0], status[1], stop_sms, reported_at))
         return reports
 
     def _coerce_stop_sms(self, raw: object, page: int, index: int) -> bool:

@@ -40,7 +40,7 @@ import importlib.metadata
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import httpx
@@ -61,7 +61,7 @@ from daemon.errors import (
 )
 from daemon.pacing import Pacer, retry_after_seconds
 from daemon.redaction import redact, scrub
-from daemon.responses import Envelope, ItemParser, Signature, envelope_or_none
+from daemon.responses import Envelope, ItemParser, envelope_or_none
 from daemon.status import Report
 
 __all__ = ["FetchResult", "SmsPartnerClient"]
@@ -97,8 +97,6 @@ class FetchResult:
         stop_reason: why pagination stopped; one of ``empty_page``, ``total_reached``,
             ``page_mismatch``, ``no_new_numbers``, ``max_pages``.
         numbers: distinct numbers with a well-formed item, reported or not.
-        signatures: each reported number's :data:`~daemon.responses.Signature`, for
-            the next fetch's ``known``.
     """
 
     reports: list[Report]
@@ -107,7 +105,6 @@ class FetchResult:
     skipped: int
     stop_reason: str
     numbers: int = 0
-    signatures: dict[str, Signature] = field(default_factory=dict)
 
 
 # --- the client ---------------------------------------------------------------------
@@ -200,11 +197,11 @@ class SmsPartnerClient:
         that built the ``httpx.Client`` closes it.
         """
 
-    def fetch_tag(self, tag: str, known: Mapping[str, Signature] | None = None) -> FetchResult:
+    def fetch_tag(self, tag: str, known: Mapping[str, Report] | None = None) -> FetchResult:
         """Fetch every report under ``tag``, following the pagination rules above.
 
-        ``known``: numbers whose stored report came from an item with this signature;
-        items that repeat it are counted as seen but not reported (see
+        ``known``: the report already stored for each number; items that read as exactly
+        that are counted as seen but not reported (see
         :class:`~daemon.responses.ItemParser`).
 
         Raises:
@@ -271,7 +268,6 @@ class SmsPartnerClient:
             skipped=parser.skipped,
             stop_reason=reason,
             numbers=len(parser.seen),
-            signatures=parser.signatures,
         )
 
     # --- one page, with retries --------------------------------------------------------

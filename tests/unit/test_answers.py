@@ -5,16 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from daemon.answers import Answer, Answers
+from daemon.status import Report, Status
 from daemon.store import Tally
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
 
 def answer(numbers: int) -> Answer:
-    signature = ("Delivered", False, "1764158400")
+    phones = [f"+336{i:08d}" for i in range(numbers)]
     return Answer(
         (1, NOW),
-        {f"+336{i:08d}": signature for i in range(numbers)},
+        {phone: Report(phone, Status.DELIVERED, "Delivered", False, NOW) for phone in phones},
         Tally({"delivered": numbers}, 0),
     )
 

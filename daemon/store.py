@@ -290,15 +290,18 @@ def apply_reports(
     resolved = {status: now_db if status in FINAL else None for status in Status}
     fresh: list[Report] = []  # numbers seen for the first time
     changed: list[tuple[Report, Report]] = []  # (new, old) where new supersedes old
-    for phone, new in reports.items():
-        row = stored.get(phone)
-        if row is None:
-            fresh.append(new)
-        elif row != (phone, value[new.status], new.stop_sms, dates[new.reported_at]):
-            # Equal values can never supersede; only a difference needs the full rule.
-            old = Report(phone, by_value[row[1]], "", bool(row[2]), from_db(row[3]))
-            if supersedes(new, old):
-                changed.append((new, old))
+    if not stored:  # a tag's first poll, or only new numbers: nothing to compare
+        fresh = list(reports.values())
+    else:
+        for phone, new in reports.items():
+            row = stored.get(phone)
+            if row is None:
+                fresh.append(new)
+            elif row != (phone, value[new.status], new.stop_sms, dates[new.reported_at]):
+                # Equal values can never supersede; only a difference needs the full rule.
+                old = Report(phone, by_value[row[1]], "", bool(row[2]), from_db(row[3]))
+                if supersedes(new, old):
+                    changed.append((new, old))
 
     written = fresh + [new for new, _ in changed]
     moved = [(new, old) for new, old in changed if status_advances(new, old)]

@@ -1,5 +1,5 @@
 """What the daemon remembers of each large active tag's last answer, so that a re-poll
-parses, diffs and reads back only the numbers whose item changed.
+merges, diffs and reads back only the numbers whose report changed.
 
 The provider sends every number of a tag on every poll. A 100,000-number tag re-polled
 where 1 % changed used to merge and diff 100,000 reports and read 100,000 stored rows

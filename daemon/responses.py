@@ -181,9 +181,9 @@ class ItemParser:
             old = known_get(phone)
             if (
                 old is not None
-                and old[4] == reported_at
-                and old[3] is stop_sms
-                and old[2] == raw_status
+                and old.reported_at == reported_at
+                and old.stop_sms is stop_sms
+                and old.provider_status == raw_status
             ):
                 continue  # the report the store already holds
             status = status_cache.get(raw_status)

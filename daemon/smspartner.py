@@ -89,8 +89,9 @@ class FetchResult:
     """Everything one :meth:`SmsPartnerClient.fetch_tag` call learnt about a tag.
 
     Attributes:
-        reports: every well-formed item, in the order received, not de-duplicated
-            (the poller merges, so a number seen on two pages counts once there).
+        reports: every well-formed item (but those ``known`` left out), in the order
+            received, not de-duplicated (the poller merges, so a number seen on two
+            pages counts once there).
         pages: pages requested successfully, including the one that ended pagination.
         items: raw items received on kept pages (a ``page_mismatch`` page is not kept).
         skipped: malformed items skipped, each logged as ``api.item_skipped``.

@@ -326,3 +326,37 @@ def test_leases_are_released_on_clean_stop(
     eng.dispose()
     assert owners == [(None,)]
     assert os.path.exists(url.removeprefix("sqlite:///") + ".lock")
+
+
+def test_the_running_daemon_re_polls_a_large_tag_from_what_it_remembers(
+    cli_env: dict[str, str], simulator: Simulator, running: Callable[..., Running]
+) -> None:
+    simulator.add_tag("big", 1_500)  # reports keep arriving while the daemon polls
+    env = {**cli_env, "SMSPARTNER_LOG_LEVEL": "debug", "SMSPARTNER_POLL_CADENCE": "48h=1s"}
+    assert run_cli("track", "big", env=env).code == 0
+    daemon = running(env)
+
+    def fetches() -> list[dict[str, object]]:
+        return [e for e in daemon.events() if e["event"] == "api.pagination_stopped"]
+
+    wait_for(lambda: len(fetches()) >= 3, 30, "three polls of the tag")
+    code, _ = daemon.stop()
+    assert code == 0
+    first, *later = fetches()
+    # Only the first poll merged every number; later ones left out what they had stored.
+    assert first["repeated"] == 0
+    assert all(0 < int(str(e["repeated"])) <= 1_500 for e in later)
+    # The counts the later polls kept from memory still equal a recount of the rows.
+    db = sqlite3.connect(env["SMSPARTNER_DATABASE_URL"].removeprefix("sqlite:///"))
+    with db:
+        summary = db.execute(
+            "SELECT total, waiting, delivered, not_delivered, failed, stop_sms "
+            "FROM tag_summary WHERE tag = 'big'"
+        ).fetchone()
+        recount = db.execute(
+            "SELECT count(*), sum(status = 'waiting'), sum(status = 'delivered'), "
+            "sum(status = 'not_delivered'), sum(status = 'failed'), sum(stop_sms) "
+            "FROM delivery_statuses WHERE tag = 'big'"
+        ).fetchone()
+    db.close()
+    assert summary == recount and summary[0] == 1_500

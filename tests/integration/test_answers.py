@@ -18,10 +18,7 @@ from daemon import store, tracking
 from daemon.db import delivery_status_events, delivery_statuses, stop_sms_optouts
 from daemon.poller import PollResult
 from tests.integration.conftest import NOW, Rig
-
-
-def unix(dt: datetime) -> str:
-    return str(int(dt.timestamp()))
+from tests.integration.test_poll import unix
 
 
 def item(phone: str, status: str, date: datetime, stop: object = False) -> dict[str, object]:

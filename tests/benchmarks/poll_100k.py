@@ -2,7 +2,8 @@
 
 Compares, in the same run and over the same loopback pages:
   * baseline: fetch the pages with httpx, ``json.loads``, one ``executemany`` upsert with
-    the bare driver (sqlite3, or psycopg for PostgreSQL);
+    the bare driver (sqlite3, or psycopg for PostgreSQL); measured before and after the
+    first poll, and averaged;
   * first poll: the daemon's full poll (client, merge, diff, forward-only upsert with
     events, poll_runs, lifecycle) into an empty database;
   * re-poll: the same tag after 1 % of the numbers changed, by the same poller, as the
@@ -292,6 +293,13 @@ def make_poller(
     return poller, close
 
 
+def baseline(sim: RemoteSimulator, args: argparse.Namespace, sqlite_path: Path) -> float:
+    """The baseline into ``--postgres``, else into a new SQLite file at ``sqlite_path``."""
+    if args.postgres:
+        return baseline_postgres(sim, args.postgres)
+    return baseline_sqlite(sim, sqlite_path)
+
+
 def cold_repoll(sim: RemoteSimulator, args: argparse.Namespace, sqlite_url: str) -> float:
     """The re-poll by a poller that did not make the first poll (untimed first poll)."""
     url = args.postgres or sqlite_url
@@ -332,16 +340,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(args.rounds):
             sim.serve("first")
+            before = baseline(sim, args, Path(tmp) / f"base{rnd}a.db")
             if args.postgres:
-                base_times.append(baseline_postgres(sim, args.postgres))
                 url = args.postgres
                 _reset_postgres(url)
             else:
-                base_times.append(baseline_sqlite(sim, Path(tmp) / f"base{rnd}.db"))
                 url = f"sqlite:///{tmp}/ours{rnd}.db"
             poller, close = make_poller(sim, url)
             os.sync()  # each measurement starts with no other writes still on their way to disk
             first_times.append(timed(lambda p=poller: _check(p.poll(TAG), args.numbers)))
+            # The baseline again, and the mean of both: the machine's speed drifts within
+            # a round, and one baseline sample made single rounds swing by up to 2x.
+            base_times.append((before + baseline(sim, args, Path(tmp) / f"base{rnd}b.db")) / 2)
             sim.serve("changed")
             os.sync()
             repoll_times.append(
@@ -358,8 +368,8 @@ def main() -> None:
     sim.close()
 
     base, first, repoll = (statistics.median(t) for t in (base_times, first_times, repoll_times))
-    # Each round measures the baseline and ours back to back, so the per-round ratios
-    # are steadier than a ratio of medians on a machine whose speed drifts.
+    # Each round measures ours between two baselines, so the per-round ratios are
+    # steadier than a ratio of medians on a machine whose speed drifts.
     first_ratios = [f / b for f, b in zip(first_times, base_times, strict=True)]
     repoll_ratios = [r / f for r, f in zip(repoll_times, first_times, strict=True)]
     engine = "PostgreSQL" if args.postgres else "SQLite"

@@ -433,6 +433,7 @@ def _run_once(daemon: Daemon) -> int:
     failed = [r for r in stats.results if not r.ok]
     print(
         f"polled {stats.polls} tag(s): {stats.polls - stats.failures} ok, {stats.failures} failed"
+        + (" (stopped by a signal: the tags not polled stay due)" if daemon.stopping else "")
     )
     for result in failed:
         print_error(f"poll of {result.tag!r} failed: {result.error}")

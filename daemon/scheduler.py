@@ -26,8 +26,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -320,24 +321,33 @@ class Daemon:
     # --- lifecycles ----------------------------------------------------------------------
 
     def run_once(self) -> DaemonStats:
-        """Poll every due tag once, then return (``run --once``, for cron jobs)."""
+        """Poll every due tag once, then return (``run --once``, for cron jobs).
+
+        Called from the main thread, SIGTERM and SIGINT stop the pass as they stop
+        :meth:`run_until_signal`: no more claims, polls in flight finish and commit
+        within :data:`SHUTDOWN_GRACE` or are abandoned, leases are released. The tags not
+        reached stay due for the next pass; :attr:`stopping` tells the caller.
+        """
         self._once_cutoff = self._clock()
-        while True:
-            # Renews the leases of the polls in flight, and claims what the pool can take
-            # (nothing while a wrong key pauses polling: it would fail every tag alike).
-            self._claim_and_submit(self._clock())
-            with self._lock:
-                futures = list(self._in_flight.values())
-            if not futures:
-                break
-            # Wake well before the leases run out even when every poll is long, or a
-            # replica running `run` on the same database could claim a tag still polled.
-            wait(
-                futures,
-                timeout=self._lease.total_seconds() / 3,
-                return_when=FIRST_COMPLETED,
-            )
-        self._drain()
+        with _signals_call(self._begin_stop):
+            while not self._stopping.is_set():
+                # Renews the leases of the polls in flight, and claims what the pool can
+                # take (nothing while a wrong key pauses polling: it would fail every
+                # tag alike).
+                self._claim_and_submit(self._clock())
+                with self._lock:
+                    futures = list(self._in_flight.values())
+                if not futures:
+                    break
+                # Wake well before the leases run out even when every poll is long, or a
+                # replica running `run` on the same database could claim a tag still
+                # polled.
+                wait(
+                    futures,
+                    timeout=self._lease.total_seconds() / 3,
+                    return_when=FIRST_COMPLETED,
+                )
+            self._drain()
         return self.stats
 
     def start(self) -> None:
@@ -373,14 +383,21 @@ class Daemon:
         """
         if self._stopping.is_set():
             return
+        self._begin_stop()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+        self._drain()
+
+    def _begin_stop(self) -> None:
+        """Stop claiming and start the grace of the polls in flight (also from a signal
+        handler: nothing here waits for a lock)."""
+        if self._stopping.is_set():
+            return
         # Before the event: a sleeping poll woken by it must find the deadline set.
         self._shutdown_deadline = time.monotonic() + SHUTDOWN_GRACE
         self._stopping.set()
         self._notifier.notify("STOPPING=1")
         log.info("daemon.stopping", in_flight=len(self._in_flight))
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=True)
-        self._drain()
 
     def _drain(self) -> None:
         self._pool.shutdown(wait=True)
@@ -413,3 +430,23 @@ class Daemon:
         if self._heartbeat is not None and self._heartbeat_written is not None:
             remove_heartbeat(self._heartbeat, self._heartbeat_written)
         log.info("daemon.stopped", polls=self.stats.polls, failures=self.stats.failures)
+
+
+@contextmanager
+def _signals_call(stop: Callable[[], None]) -> Iterator[None]:
+    """SIGTERM and SIGINT call ``stop`` (logged) while the block runs, in the main
+    thread only (elsewhere Python cannot take signals); the old handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("daemon.signal", signal=signal.Signals(signum).name)
+        stop()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

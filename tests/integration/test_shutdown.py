@@ -1,6 +1,7 @@
 """Stopping the daemon mid-poll: SIGTERM lets a poll that can finish in time commit, and
-abandons one that cannot without writing anything, exiting 0 within 10 s either way;
-`run --once` keeps the leases of long polls alive so a `run` replica cannot take them."""
+abandons one that cannot without writing anything, exiting 0 within 10 s either way, for
+`run` and `run --once` alike; `run --once` keeps the leases of long polls alive so a `run`
+replica cannot take them."""
 
 from __future__ import annotations
 
@@ -217,6 +218,34 @@ def once_daemon(tmp_path: Any, simulator: Simulator) -> Iterator[Callable[..., D
     yield build
     for close in closing:
         close()
+
+
+def test_sigterm_stops_run_once_as_it_stops_run(
+    env: dict[str, str], simulator: Simulator, running: Callable[..., Running]
+) -> None:
+    """A cron job's pass stopped by systemd: the poll in flight commits, no other tag is
+    claimed, the leases go, exit 0 within 10 s; the next pass polls what was left."""
+    simulator.add_tag("big", 1000, page_size=50)  # 20 pages: about 5 s at 4 a second
+    simulator.add_tag("next", 5)
+    for tag in ("big", "next"):  # "big" is due first
+        assert run_cli("track", tag, env=env).code == 0
+    once = running({**env, "SMSPARTNER_CONCURRENCY": "1"}, "--once")
+    wait_for(lambda: simulator.request_count("big") >= 3, 30, "the poll to be under way")
+    code, took = exit_after(once, sigterm(once))
+    assert code == 0 and took < 10
+    assert query(env, "SELECT count(*) FROM delivery_statuses WHERE tag = 'big'") == [(1000,)]
+    assert query(env, "SELECT tag, outcome FROM poll_runs") == [("big", "ok")]
+    assert simulator.request_count("next") == 0
+    assert query(env, "SELECT lease_owner FROM tracked_tags") == [(None,), (None,)]
+    output = once.log.read_text()
+    assert "polled 1 tag(s): 1 ok, 0 failed (stopped by a signal" in output
+    assert "Traceback" not in output
+    names = [e["event"] for e in once.events()]
+    assert names.index("daemon.signal") < names.index("poll.completed")
+
+    again = run_cli("run", "--once", env=env)
+    assert again.code == 0 and "polled 1 tag(s): 1 ok, 0 failed" in again.out
+    assert query(env, "SELECT tag FROM poll_runs ORDER BY id") == [("big",), ("next",)]
 
 
 def test_run_once_keeps_renewing_the_lease_of_a_long_poll(

@@ -410,15 +410,9 @@ class Daemon:
     def run_until_signal(self) -> None:
         """Start, block until SIGTERM or SIGINT, then stop cleanly."""
         received = threading.Event()
-
-        def handler(signum: int, _frame: Any) -> None:
-            log.info("daemon.signal", signal=signal.Signals(signum).name)
-            received.set()
-
         # Installed for the rest of the process: a second SIGTERM during shutdown must
         # not kill it half-way (the handler only sets an event).
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
+        _on_signals(received.set)
         try:
             self.start()
             while not received.wait(1.0):
@@ -432,19 +426,25 @@ class Daemon:
         log.info("daemon.stopped", polls=self.stats.polls, failures=self.stats.failures)
 
 
-@contextmanager
-def _signals_call(stop: Callable[[], None]) -> Iterator[None]:
-    """SIGTERM and SIGINT call ``stop`` (logged) while the block runs, in the main
-    thread only (elsewhere Python cannot take signals); the old handlers come back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _on_signals(action: Callable[[], None]) -> dict[int, Any]:
+    """Make SIGTERM and SIGINT log ``daemon.signal`` and call ``action``; returns the
+    handlers they had."""
 
     def handler(signum: int, _frame: Any) -> None:
         log.info("daemon.signal", signal=signal.Signals(signum).name)
-        stop()
+        action()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+@contextmanager
+def _signals_call(action: Callable[[], None]) -> Iterator[None]:
+    """:func:`_on_signals` while the block runs, then the old handlers again; in the main
+    thread only, the only one Python delivers signals to."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = _on_signals(action)
     try:
         yield
     finally:

@@ -142,7 +142,11 @@ class ItemParser:
         append = reports.append
         status_cache = self._status_cache
         date_cache = self._date_cache
-        seen_add, known_get = self.seen.add, self._known.get
+        seen_add = self.seen.add
+        known_get = self._known.get if self._known else None  # a first poll knows nothing
+        # tuple.__new__ skips the NamedTuple's Python-level __new__: a quarter of the
+        # parsing time at 100,000 items.
+        new, report_type = tuple.__new__, Report
         for index, item in enumerate(raw_items):
             if type(item) is not dict:
                 self._skip(page, index, "item", f"not an object ({type(item).__name__})")
@@ -178,9 +182,9 @@ class ItemParser:
                 reported_at = parse_provider_date(raw_date)
                 if reported_at is None and raw_date is not None:
                     self._coerced(page, index, "date", raw_date, "kept without a date")
-            old = known_get(phone)
             if (
-                old is not None
+                known_get is not None
+                and (old := known_get(phone)) is not None
                 and old.reported_at == reported_at
                 and old.stop_sms is stop_sms
                 and old.provider_status == raw_status
@@ -189,7 +193,7 @@ class ItemParser:
             status = status_cache.get(raw_status)
             if status is None:
                 status = status_cache[raw_status] = (map_provider_status(raw_status), raw_status)
-            append(Report(phone, status[0], status[1], stop_sms, reported_at))
+            append(new(report_type, (phone, status[0], status[1], stop_sms, reported_at)))
         return reports
 
     def _coerce_stop_sms(self, raw: object, page: int, index: int) -> bool:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import httpx
+import orjson
 import pydantic
 import structlog
 import tenacity
@@ -423,10 +424,18 @@ class SmsPartnerClient:
 
     def _json_object(self, response: httpx.Response) -> dict[str, Any] | None:
         """The body as a JSON object, or None when it is empty, HTML, truncated or a list."""
+        content = response.content
         try:
-            body = json.loads(response.content)
-        except ValueError:  # includes JSONDecodeError and UnicodeDecodeError
-            return None
+            body = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            # orjson is stricter than json (UTF-8 without BOM, no NaN, no lone
+            # surrogates): what it refuses gets the standard parser's verdict, so a body
+            # json reads is never lost. (It reads integers past 64 bits as floats; no
+            # field the daemon reads holds one.)
+            try:
+                body = json.loads(content)
+            except ValueError:  # includes JSONDecodeError and UnicodeDecodeError
+                return None
         return body if isinstance(body, dict) else None
 
     def _envelope(self, body: dict[str, Any], where: str, status: int) -> Envelope:

@@ -430,8 +430,8 @@ class SmsPartnerClient:
         except orjson.JSONDecodeError:
             # orjson is stricter than json (UTF-8 without BOM, no NaN, no lone
             # surrogates): what it refuses gets the standard parser's verdict, so a body
-            # json reads is never lost. (It reads integers past 64 bits as floats; no
-            # field the daemon reads holds one.)
+            # json reads is never lost. (It reads integers past 64 bits as floats; the
+            # one field read as an integer, a phone number, has at most 15 digits.)
             try:
                 body = json.loads(content)
             except ValueError:  # includes JSONDecodeError and UnicodeDecodeError

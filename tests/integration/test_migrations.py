@@ -3,13 +3,20 @@ down to base leaves nothing, and up again works."""
 
 from __future__ import annotations
 
+import ast
+import re
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import sqlalchemy as sa
 from alembic import command
 
-from daemon import migrate, store, tracking
-from daemon.db import create_engine, delivery_statuses, metadata
+import migrations
+from daemon import migrate
+from daemon.db import create_engine, delivery_statuses, metadata, tag_counts, tracked_tags
+
+VERSIONS = Path(migrations.__file__).parent / "versions"
 
 TABLES = {
     "tracked_tags",
@@ -135,7 +142,8 @@ def test_models_name_every_contract_column() -> None:
 
 def test_upgrading_from_0001_counts_the_numbers_already_stored(db_url: str) -> None:
     """Revision 0002 moves tag_summary onto tag_counts: a database upgraded with data in
-    it shows exactly what the counting view of 0001 showed, and so does a downgrade."""
+    it shows exactly what the counting view of 0001 showed, and so do a downgrade and
+    a second upgrade."""
     engine = create_engine(db_url)
     now = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
     statuses = ["delivered", "delivered", "not_delivered", "failed", "waiting", "unknown"]
@@ -145,8 +153,13 @@ def test_upgrading_from_0001_counts_the_numbers_already_stored(db_url: str) -> N
             config.attributes["connection"] = conn
             command.upgrade(config, "0001")
         with engine.begin() as conn:
-            for tag in ("spring", "summer", "empty"):
-                tracking.track(conn, tag, sent_at=now, window_ends_at=now + timedelta(2), now=now)
+            conn.execute(
+                sa.insert(tracked_tags),
+                [
+                    {"tag": tag, "sent_at": now, "window_ends_at": now + timedelta(2)}
+                    for tag in ("spring", "summer", "empty")
+                ],
+            )
             conn.execute(
                 sa.insert(delivery_statuses),
                 [
@@ -165,13 +178,52 @@ def test_upgrading_from_0001_counts_the_numbers_already_stored(db_url: str) -> N
 
         def summary() -> list[dict[str, object]]:
             with engine.connect() as conn:
-                return [dict(r) for r in store.tag_summary(conn)]
+                query = sa.text("SELECT * FROM tag_summary ORDER BY tag")
+                return [dict(r) for r in conn.execute(query).mappings()]
 
         before = summary()
         assert {r["tag"]: r["total"] for r in before} == {"spring": 6, "summer": 3, "empty": 0}
+        started = datetime.now(UTC)
         migrate.upgrade(engine)
         assert summary() == before
+        with engine.connect() as conn:  # counted "now", stored as the models store time
+            stamps = conn.execute(sa.select(tag_counts.c.updated_at)).scalars().all()
+            raw = conn.execute(sa.text("SELECT updated_at FROM tag_counts")).scalars().all()
+        assert len(stamps) == 2
+        assert all(started <= stamp <= datetime.now(UTC) for stamp in stamps)
+        if engine.dialect.name == "sqlite":  # fixed width, so text order is time order
+            assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", t) for t in raw)
+
         migrate.downgrade(engine, "0001")
+        assert summary() == before
+        migrate.upgrade(engine)
         assert summary() == before
     finally:
         engine.dispose()
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The top-level names of every module ``path`` imports, wherever the import is."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            # A relative import (level > 0) reaches into our own package: never allowed.
+            names.add("." if node.level else (node.module or "").split(".")[0])
+    return names
+
+
+def test_revisions_are_frozen() -> None:
+    """A revision is history: it imports only alembic, sqlalchemy and the standard
+    library, never the live models or SQL of ``daemon``, which later changes would
+    otherwise rewrite under it."""
+    revisions = sorted(VERSIONS.glob("*.py"))
+    assert len([p for p in revisions if p.name != "__init__.py"]) >= 2
+    allowed = {"alembic", "sqlalchemy", *sys.stdlib_module_names}
+    foreign = {
+        p.name: sorted(_imported_modules(p) - allowed)
+        for p in revisions
+        if _imported_modules(p) - allowed
+    }
+    assert foreign == {}

@@ -10,8 +10,11 @@ value, so even a log line we did not write cannot leak the key.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Iterable, MutableMapping
+from datetime import date, datetime, time
+from enum import Enum
 from typing import Any, TextIO
 
 import structlog
@@ -91,6 +94,7 @@ def configure_logging(
         processors=[
             *shared,
             structlog.processors.format_exc_info,
+            plain_values,
             redactor,
             renderer,
         ],
@@ -106,6 +110,7 @@ def configure_logging(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
+                plain_values,
                 redactor,
                 renderer,
             ],
@@ -127,3 +132,46 @@ def configure_logging(
         verbose = level == "debug" and noisy != "httpcore"
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else quiet)
     return redactor
+
+
+def plain_values(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A structlog processor that turns every value into one JSON can hold as is.
+
+    Both renderers would otherwise print a datetime as its Python repr
+    (``datetime.datetime(2026, 12, 3, …)``), which log pipelines cannot parse. Running
+    before the redactor also means any object's text is redacted like any string.
+    """
+    for key, value in event.items():
+        event[key] = _plain(value)
+    return event
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as str, int, finite float, bool, None, or a list or dict of those:
+    datetimes as ISO-8601 (UTC with ``Z``, as the ``timestamp`` of every line), enums as
+    their value, exceptions as ``Type: message``, anything else as its ``str()``."""
+    if isinstance(value, Enum):
+        return _plain(value.value)
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)  # JSON has no NaN or inf
+    if isinstance(value, datetime):
+        text = value.isoformat()
+        return text[:-6] + "Z" if text.endswith("+00:00") else text
+    if isinstance(value, date | time):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(_plain(k)): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
+    if isinstance(value, BaseException):
+        return f"{type(value).__name__}: {value}"
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    try:
+        return str(value)
+    except Exception:  # a broken __str__ must not cost the log line
+        return object.__repr__(value)

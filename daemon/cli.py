@@ -13,6 +13,7 @@ bad input or configuration, 1 for a failure at run time. Only the entry points
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -305,6 +306,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     finally:
         if ctx is not None:
             ctx.close()
+
+
+def _reader_gone() -> int:
+    """The reader of stdout went away (``report TAG --numbers | head -1``): stop quietly
+    with the status a shell gives a writer its reader left, 141 (128 + SIGPIPE).
+
+    Python flushes stdout once more at exit and would print that failure too, so stdout
+    is pointed at /dev/null first and the last flush goes nowhere.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (captured, replaced): nothing to do
+        pass
+    finally:
+        os.close(devnull)
+    return 141

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from alembic import context
 
-from daemon.db import create_engine, metadata
+from daemon.db import UtcDateTime, create_engine, metadata
 
 config = context.config
 
@@ -15,6 +17,14 @@ def _include_object(
 ) -> bool:
     # The view is created by raw SQL; autogenerate must not mistake it for a table.
     return not (type_ == "table" and name == "tag_summary")
+
+
+def _render_item(type_: str, obj: object, autogen_context: Any) -> str | Literal[False]:
+    # Revisions are frozen history and import nothing of ours: autogenerate writes our
+    # UTC type as the plain type its DDL is (on SQLite too: DATETIME).
+    if type_ == "type" and isinstance(obj, UtcDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
 
 
 def run_migrations_online() -> None:
@@ -36,6 +46,7 @@ def _run(connection: object) -> None:
         connection=connection,  # type: ignore[arg-type]
         target_metadata=metadata,
         include_object=_include_object,
+        render_item=_render_item,
         render_as_batch=True,  # SQLite cannot ALTER most things in place
         compare_type=True,
     )

@@ -281,7 +281,7 @@ def _count(status: str) -> str:
 
 
 #: The BI view as revision 0001 created it, counting ``delivery_statuses`` on every
-#: read (kept for that revision and for downgrades).
+#: read (the revisions carry their own copies; this one is for tests comparing with it).
 TAG_SUMMARY_SQL_0001 = f"""
 SELECT t.tag AS tag, t.sent_at AS sent_at, t.window_ends_at AS window_ends_at,
        t.state AS state,
@@ -310,7 +310,9 @@ def _kept(column: str) -> str:
 
 
 #: The BI view; its columns (names and types) are public API. It reads the counts the
-#: poller keeps in ``tag_counts``: one row per tag instead of one per number.
+#: poller keeps in ``tag_counts``: one row per tag instead of one per number. The
+#: newest revision creates it from its own copy, and a test checks that the two agree:
+#: changing the view here takes a new revision.
 TAG_SUMMARY_SQL = f"""
 SELECT t.tag AS tag, t.sent_at AS sent_at, t.window_ends_at AS window_ends_at,
        t.state AS state,
@@ -323,8 +325,8 @@ FROM tracked_tags t
 LEFT JOIN tag_counts c ON c.tag = t.tag
 """
 
-#: Recount every tag from ``delivery_statuses`` into an empty ``tag_counts`` (the
-#: migration that creates it; benchmarks that generate rows directly in SQL).
+#: Recount every tag from ``delivery_statuses`` into an empty ``tag_counts`` (tests and
+#: benchmarks that generate rows directly in SQL; revision 0002 has its own copy).
 TAG_COUNTS_FROM_STATUSES_SQL = f"""
 INSERT INTO tag_counts (tag, total, {", ".join(COUNTED)}, stop_sms, updated_at)
 SELECT d.tag, COUNT(*), {", ".join(_count(c) for c in COUNTED)},

@@ -21,6 +21,19 @@ from daemon.status import window_end
 
 _tt = tracked_tags.c
 
+#: The counts of the ``tag_summary`` view that a page of :func:`list_tags_page` carries.
+SUMMARY_COUNTS = (
+    "total",
+    "waiting",
+    "delivered",
+    "not_delivered",
+    "failed",
+    "expired",
+    "unknown",
+    "stop_sms",
+    "delivery_rate",
+)
+
 
 def get_tag(conn: Connection, tag: str) -> RowMapping | None:
     """One ``tracked_tags`` row, or None."""
@@ -30,6 +43,37 @@ def get_tag(conn: Connection, tag: str) -> RowMapping | None:
 def list_tags(conn: Connection) -> list[RowMapping]:
     """Every tracked tag, newest send first."""
     query = sa.select(tracked_tags).order_by(_tt.sent_at.desc(), _tt.tag)
+    return list(conn.execute(query).mappings())
+
+
+#: The ``tag_summary`` view, for joining its counts to a page of tags (its DDL is in
+#: :mod:`daemon.db`; only the columns read here are declared).
+_summary = sa.table(
+    "tag_summary",
+    sa.column("tag", sa.String()),
+    *(sa.column(name, sa.BigInteger()) for name in (*SUMMARY_COUNTS[:-1],)),
+    sa.column("delivery_rate", sa.Float()),
+)
+
+
+def list_tags_page(conn: Connection, *, after: str | None, limit: int) -> list[RowMapping]:
+    """One page of tracked tags, ordered by tag, each with its ``tag_summary`` counts.
+
+    Keyset pagination: the page holds the first ``limit`` tags greater than ``after``
+    (the last tag of the previous page; None for the first page). Each page is one range
+    scan of the primary key, so its cost and size do not grow with the table, and tags
+    tracked or untracked between two pages never make another tag skipped or repeated,
+    as an OFFSET would. Ordering and comparison both use the column's collation, so the
+    pages agree with each other on either database.
+    """
+    query = (
+        sa.select(tracked_tags, *(_summary.c[name] for name in SUMMARY_COUNTS))
+        .select_from(tracked_tags.outerjoin(_summary, _summary.c.tag == _tt.tag))
+        .order_by(_tt.tag)
+        .limit(limit)
+    )
+    if after is not None:
+        query = query.where(_tt.tag > after)
     return list(conn.execute(query).mappings())
 
 

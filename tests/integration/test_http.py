@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -912,3 +914,115 @@ def test_malformed_bodies_get_4xx_naming_the_problem(app: App, content: bytes, n
 def test_no_body_makes_post_tags_answer_5xx(app: App, content: bytes) -> None:
     response = app.client.post("/tags", content=content)
     assert response.status_code in (201, 400), (response.status_code, response.text)
+
+
+# --- bounded connections and whole-request deadlines ---------------------------------------
+
+
+def eventually(check: Callable[[], bool], within: float = 1.0) -> bool:
+    """Whether ``check`` holds within ``within`` seconds (tried every 20 ms)."""
+    give_up = time.monotonic() + within
+    while not check():
+        if time.monotonic() > give_up:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def connect(app: App) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", app.server.port), timeout=5)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def trickle(sock: socket.socket, data: bytes, every: float = 0.05, give_up: float = 2.0) -> float:
+    """Send ``data`` a byte at a time until the server closes; seconds until it did."""
+    started = time.monotonic()
+    for byte in data:
+        try:
+            sock.send(bytes([byte]))
+            readable, _, _ = select.select([sock], [], [], every)
+            if readable and sock.recv(65536) == b"":
+                break
+        except OSError:  # reset: the server closed and we kept sending
+            break
+        if time.monotonic() - started > give_up:
+            pytest.fail(f"still connected after {give_up} s of trickling")
+    return time.monotonic() - started
+
+
+def test_connections_past_the_cap_get_a_quick_503(make_app: Callable[..., App]) -> None:
+    app = make_app(max_connections=3)
+    idle = [connect(app) for _ in range(3)]  # connected, and sending nothing
+    try:
+        with capture_logs() as logs:
+            started = time.monotonic()
+            with connect(app) as extra:
+                extra.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                answer = read_all(extra)
+            elapsed = time.monotonic() - started
+            response = app.client.get("/healthz")
+        assert elapsed < 0.5
+        head, _, data = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 503 ")
+        assert b"\r\nRetry-After: 1" in head
+        assert json.loads(data) == {"error": "too many connections"}
+        assert (response.status_code, body(response)) == (503, {"error": "too many connections"})
+        # One warning for a burst of refusals, not one line per connection.
+        busy = [e for e in logs if e["event"] == "http.busy"]
+        assert [(e["log_level"], e["max_connections"]) for e in busy] == [("warning", 3)]
+    finally:
+        for sock in idle:
+            sock.close()
+    # The slots come back as soon as those clients hang up.
+    assert eventually(lambda: app.client.get("/healthz").status_code == 200)
+
+
+def test_idle_connections_are_cut_at_the_deadline_and_free_their_slots(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app(max_connections=2, request_deadline=0.5)
+    started = time.monotonic()
+    silent, partial = connect(app), connect(app)
+    with silent, partial:
+        partial.sendall(b"GET /hea")
+        assert app.client.get("/healthz").status_code == 503  # both slots taken
+        # Cut off at the deadline, with no answer: "GET /hea" was not a request.
+        assert (read_all(silent), read_all(partial)) == (b"", b"")
+        assert 0.4 < time.monotonic() - started < 1.0
+    assert eventually(lambda: app.client.get("/healthz").status_code == 200)
+
+
+def test_a_client_trickling_its_headers_is_cut_off_within_the_deadline(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app(request_deadline=0.5)
+    with connect(app) as slow:
+        slow.sendall(b"GET /healthz HTTP/1.0\r\n")
+        assert app.client.get("/healthz").status_code == 200  # others are served meanwhile
+        # One byte every 50 ms: no single read ever waits long, the request never ends.
+        elapsed = trickle(slow, b"X-Pad: " + b"a" * 100)
+    assert elapsed < 0.9
+    assert app.client.get("/healthz").status_code == 200
+
+
+def test_a_trickled_body_is_cut_off_and_its_truncation_never_tracked(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app(request_deadline=0.5)
+    start = b'{"tag": "slow"}'
+    with connect(app) as slow:
+        slow.sendall(
+            b"POST /tags HTTP/1.0\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + start
+        )
+        # The body is valid JSON at every step: only its length says it is not done.
+        elapsed = trickle(slow, b" " * (100 - len(start)))
+    assert elapsed < 0.9
+    assert body(app.client.get("/tags")) == []
+    assert app.wakes == []

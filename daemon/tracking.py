@@ -16,10 +16,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
 from daemon import sql
-from daemon.db import UtcDateTime, tracked_tags
+from daemon.db import UtcDateTime, tag_counts, tracked_tags
 from daemon.status import window_end
 
 _tt = tracked_tags.c
+_tc = tag_counts.c
 
 #: The counts of the ``tag_summary`` view that a page of :func:`list_tags_page` carries.
 SUMMARY_COUNTS = (
@@ -46,18 +47,8 @@ def list_tags(conn: Connection) -> list[RowMapping]:
     return list(conn.execute(query).mappings())
 
 
-#: The ``tag_summary`` view, for joining its counts to a page of tags (its DDL is in
-#: :mod:`daemon.db`; only the columns read here are declared).
-_summary = sa.table(
-    "tag_summary",
-    sa.column("tag", sa.String()),
-    *(sa.column(name, sa.BigInteger()) for name in (*SUMMARY_COUNTS[:-1],)),
-    sa.column("delivery_rate", sa.Float()),
-)
-
-
 def list_tags_page(conn: Connection, *, after: str | None, limit: int) -> list[RowMapping]:
-    """One page of tracked tags, ordered by tag, each with its ``tag_summary`` counts.
+    """One page of tracked tags, ordered by tag, each with the counts of ``tag_summary``.
 
     Keyset pagination: the page holds the first ``limit`` tags greater than ``after``
     (the last tag of the previous page; None for the first page). Each page is one range
@@ -65,10 +56,20 @@ def list_tags_page(conn: Connection, *, after: str | None, limit: int) -> list[R
     tracked or untracked between two pages never make another tag skipped or repeated,
     as an OFFSET would. Ordering and comparison both use the column's collation, so the
     pages agree with each other on either database.
+
+    The counts are computed as the view computes them, from ``tag_counts``, rather than
+    by joining the view: SQLite cannot merge a view that is itself a join into the right
+    side of a LEFT JOIN, so it would build the whole view for every page (0.9 s at
+    200,000 tags).
     """
+    counts = [sa.func.coalesce(_tc[name], 0).label(name) for name in SUMMARY_COUNTS[:-1]]
+    rate = sa.case(
+        (sa.func.coalesce(_tc.total, 0) == 0, None),
+        else_=sa.cast(_tc.delivered, sa.Float()) / _tc.total,
+    ).label("delivery_rate")
     query = (
-        sa.select(tracked_tags, *(_summary.c[name] for name in SUMMARY_COUNTS))
-        .select_from(tracked_tags.outerjoin(_summary, _summary.c.tag == _tt.tag))
+        sa.select(tracked_tags, *counts, rate)
+        .select_from(tracked_tags.outerjoin(tag_counts, _tc.tag == _tt.tag))
         .order_by(_tt.tag)
         .limit(limit)
     )

@@ -690,17 +690,22 @@ def next_link(response: httpx.Response) -> str | None:
     return target[1:-1]
 
 
-def walk(app: App, first: str) -> list[list[str]]:
-    """Follow ``Link: rel="next"`` from ``first``; the tags of each page."""
-    pages: list[list[str]] = []
+def walk_rows(app: App, first: str) -> list[list[dict[str, Any]]]:
+    """Follow ``Link: rel="next"`` from ``first``; the rows of each page."""
+    pages: list[list[dict[str, Any]]] = []
     url: str | None = first
     while url is not None:
         response = app.client.get(url)
         assert response.status_code == 200, response.text
-        pages.append([t["tag"] for t in body(response)])
+        pages.append(body(response))
         url = next_link(response)
         assert len(pages) < 100
     return pages
+
+
+def walk(app: App, first: str) -> list[list[str]]:
+    """The tags of each page, following ``Link`` from ``first``."""
+    return [[t["tag"] for t in page] for page in walk_rows(app, first)]
 
 
 def test_paging_yields_every_tag_exactly_once_in_tag_order(
@@ -717,6 +722,36 @@ def test_paging_yields_every_tag_exactly_once_in_tag_order(
     assert [len(p) for p in pages] == [10] * 6 + [3]  # 63 tags; Link absent on the last page
     assert [t for page in pages for t in page] == ordered
     assert sorted(ordered) == sorted(tags)
+
+
+def test_each_page_carries_the_counts_of_tag_summary(
+    make_app: Callable[..., App], db_url: str
+) -> None:
+    app = make_app(db_url)
+    track_tags(app, ["a", "b", "c"])
+    reports = {
+        "a": [Report("+33600000001", Status.DELIVERED, "Delivered", True, T0)],
+        "b": [
+            Report("+33600000001", Status.WAITING, "Waiting", False, None),
+            Report("+33600000002", Status.NOT_DELIVERED, "Not delivered", False, T0),
+            Report("+33600000003", Status.DELIVERED, "Delivered", False, T0),
+        ],
+    }  # "c" has no numbers: zero counts and no rate
+    with app.engine.begin() as conn:
+        for tag, found in reports.items():
+            store.apply_reports(conn, tag, {r.phone_number: r for r in found}, now=T0)
+    with app.engine.connect() as conn:
+        view = {row["tag"]: row for row in store.tag_summary(conn)}
+
+    listed = [t for page in walk_rows(app, "/tags?limit=2") for t in page]
+
+    assert [t["tag"] for t in listed] == ["a", "b", "c"]
+    for tag in listed:
+        assert {n: tag[n] for n in tracking.SUMMARY_COUNTS} == pytest.approx(
+            {n: view[tag["tag"]][n] for n in tracking.SUMMARY_COUNTS}
+        )
+    assert (listed[1]["total"], listed[1]["delivery_rate"]) == (3, pytest.approx(1 / 3))
+    assert (listed[2]["total"], listed[2]["delivery_rate"]) == (0, None)
 
 
 def test_an_exact_multiple_of_the_limit_ends_without_an_empty_page(app: App) -> None:

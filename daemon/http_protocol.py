@@ -210,6 +210,10 @@ class Server(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    #: The listen backlog (socketserver's default is 5): connections the kernel completes
+    #: while the accepting thread catches up. Past it, new connections' SYNs are dropped
+    #: and each such client waits a second for its retransmit, refusal or not.
+    request_queue_size = 128
 
     def __init__(
         self,

@@ -1061,3 +1061,14 @@ def test_a_trickled_body_is_cut_off_and_its_truncation_never_tracked(
     assert elapsed < 0.9
     assert body(app.client.get("/tags")) == []
     assert app.wakes == []
+
+
+@pytest.mark.parametrize("length", ["1" * 5000, "9" * 19, str(2**64)])
+def test_an_absurd_content_length_is_a_413(app: App, length: str) -> None:
+    status, _, answer = app.raw(
+        "POST", "/tags", body=b'{"tag": "a"}', headers={"Content-Length": length}
+    )
+    assert status == 413
+    assert answer["error"].startswith(f"body must be at most {MAX_BODY} bytes")
+    assert len(answer["error"]) < 200
+    assert body(app.client.get("/tags")) == []

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from datetime import datetime
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import quote, unquote, unquote_plus
+from urllib.parse import quote, unquote_to_bytes
 
 import sqlalchemy as sa
 import structlog
@@ -348,8 +348,8 @@ class HttpServer:
             InputError: the segment is not a valid tag.
         """
         try:
-            tag = unquote(segment, errors="strict")
-        except UnicodeDecodeError:
+            tag = percent_decode(segment)
+        except UnicodeError:
             raise InputError("tag in the path is not valid UTF-8") from None
         problem = tag_problem(tag)
         if problem:
@@ -376,6 +376,19 @@ def _is_loopback(host: str) -> bool:
 # --- request bodies and answers -------------------------------------------------------------
 
 
+def percent_decode(text: str) -> str:
+    """Percent-decode part of a request target, as UTF-8.
+
+    ``http.server`` decodes the request line as Latin-1, so re-encoding gives back the
+    bytes sent: a non-ASCII tag sent raw (as ``curl`` does with ``café``) reads the same
+    as one sent percent-encoded, instead of as mojibake.
+
+    Raises:
+        UnicodeError: the bytes are not UTF-8.
+    """
+    return unquote_to_bytes(text.encode("latin-1")).decode("utf-8")
+
+
 def parse_page_query(query: str) -> tuple[int, str | None]:
     """The ``limit`` and ``after`` of a ``GET /tags`` query string (others are ignored).
 
@@ -385,14 +398,14 @@ def parse_page_query(query: str) -> tuple[int, str | None]:
     params: dict[str, str] = {}
     for field in query.split("&"):
         raw_name, _, raw_value = field.partition("=")
-        name = unquote_plus(raw_name)
+        name = raw_name.replace("+", " ")
         if name not in ("limit", "after"):
             continue
         if name in params:
             raise InputError(f"{name} must be given at most once")
         try:
-            params[name] = unquote_plus(raw_value, errors="strict")
-        except UnicodeDecodeError:
+            params[name] = percent_decode(raw_value.replace("+", " "))
+        except UnicodeError:
             raise InputError(f"{name} is not valid UTF-8 once percent-decoded") from None
     limit = DEFAULT_PAGE
     if "limit" in params:

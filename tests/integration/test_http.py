@@ -1072,3 +1072,20 @@ def test_an_absurd_content_length_is_a_413(app: App, length: str) -> None:
     assert answer["error"].startswith(f"body must be at most {MAX_BODY} bytes")
     assert len(answer["error"]) < 200
     assert body(app.client.get("/tags")) == []
+
+
+def test_raw_utf8_in_the_target_reads_as_percent_encoded_utf8(app: App) -> None:
+    track_tags(app, ["a", "café", "d"])
+
+    def send(target: bytes) -> bytes:
+        with connect(app) as sock:
+            sock.sendall(b"%s HTTP/1.0\r\n\r\n" % target)
+            return read_all(sock)
+
+    head, _, data = send(b"GET /tags?limit=1&after=caf\xc3\xa9").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 ")
+    assert [t["tag"] for t in json.loads(data)] == ["d"]
+    head, _, data = send(b"DELETE /tags/caf\xc3\xa9").partition(b"\r\n\r\n")
+    assert json.loads(data) == {"tag": "café", "state": "untracked"}
+    head, _, data = send(b"GET /tags?after=caf\xe9").partition(b"\r\n\r\n")  # Latin-1
+    assert head.startswith(b"HTTP/1.0 400 ") and b"after is not valid UTF-8" in data

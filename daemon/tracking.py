@@ -67,14 +67,18 @@ def list_tags_page(conn: Connection, *, after: str | None, limit: int) -> list[R
         (sa.func.coalesce(_tc.total, 0) == 0, None),
         else_=sa.cast(_tc.delivered, sa.Float()) / _tc.total,
     ).label("delivery_rate")
+    joined, where = _tc.tag == _tt.tag, []
+    if after is not None:
+        # Repeated on tag_counts, so that a merge join scans both primary keys from the
+        # cursor on, not tag_counts from its first row (PostgreSQL picks one at times).
+        joined, where = sa.and_(joined, _tc.tag > after), [_tt.tag > after]
     query = (
         sa.select(tracked_tags, *counts, rate)
-        .select_from(tracked_tags.outerjoin(tag_counts, _tc.tag == _tt.tag))
+        .select_from(tracked_tags.outerjoin(tag_counts, joined))
+        .where(*where)
         .order_by(_tt.tag)
         .limit(limit)
     )
-    if after is not None:
-        query = query.where(_tt.tag > after)
     return list(conn.execute(query).mappings())
 
 

@@ -5,9 +5,12 @@ Routes (design.md, "Interfaces")::
     GET    /healthz      200 {"status": "ok"} | 503 {"status": "stalled"}
     GET    /readyz       200 {"status": "ready"} | 503 {"status": "not ready", "problems": [...]}
     GET    /metrics      Prometheus text (counters still served when the database is down)
-    GET    /tags         tracked tags with their status counts
+    GET    /tags         a page of tracked tags with their status counts, ordered by tag:
+                         ?limit= (default 100, at most 1,000), ?after= (the last tag of
+                         the previous page); the next page is in ``Link: <…>; rel="next"``
     POST   /tags         {"tag": "...", "sent_at": "..."} → 201, then wakes the scheduler
     DELETE /tags/{tag}   200 | 404
+    HEAD   wherever GET is served: the same status and headers, no body
 
 A ``ThreadingHTTPServer`` is plenty for probes, a scraper and an occasional ``POST``;
 no framework, nothing async. :class:`HttpServer` owns the application: the routes and
@@ -15,8 +18,10 @@ the methods each allows, the bearer token, what each route answers, starting and
 stopping. :mod:`daemon.http_protocol` owns the wire under it (reading requests and
 bodies within their limits, sending answers, request logs, turning errors into JSON)
 and calls :meth:`HttpServer.answer` for each request; it imports nothing from here.
-Every answer is JSON except ``/metrics``. When ``SMSPARTNER_HTTP_TOKEN`` is set,
-``POST`` and ``DELETE`` need it as a bearer token; ``GET`` stays open for probes.
+Every answer is JSON except ``/metrics``, and bounded: ``/tags`` is paged, and the
+protocol caps connections and gives each a whole-request deadline. When
+``SMSPARTNER_HTTP_TOKEN`` is set, ``POST`` and ``DELETE`` need it as a bearer token;
+``GET`` stays open for probes.
 Request logs never include headers, so the token cannot reach them.
 """
 
@@ -30,17 +35,26 @@ from collections.abc import Callable
 from datetime import datetime
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote_to_bytes
 
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Engine, RowMapping
 
-from daemon import store, tracking
+from daemon import tracking
 from daemon.errors import ConfigError, InputError
 from daemon.health import Health
+from daemon.http_protocol import (
+    ANSWER_DEADLINE,
+    MAX_CONNECTIONS,
+    REQUEST_DEADLINE,
+    REQUEST_TIMEOUT,
+    Reply,
+    Request,
+    Server,
+    clip,
+)
 from daemon.http_protocol import MAX_BODY as MAX_BODY  # re-exported: part of this surface
-from daemon.http_protocol import REQUEST_TIMEOUT, Reply, Request, Server, clip
 from daemon.metrics import Metrics
 from daemon.output import plain
 from daemon.settings import Settings
@@ -51,27 +65,26 @@ log = structlog.get_logger(__name__)
 #: How often the serving loop checks for stop(): the worst-case delay of a shutdown.
 _SHUTDOWN_POLL = 0.1
 
+#: The methods of each route; HEAD is served wherever GET is (see :meth:`HttpServer.answer`).
 _ROUTES: dict[str, tuple[str, ...]] = {
-    "/healthz": ("GET",),
-    "/readyz": ("GET",),
-    "/metrics": ("GET",),
-    "/tags": ("GET", "POST"),
+    "/healthz": ("GET", "HEAD"),
+    "/readyz": ("GET", "HEAD"),
+    "/metrics": ("GET", "HEAD"),
+    "/tags": ("GET", "HEAD", "POST"),
 }
 _TAG_PREFIX = "/tags/"
 #: Lease columns are the scheduler's business, not the API's.
 _HIDDEN_COLUMNS = frozenset({"lease_owner", "lease_expires_at"})
-#: Columns of the ``tag_summary`` view added to each tag of ``GET /tags``.
-_SUMMARY_COUNTS = (
-    "total",
-    "waiting",
-    "delivered",
-    "not_delivered",
-    "failed",
-    "expired",
-    "unknown",
-    "stop_sms",
-    "delivery_rate",
-)
+#: ``GET /tags``: tags per page unless ``limit`` says otherwise, and the most it may say.
+#: A tag is about 600 bytes of JSON, so a page stays under a megabyte.
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+#: ``last_error`` is cut to this many characters in ``GET /tags``, so a page stays bounded
+#: whatever an error message held (the poller stores it already redacted).
+_MAX_ERROR_CHARS = 500
+#: Longest ``after`` cursor accepted: a tag is at most 64 characters, but rows inserted by
+#: another program are only bounded by the column.
+_MAX_CURSOR_CHARS = 256
 _DB_ERRORS = (sa.exc.DBAPIError, sa.exc.TimeoutError)
 
 
@@ -87,6 +100,9 @@ class HttpServer:
         settings: for the report window and the bearer token.
         clock: aware-UTC now.
         wake: asks the scheduler to look for due tags at once (after ``POST /tags``).
+        max_connections: connections served at once; more get a quick 503.
+        request_deadline: seconds a client has to send its whole request.
+        answer_deadline: seconds to run a route and send its answer.
     """
 
     def __init__(
@@ -100,7 +116,12 @@ class HttpServer:
         settings: Settings,
         clock: Callable[[], datetime],
         wake: Callable[[], None],
+        max_connections: int = MAX_CONNECTIONS,
+        request_deadline: float = REQUEST_DEADLINE,
+        answer_deadline: float = ANSWER_DEADLINE,
     ) -> None:
+        self._max_connections = max_connections
+        self._deadlines = (request_deadline, answer_deadline)
         self._host = host
         self._port = port
         self._engine = engine
@@ -132,7 +153,13 @@ class HttpServer:
             if self._server is not None:
                 return
             try:
-                server = Server((self._host, self._port), self.answer)
+                server = Server(
+                    (self._host, self._port),
+                    self.answer,
+                    max_connections=self._max_connections,
+                    request_deadline=self._deadlines[0],
+                    answer_deadline=self._deadlines[1],
+                )
             except OSError as exc:
                 reason = exc.strerror or str(exc)
                 raise ConfigError(
@@ -177,7 +204,8 @@ class HttpServer:
     def answer(self, request: Request) -> Reply:
         """Answer one request: route it, check its method and token, run the route.
 
-        The database being unreachable is a 503, whichever route met it.
+        The database being unreachable is a 503, whichever route met it. ``HEAD`` runs
+        the ``GET`` route: the protocol sends its status and headers without the body.
 
         Raises:
             InputError: a bad body or tag (the protocol answers 400 with the message).
@@ -217,11 +245,12 @@ class HttpServer:
             return self.untrack(path[len(_TAG_PREFIX) :])
         if method == "POST":
             return self.track(request.read_body())
+        if path == "/tags":
+            return self.list_tags(request.query)
         return {
             "/healthz": self.healthz,
             "/readyz": self.readyz,
             "/metrics": self.metrics,
-            "/tags": self.list_tags,
         }[path]()
 
     # --- what the routes do ---------------------------------------------------------------
@@ -269,17 +298,27 @@ class HttpServer:
         data, content_type = self._metrics.render()
         return Reply(HTTPStatus.OK, data, content_type=content_type)
 
-    def list_tags(self) -> Reply:
-        """Every tracked tag with its ``tag_summary`` counts."""
+    def list_tags(self, query: str = "") -> Reply:
+        """A page of tracked tags, ordered by tag, with their ``tag_summary`` counts.
+
+        The body stays a JSON array (as before paging), so scripts reading one page keep
+        working; the next page is announced in a ``Link`` header (RFC 8288), absent on the
+        last page. One more row than the page is read to know whether another page
+        exists, so an exact multiple of ``limit`` does not end with an empty page.
+
+        Raises:
+            InputError: ``limit`` or ``after`` is not acceptable; the message names it.
+        """
+        limit, after = parse_page_query(query)
         with self._engine.connect() as conn:
-            rows = tracking.list_tags(conn)
-            summaries = {s["tag"]: s for s in store.tag_summary(conn)}
-        tags = []
-        for row in rows:
-            summary = summaries.get(row["tag"])
-            counts = {n: plain(summary[n] if summary else None) for n in _SUMMARY_COUNTS}
-            tags.append({**_public(row), **counts})
-        return Reply(HTTPStatus.OK, tags)
+            rows = tracking.list_tags_page(conn, after=after, limit=limit + 1)
+        more, rows = len(rows) > limit, rows[:limit]
+        tags = [_listed(row) for row in rows]
+        if not more:
+            return Reply(HTTPStatus.OK, tags)
+        cursor = quote(rows[-1]["tag"], safe="")
+        link = ("Link", f'</tags?limit={limit}&after={cursor}>; rel="next"')
+        return Reply(HTTPStatus.OK, tags, (link,))
 
     def track(self, body: bytes) -> Reply:
         """Track (or re-activate) the tag a ``POST /tags`` body names, then wake the
@@ -309,8 +348,8 @@ class HttpServer:
             InputError: the segment is not a valid tag.
         """
         try:
-            tag = unquote(segment, errors="strict")
-        except UnicodeDecodeError:
+            tag = percent_decode(segment)
+        except UnicodeError:
             raise InputError("tag in the path is not valid UTF-8") from None
         problem = tag_problem(tag)
         if problem:
@@ -337,6 +376,53 @@ def _is_loopback(host: str) -> bool:
 # --- request bodies and answers -------------------------------------------------------------
 
 
+def percent_decode(text: str) -> str:
+    """Percent-decode part of a request target, as UTF-8.
+
+    ``http.server`` decodes the request line as Latin-1, so re-encoding gives back the
+    bytes sent: a non-ASCII tag sent raw (as ``curl`` does with ``café``) reads the same
+    as one sent percent-encoded, instead of as mojibake.
+
+    Raises:
+        UnicodeError: the bytes are not UTF-8.
+    """
+    return unquote_to_bytes(text.encode("latin-1")).decode("utf-8")
+
+
+def parse_page_query(query: str) -> tuple[int, str | None]:
+    """The ``limit`` and ``after`` of a ``GET /tags`` query string (others are ignored).
+
+    Raises:
+        InputError: one line naming the parameter.
+    """
+    params: dict[str, str] = {}
+    for field in query.split("&"):
+        raw_name, _, raw_value = field.partition("=")
+        name = raw_name.replace("+", " ")
+        if name not in ("limit", "after"):
+            continue
+        if name in params:
+            raise InputError(f"{name} must be given at most once")
+        try:
+            params[name] = percent_decode(raw_value.replace("+", " "))
+        except UnicodeError:
+            raise InputError(f"{name} is not valid UTF-8 once percent-decoded") from None
+    limit = DEFAULT_PAGE
+    if "limit" in params:
+        raw = params["limit"]
+        # isdigit() alone accepts "١٠" (Arabic digits); int() alone accepts " 1_0 ".
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 9 and 1 <= int(raw) <= MAX_PAGE):
+            raise InputError(f"limit must be a whole number from 1 to {MAX_PAGE} (got {raw!r:.40})")
+        limit = int(raw)
+    after = params.get("after") or None
+    if after is not None:
+        if len(after) > _MAX_CURSOR_CHARS:
+            raise InputError(f"after must be at most {_MAX_CURSOR_CHARS} characters (a tag)")
+        if "\x00" in after:
+            raise InputError("after must not contain NUL (a tag never does)")
+    return limit, after
+
+
 def parse_track_body(body: bytes) -> tuple[str, datetime | None]:
     """The ``tag`` and optional ``sent_at`` of a ``POST /tags`` body (unknown fields ignored).
 
@@ -355,6 +441,9 @@ def parse_track_body(body: bytes) -> tuple[str, datetime | None]:
         ) from None
     except RecursionError:  # "[[[[…" 64 KiB deep
         raise InputError("body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # an integer past sys.get_int_max_str_digits() (4,300 digits)
+        reason = str(exc).split(";")[0]
+        raise InputError(f"body is not acceptable JSON: {reason}") from None
     if not isinstance(data, dict):
         raise InputError(f'body must be a JSON object like {{"tag": "..."}} (got {_kind(data)})')
     tag = data.get("tag")
@@ -392,6 +481,15 @@ def _kind(value: object) -> str:
 def _public(row: RowMapping) -> dict[str, Any]:
     """A ``tracked_tags`` row as the API shows it."""
     return {str(k): plain(v) for k, v in row.items() if k not in _HIDDEN_COLUMNS}
+
+
+def _listed(row: RowMapping) -> dict[str, Any]:
+    """A row of :func:`tracking.list_tags_page` as ``GET /tags`` shows it."""
+    listed = _public(row)
+    error = listed.get("last_error")
+    if isinstance(error, str) and len(error) > _MAX_ERROR_CHARS:
+        listed["last_error"] = error[:_MAX_ERROR_CHARS] + "…"
+    return listed
 
 
 def _log_db_error(path: str, exc: Exception) -> None:

@@ -16,10 +16,24 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
 from daemon import sql
-from daemon.db import UtcDateTime, tracked_tags
+from daemon.db import UtcDateTime, tag_counts, tracked_tags
 from daemon.status import window_end
 
 _tt = tracked_tags.c
+_tc = tag_counts.c
+
+#: The counts of the ``tag_summary`` view that a page of :func:`list_tags_page` carries.
+SUMMARY_COUNTS = (
+    "total",
+    "waiting",
+    "delivered",
+    "not_delivered",
+    "failed",
+    "expired",
+    "unknown",
+    "stop_sms",
+    "delivery_rate",
+)
 
 
 def get_tag(conn: Connection, tag: str) -> RowMapping | None:
@@ -30,6 +44,41 @@ def get_tag(conn: Connection, tag: str) -> RowMapping | None:
 def list_tags(conn: Connection) -> list[RowMapping]:
     """Every tracked tag, newest send first."""
     query = sa.select(tracked_tags).order_by(_tt.sent_at.desc(), _tt.tag)
+    return list(conn.execute(query).mappings())
+
+
+def list_tags_page(conn: Connection, *, after: str | None, limit: int) -> list[RowMapping]:
+    """One page of tracked tags, ordered by tag, each with the counts of ``tag_summary``.
+
+    Keyset pagination: the page holds the first ``limit`` tags greater than ``after``
+    (the last tag of the previous page; None for the first page). Each page is one range
+    scan of the primary key, so its cost and size do not grow with the table, and tags
+    tracked or untracked between two pages never make another tag skipped or repeated,
+    as an OFFSET would. Ordering and comparison both use the column's collation, so the
+    pages agree with each other on either database.
+
+    The counts are computed as the view computes them, from ``tag_counts``, rather than
+    by joining the view: SQLite cannot merge a view that is itself a join into the right
+    side of a LEFT JOIN, so it would build the whole view for every page (0.9 s at
+    200,000 tags).
+    """
+    counts = [sa.func.coalesce(_tc[name], 0).label(name) for name in SUMMARY_COUNTS[:-1]]
+    rate = sa.case(
+        (sa.func.coalesce(_tc.total, 0) == 0, None),
+        else_=sa.cast(_tc.delivered, sa.Float()) / _tc.total,
+    ).label("delivery_rate")
+    joined, where = _tc.tag == _tt.tag, []
+    if after is not None:
+        # Repeated on tag_counts, so that a merge join scans both primary keys from the
+        # cursor on, not tag_counts from its first row (PostgreSQL picks one at times).
+        joined, where = sa.and_(joined, _tc.tag > after), [_tt.tag > after]
+    query = (
+        sa.select(tracked_tags, *counts, rate)
+        .select_from(tracked_tags.outerjoin(tag_counts, joined))
+        .where(*where)
+        .order_by(_tt.tag)
+        .limit(limit)
+    )
     return list(conn.execute(query).mappings())
 
 

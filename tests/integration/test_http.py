@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -17,12 +19,15 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import Engine
 from structlog.testing import capture_logs
 
-from daemon import migrate, store
-from daemon.db import create_engine
+from daemon import migrate, store, tracking
+from daemon.db import create_engine, tracked_tags
 from daemon.errors import ConfigError
 from daemon.health import Health
 from daemon.http import MAX_BODY, HttpServer
@@ -91,6 +96,7 @@ def make_app(tmp_path: Path) -> Iterator[Callable[..., App]]:
         beat: bool = True,
         migrated: bool = True,
         wake: Callable[[], None] | None = None,
+        **limits: float,
     ) -> App:
         url = url or f"sqlite:///{tmp_path / 't.db'}"
         engine = create_engine(url)
@@ -116,6 +122,7 @@ def make_app(tmp_path: Path) -> Iterator[Callable[..., App]]:
             settings=settings,
             clock=clock,
             wake=wake or (lambda: wakes.append(clock())),
+            **limits,  # type: ignore[arg-type]  # max_connections, request_deadline…
         )
         server.start()
         closers.append(server.stop)
@@ -257,7 +264,7 @@ def test_sent_at_defaults_to_now_and_offsets_become_utc(app: App) -> None:
     response = app.client.post("/tags", json={"tag": "b", "sent_at": "2026-11-26T10:00:00+02:00"})
     assert body(response)["sent_at"] == "2026-11-26T08:00:00Z"
 
-    assert [t["tag"] for t in body(app.client.get("/tags"))] == ["a", "b"]  # newest send first
+    assert [t["tag"] for t in body(app.client.get("/tags"))] == ["a", "b"]  # ordered by tag
     assert len(app.wakes) == 2
 
 
@@ -462,19 +469,19 @@ def test_unknown_routes_and_wrong_methods(app: App) -> None:
     assert app.client.get("/healthz/").status_code == 404
 
     for method, path, allow in [
-        ("PUT", "/tags", "GET, POST"),
-        ("POST", "/healthz", "GET"),
-        ("DELETE", "/metrics", "GET"),
+        ("PUT", "/tags", "GET, HEAD, POST"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/metrics", "GET, HEAD"),
         ("GET", "/tags/x", "DELETE"),
-        ("PATCH", "/readyz", "GET"),
+        ("HEAD", "/tags/x", "DELETE"),
+        ("PATCH", "/readyz", "GET, HEAD"),
+        ("OPTIONS", "/tags", "GET, HEAD, POST"),
     ]:
         response = app.client.request(method, path)
         assert response.status_code == 405, (method, path)
         assert response.headers["allow"] == allow
-        assert "not allowed" in body(response)["error"]
-
-    response = app.client.head("/healthz")
-    assert response.status_code == 405 and response.content == b""
+        if method != "HEAD":
+            assert "not allowed" in body(response)["error"]
 
     status, _, answer = app.raw("BREW", "/healthz")  # not a method http.server knows
     assert status == 501 and answer["error"]
@@ -642,3 +649,443 @@ def test_port_stop_and_a_busy_port(make_app: Callable[..., App], tmp_path: Path)
         app.client.get("/healthz")
     with pytest.raises(RuntimeError):
         app.server.start()
+
+
+# --- GET /tags pages ---------------------------------------------------------------------
+
+#: Tags that a cursor must survive in a URL: reserved characters, percent signs, non-ASCII.
+WEIRD_TAGS = [
+    "café",
+    "日本語",
+    "😀",
+    "a+b",
+    "a%2Fb",
+    "a/b",
+    "a&after=zzz",
+    "a?b",
+    "a#b",
+    "a;rel=x",
+    "<x>",
+    '"q"',
+    "a,b",
+    "100%",
+    "A",
+    "~",
+]
+
+
+def track_tags(app: App, tags: list[str]) -> None:
+    with app.engine.begin() as conn:
+        tracking.track_many(conn, [(t, T0, T0 + timedelta(hours=48)) for t in tags], now=T0)
+
+
+def next_link(response: httpx.Response) -> str | None:
+    """The target of the ``rel="next"`` link, or None."""
+    link = response.headers.get("link")
+    if link is None:
+        return None
+    target, _, params = link.partition(";")
+    assert params.strip() == 'rel="next"'
+    assert target.startswith("<") and target.endswith(">")
+    return target[1:-1]
+
+
+def walk_rows(app: App, first: str) -> list[list[dict[str, Any]]]:
+    """Follow ``Link: rel="next"`` from ``first``; the rows of each page."""
+    pages: list[list[dict[str, Any]]] = []
+    url: str | None = first
+    while url is not None:
+        response = app.client.get(url)
+        assert response.status_code == 200, response.text
+        pages.append(body(response))
+        url = next_link(response)
+        assert len(pages) < 100
+    return pages
+
+
+def walk(app: App, first: str) -> list[list[str]]:
+    """The tags of each page, following ``Link`` from ``first``."""
+    return [[t["tag"] for t in page] for page in walk_rows(app, first)]
+
+
+def test_paging_yields_every_tag_exactly_once_in_tag_order(
+    make_app: Callable[..., App], db_url: str
+) -> None:
+    app = make_app(db_url)
+    tags = [f"t{i:03d}" for i in range(47)] + WEIRD_TAGS
+    track_tags(app, tags)
+    with app.engine.connect() as conn:  # the database's own order (its collation)
+        ordered = list(conn.scalars(sa.select(tracked_tags.c.tag).order_by(tracked_tags.c.tag)))
+
+    pages = walk(app, "/tags?limit=10")
+
+    assert [len(p) for p in pages] == [10] * 6 + [3]  # 63 tags; Link absent on the last page
+    assert [t for page in pages for t in page] == ordered
+    assert sorted(ordered) == sorted(tags)
+
+
+def test_each_page_carries_the_counts_of_tag_summary(
+    make_app: Callable[..., App], db_url: str
+) -> None:
+    app = make_app(db_url)
+    track_tags(app, ["a", "b", "c"])
+    reports = {
+        "a": [Report("+33600000001", Status.DELIVERED, "Delivered", True, T0)],
+        "b": [
+            Report("+33600000001", Status.WAITING, "Waiting", False, None),
+            Report("+33600000002", Status.NOT_DELIVERED, "Not delivered", False, T0),
+            Report("+33600000003", Status.DELIVERED, "Delivered", False, T0),
+        ],
+    }  # "c" has no numbers: zero counts and no rate
+    with app.engine.begin() as conn:
+        for tag, found in reports.items():
+            store.apply_reports(conn, tag, {r.phone_number: r for r in found}, now=T0)
+    with app.engine.connect() as conn:
+        view = {row["tag"]: row for row in store.tag_summary(conn)}
+
+    listed = [t for page in walk_rows(app, "/tags?limit=2") for t in page]
+
+    assert [t["tag"] for t in listed] == ["a", "b", "c"]
+    for tag in listed:
+        assert {n: tag[n] for n in tracking.SUMMARY_COUNTS} == pytest.approx(
+            {n: view[tag["tag"]][n] for n in tracking.SUMMARY_COUNTS}
+        )
+    assert (listed[1]["total"], listed[1]["delivery_rate"]) == (3, pytest.approx(1 / 3))
+    assert (listed[2]["total"], listed[2]["delivery_rate"]) == (0, None)
+
+
+def test_an_exact_multiple_of_the_limit_ends_without_an_empty_page(app: App) -> None:
+    track_tags(app, [f"t{i}" for i in range(20)])
+    assert [len(p) for p in walk(app, "/tags?limit=10")] == [10, 10]
+    assert walk(app, "/tags?limit=1000") == [sorted(f"t{i}" for i in range(20))]
+
+
+def test_the_default_page_is_100_and_the_link_carries_limit_and_an_encoded_cursor(
+    app: App,
+) -> None:
+    track_tags(app, [f"t{i:03d}" for i in range(150)] + ["u/ü+"])
+    response = app.client.get("/tags")
+    assert len(body(response)) == 100
+    assert next_link(response) == "/tags?limit=100&after=t099"
+
+    response = app.client.get("/tags", params={"limit": "1", "after": "t149"})
+    assert [t["tag"] for t in body(response)] == ["u/ü+"]
+    assert next_link(response) is None
+    response = app.client.get("/tags", params={"limit": "1", "after": "t148"})
+    assert next_link(response) == "/tags?limit=1&after=t149"
+    # A cursor that needs encoding is percent-encoded (RFC 3986), never left raw.
+    status, headers, _ = app.raw("GET", "/tags?limit=50&after=t140")
+    assert status == 200 and "link" not in headers
+    track_tags(app, ["v"])
+    status, headers, page = app.raw("GET", "/tags?limit=1&after=t149")
+    assert [t["tag"] for t in page] == ["u/ü+"]
+    assert headers["link"] == '</tags?limit=1&after=u%2F%C3%BC%2B>; rel="next"'
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        pytest.param("after=caf%C3%A9", ["~", "日本語", "😀"], id="percent-encoded-utf8"),
+        pytest.param("after=%E6%97%A5%E6%9C%AC%E8%AA%9E", ["😀"], id="cjk"),
+        pytest.param("after=a%2Bb", ["a,b", "a/b", "a;rel=x", "a?b"], id="encoded-plus"),
+        pytest.param("after=a+b", ["a#b"], id="plus-is-a-space"),  # "a b" < "a#b"
+        pytest.param("after=%F0%9F%98%80", [], id="past-the-end"),
+        pytest.param("after=", ['"q"', "100%", "<x>", "A"], id="empty-is-the-start"),
+        pytest.param("after=%3C", ["<x>", "A", "a#b", "a%2Fb"], id="not-a-tag"),
+        pytest.param("after=%20%09x", ['"q"', "100%", "<x>", "A"], id="whitespace"),
+    ],
+)
+def test_weird_cursors_are_compared_not_rejected(app: App, query: str, expected: list[str]) -> None:
+    track_tags(app, WEIRD_TAGS)
+    limit = len(expected) if expected else 1
+    response = app.client.get(f"/tags?limit={limit}&{query}")
+    assert response.status_code == 200, response.text
+    assert [t["tag"] for t in body(response)] == expected
+
+
+@pytest.mark.parametrize(
+    ("query", "names"),
+    [
+        ("limit=0", "limit must be a whole number from 1 to 1000"),
+        ("limit=1001", "limit must be"),
+        ("limit=-1", "limit must be"),
+        ("limit=ten", "limit must be"),
+        ("limit=1.5", "limit must be"),
+        ("limit=", "limit must be"),
+        ("limit=%D9%A1%D9%A0", "limit must be"),  # Arabic-Indic "10"
+        ("limit=1_0", "limit must be"),
+        ("limit=%2010", "limit must be"),
+        ("limit=0000000001000", "limit must be"),
+        ("limit=9" * 5000, "limit must be"),
+        ("limit=5&limit=6", "limit must be given at most once"),
+        ("after=a&after=b", "after must be given at most once"),
+        ("after=%FF", "after is not valid UTF-8"),
+        ("after=%ED%A0%80", "after is not valid UTF-8"),  # a lone surrogate, encoded
+        ("after=a%00b", "after must not contain NUL"),
+        ("after=" + "x" * 300, "after must be at most 256 characters"),
+    ],
+)
+def test_bad_page_parameters_get_400_naming_the_parameter(app: App, query: str, names: str) -> None:
+    track_tags(app, ["a"])
+    status, _, answer = app.raw("GET", f"/tags?{query}")
+    assert status == 400
+    assert names in answer["error"]
+    assert "\n" not in answer["error"]
+
+
+def test_limit_1000_is_allowed_and_unknown_parameters_are_ignored(app: App) -> None:
+    track_tags(app, [f"t{i:04d}" for i in range(1001)])
+    response = app.client.get("/tags", params={"limit": "1000", "sort": "x", "offset": "5"})
+    assert response.status_code == 200
+    assert len(body(response)) == 1000
+    assert next_link(response) == "/tags?limit=1000&after=t0999"
+
+
+def test_a_long_last_error_is_cut_in_the_listing(app: App) -> None:
+    track_tags(app, ["a"])
+    with app.engine.begin() as conn:
+        conn.execute(sa.update(tracked_tags).values(last_error="x" * 100_000))
+    [listed] = body(app.client.get("/tags"))
+    assert listed["last_error"] == "x" * 500 + "…"
+
+
+# --- HEAD -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/tags", "/tags?limit=1", "/metrics"])
+def test_head_answers_as_get_without_a_body(app: App, path: str) -> None:
+    track_tags(app, ["a", "b"])
+    got = app.client.get(path)
+    head = app.client.head(path)
+    assert head.status_code == got.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert head.headers.get("link") == got.headers.get("link")
+    if path != "/metrics":  # metrics move between two scrapes
+        assert head.headers["content-length"] == str(len(got.content))
+
+
+def test_head_gives_the_same_failures_as_get(app: App) -> None:
+    app.clock.advance(seconds=61)  # the loop stalled
+    assert app.client.head("/healthz").status_code == 503
+    head = app.client.head("/tags?limit=0")
+    assert (head.status_code, head.content) == (400, b"")
+    head = app.client.head("/nope")
+    assert (head.status_code, head.content) == (404, b"")
+
+
+# --- malformed bodies are 4xx, never 5xx -----------------------------------------------------
+
+DIGITS = b"1" * 5000
+
+
+@pytest.mark.parametrize(
+    ("content", "names"),
+    [
+        pytest.param(b'{"tag": ' + DIGITS + b"}", "JSON", id="5000-digit-tag"),
+        pytest.param(b'{"tag": "a", "n": ' + DIGITS + b"}", "JSON", id="5000-digit-extra"),
+        pytest.param(b'{"tag": "a", "sent_at": -' + DIGITS + b"}", "JSON", id="5000-digit-neg"),
+        pytest.param(b"[" * 30_000 + b"]" * 30_000, "JSON", id="deep-but-closed"),
+        pytest.param(
+            b'{"tag": "a", "x": ' + b'{"a":' * 5_000 + b"1" + b"}" * 5_000 + b"}",
+            "JSON",
+            id="deep-inside-object",
+        ),
+        pytest.param(b'{"tag": "a\\u0000b"}', "tag must contain printable", id="nul-escape"),
+        pytest.param(b'{"tag": "a\x00b"}', "JSON", id="raw-nul"),
+        pytest.param(b'{"tag": "a", "sent_at": "\\udc80"}', "sent_at", id="surrogate-sent-at"),
+        pytest.param(b'{"tag": "\\udfff\\ud800"}', "tag must contain printable", id="surrogates"),
+        pytest.param(b'{"tag": "a\xed\xa0\x80"}', "UTF-8", id="encoded-surrogate"),
+        pytest.param(b'{"tag": "a\xc0\xaf"}', "UTF-8", id="overlong"),
+        pytest.param('{"tag": "a"}'.encode("utf-16"), "UTF-8", id="utf-16"),
+        pytest.param(b'\xef\xbb\xbf{"tag": "a"}', "JSON", id="bom"),
+        pytest.param(b'{"tag": ["a"]}', "tag must be a string (got array)", id="array-tag"),
+        pytest.param(b'{"tag": {"a": 1}}', "tag must be a string (got object)", id="object-tag"),
+        pytest.param(b'{"tag": true}', "tag must be a string (got boolean)", id="bool-tag"),
+        pytest.param(b'{"tag": 1e999}', "tag must be a string (got number)", id="inf-tag"),
+        pytest.param(b'{"tag": NaN}', "tag must be a string (got number)", id="nan-tag"),
+        pytest.param(b'{"tag": "a", "sent_at": {}}', "sent_at must be an ISO-8601", id="obj-sent"),
+        pytest.param(b'{"tag": "a", "sent_at": ""}', "sent_at", id="empty-sent-at"),
+        pytest.param(b"null", "got null", id="null"),
+        pytest.param(b"42", "got number", id="number"),
+        pytest.param(b"true", "got boolean", id="true"),
+        pytest.param(b" \t\r\n", "JSON", id="blank"),
+    ],
+)
+def test_malformed_bodies_get_4xx_naming_the_problem(app: App, content: bytes, names: str) -> None:
+    with capture_logs() as logs:
+        response = app.client.post("/tags", content=content)
+    assert response.status_code == 400, response.text
+    error = body(response)["error"]
+    assert names in error
+    assert "\n" not in error and len(error) < 300
+    assert not [e for e in logs if e["log_level"] == "error"]
+    assert body(app.client.get("/tags")) == []
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    content=st.one_of(
+        st.binary(max_size=200),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(st.sampled_from(["tag", "sent_at", "x"]), inner, max_size=3)
+            ),
+            max_leaves=10,
+        ).map(lambda value: json.dumps(value).encode()),
+        st.builds(
+            lambda tag, sent_at: json.dumps({"tag": tag, "sent_at": sent_at}).encode(),
+            st.text(max_size=70),
+            st.none() | st.text(max_size=40),
+        ),
+    )
+)
+def test_no_body_makes_post_tags_answer_5xx(app: App, content: bytes) -> None:
+    response = app.client.post("/tags", content=content)
+    assert response.status_code in (201, 400), (response.status_code, response.text)
+
+
+# --- bounded connections and whole-request deadlines ---------------------------------------
+
+
+def eventually(check: Callable[[], bool], within: float = 1.0) -> bool:
+    """Whether ``check`` holds within ``within`` seconds (tried every 20 ms)."""
+    give_up = time.monotonic() + within
+    while not check():
+        if time.monotonic() > give_up:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def connect(app: App) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", app.server.port), timeout=5)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def trickle(sock: socket.socket, data: bytes, every: float = 0.05, give_up: float = 2.0) -> float:
+    """Send ``data`` a byte at a time until the server closes; seconds until it did."""
+    started = time.monotonic()
+    for byte in data:
+        try:
+            sock.send(bytes([byte]))
+            readable, _, _ = select.select([sock], [], [], every)
+            if readable and sock.recv(65536) == b"":
+                break
+        except OSError:  # reset: the server closed and we kept sending
+            break
+        if time.monotonic() - started > give_up:
+            pytest.fail(f"still connected after {give_up} s of trickling")
+    return time.monotonic() - started
+
+
+def test_connections_past_the_cap_get_a_quick_503(make_app: Callable[..., App]) -> None:
+    app = make_app(max_connections=3)
+    idle = [connect(app) for _ in range(3)]  # connected, and sending nothing
+    try:
+        with capture_logs() as logs:
+            started = time.monotonic()
+            with connect(app) as extra:
+                extra.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                answer = read_all(extra)
+            elapsed = time.monotonic() - started
+            response = app.client.get("/healthz")
+        assert elapsed < 0.5
+        head, _, data = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 503 ")
+        assert b"\r\nRetry-After: 1" in head
+        assert json.loads(data) == {"error": "too many connections"}
+        assert (response.status_code, body(response)) == (503, {"error": "too many connections"})
+        # One warning for a burst of refusals, not one line per connection.
+        busy = [e for e in logs if e["event"] == "http.busy"]
+        assert [(e["log_level"], e["max_connections"]) for e in busy] == [("warning", 3)]
+    finally:
+        for sock in idle:
+            sock.close()
+    # The slots come back as soon as those clients hang up.
+    assert eventually(lambda: app.client.get("/healthz").status_code == 200)
+
+
+def test_idle_connections_are_cut_at_the_deadline_and_free_their_slots(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app(max_connections=2, request_deadline=0.5)
+    started = time.monotonic()
+    silent, partial = connect(app), connect(app)
+    with silent, partial:
+        partial.sendall(b"GET /hea")
+        assert app.client.get("/healthz").status_code == 503  # both slots taken
+        # Cut off at the deadline, with no answer: "GET /hea" was not a request.
+        assert (read_all(silent), read_all(partial)) == (b"", b"")
+        assert 0.4 < time.monotonic() - started < 1.0
+    assert eventually(lambda: app.client.get("/healthz").status_code == 200)
+
+
+def test_a_client_trickling_its_headers_is_cut_off_within_the_deadline(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app(request_deadline=0.5)
+    with connect(app) as slow:
+        slow.sendall(b"GET /healthz HTTP/1.0\r\n")
+        assert app.client.get("/healthz").status_code == 200  # others are served meanwhile
+        # One byte every 50 ms: no single read ever waits long, the request never ends.
+        elapsed = trickle(slow, b"X-Pad: " + b"a" * 100)
+    assert elapsed < 0.9
+    assert app.client.get("/healthz").status_code == 200
+
+
+def test_a_trickled_body_is_cut_off_and_its_truncation_never_tracked(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app(request_deadline=0.5)
+    start = b'{"tag": "slow"}'
+    with connect(app) as slow:
+        slow.sendall(
+            b"POST /tags HTTP/1.0\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + start
+        )
+        # The body is valid JSON at every step: only its length says it is not done.
+        elapsed = trickle(slow, b" " * (100 - len(start)))
+    assert elapsed < 0.9
+    assert body(app.client.get("/tags")) == []
+    assert app.wakes == []
+
+
+@pytest.mark.parametrize("length", ["1" * 5000, "9" * 19, str(2**64)])
+def test_an_absurd_content_length_is_a_413(app: App, length: str) -> None:
+    status, _, answer = app.raw(
+        "POST", "/tags", body=b'{"tag": "a"}', headers={"Content-Length": length}
+    )
+    assert status == 413
+    assert answer["error"].startswith(f"body must be at most {MAX_BODY} bytes")
+    assert len(answer["error"]) < 200
+    assert body(app.client.get("/tags")) == []
+
+
+def test_raw_utf8_in_the_target_reads_as_percent_encoded_utf8(app: App) -> None:
+    track_tags(app, ["a", "café", "d"])
+
+    def send(target: bytes) -> bytes:
+        with connect(app) as sock:
+            sock.sendall(b"%s HTTP/1.0\r\n\r\n" % target)
+            return read_all(sock)
+
+    head, _, data = send(b"GET /tags?limit=1&after=caf\xc3\xa9").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 ")
+    assert [t["tag"] for t in json.loads(data)] == ["d"]
+    head, _, data = send(b"DELETE /tags/caf\xc3\xa9").partition(b"\r\n\r\n")
+    assert json.loads(data) == {"tag": "café", "state": "untracked"}
+    head, _, data = send(b"GET /tags?after=caf\xe9").partition(b"\r\n\r\n")  # Latin-1
+    assert head.startswith(b"HTTP/1.0 400 ") and b"after is not valid UTF-8" in data

@@ -74,11 +74,11 @@ def test_api_key_from_file_and_credentials_directory(
     assert key is not None and key.get_secret_value() == "from-file"
     key = load_settings({"CREDENTIALS_DIRECTORY": str(creds)}).api_key
     assert key is not None and key.get_secret_value() == "from-credentials"
-    monkeypatch.setenv("SMSPARTNER_API_KEY", "direct")
+    monkeypatch.setenv("SMSPARTNER_API_KEY", "direct-key")
     key = load_settings(
-        {"SMSPARTNER_API_KEY": "direct", "CREDENTIALS_DIRECTORY": str(creds)}
+        {"SMSPARTNER_API_KEY": "direct-key", "CREDENTIALS_DIRECTORY": str(creds)}
     ).api_key
-    assert key is not None and key.get_secret_value() == "direct"
+    assert key is not None and key.get_secret_value() == "direct-key"
 
 
 def test_unreadable_key_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ every non-ASCII character and every control as ``\\uXXXX``, as the format allows
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -119,16 +118,12 @@ def _escape(ch: str) -> str:
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
-#: DEL is the one control character ``json.dumps`` leaves raw even with ensure_ascii.
-_DEL = re.compile("\x7f")
-
-
 def json_text(data: Any) -> str:
-    """``data`` as indented JSON in which every character is printable ASCII: controls
-    and non-ASCII characters (bidi overrides, C1 controls, lone surrogates) are
-    ``\\uXXXX`` escapes, which every JSON reader turns back into the same text."""
-    text = json.dumps(data, indent=2, default=plain, ensure_ascii=True)
-    return _DEL.sub("\\\\u007f", text)
+    """``data`` as indented JSON in which every character is printable ASCII: with
+    ``ensure_ascii`` every control (DEL included) and every non-ASCII character (bidi
+    overrides, C1 controls, lone surrogates) is a ``\\uXXXX`` escape, which any JSON
+    reader turns back into the same text."""
+    return json.dumps(data, indent=2, default=plain, ensure_ascii=True)
 
 
 def print_json(data: Any) -> None:

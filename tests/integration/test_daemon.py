@@ -4,7 +4,6 @@ simulator, with the HTTP surface, sd_notify, signals and the single-writer lock.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import sqlite3

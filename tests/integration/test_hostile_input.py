@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -28,12 +29,16 @@ from daemon.cli import main
 from daemon.db import create_engine, release_run_lock, sqlite_run_lock
 from daemon.errors import DatabaseBusyError, InputError
 from daemon.health import (
+    Health,
     HeartbeatDirError,
     heartbeat_age,
     heartbeat_dir,
     heartbeat_path,
     write_heartbeat,
 )
+from daemon.http import HttpServer
+from daemon.metrics import Metrics
+from daemon.settings import load_settings
 from tests.conftest import API_KEY
 
 # --- helpers ------------------------------------------------------------------------------
@@ -328,6 +333,36 @@ def test_a_sent_at_more_than_a_day_ahead_is_refused_everywhere(
     engine.dispose()
     assert main(["tags", "--json"]) == 0
     assert [t["tag"] for t in json.loads(capsys.readouterr().out)] == ["early-clock"]
+
+
+def test_post_tags_answers_400_to_a_sent_at_more_than_a_day_ahead(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'http.db'}"
+    engine = create_engine(url)
+    migrate.upgrade(engine)
+    now = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+    server = HttpServer(
+        host="127.0.0.1",
+        port=0,
+        engine=engine,
+        health=Health(lambda: now),
+        metrics=Metrics(),
+        settings=load_settings({}, database_url=url, http_port=0),
+        clock=lambda: now,
+        wake=lambda: None,
+    )
+    server.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=5) as http:
+            refused = http.post("/tags", json={"tag": "typo", "sent_at": "9998-12-31"})
+            assert refused.status_code == 400
+            assert "is more than a day ahead of now" in refused.json()["error"]
+            fine = http.post("/tags", json={"tag": "ok", "sent_at": "2026-11-27T08:00:00Z"})
+            assert fine.status_code == 201
+    finally:
+        server.stop()
+    with engine.connect() as conn:
+        assert [r["tag"] for r in tracking.list_tags(conn)] == ["ok"]
+    engine.dispose()
 
 
 @pytest.mark.parametrize(

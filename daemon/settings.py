@@ -160,7 +160,11 @@ class Settings(BaseSettings):
     @field_validator("poll_cadence")
     @classmethod
     def _check_cadence(cls, value: str) -> str:
-        parse_cadence(value)
+        # Bounded like the window itself, so that ``now + interval`` never overflows.
+        if any(max(s.until, s.every) > MAX_REPORT_WINDOW for s in parse_cadence(value)):
+            raise ValueError(
+                f"ages and intervals must be at most {MAX_REPORT_WINDOW.days} days (a year)"
+            )
         return value
 
     @field_validator("log_format", "log_level", mode="before")

@@ -42,6 +42,7 @@ def test_defaults_match_the_design() -> None:
         ("SMSPARTNER_REPORT_WINDOW_HOURS", "inf", "finite"),
         ("SMSPARTNER_HTTP_TIMEOUT_SECONDS", "nan", "finite"),
         ("SMSPARTNER_POLL_CADENCE", "99999999999d=1m", "too long a duration"),
+        ("SMSPARTNER_POLL_CADENCE", "15m=1m,48h=3000000d", "at most 365 days (a year)"),
         ("SMSPARTNER_HTTP_TIMEOUT_SECONDS", "1e10", "less than or equal to 3600"),
         ("SMSPARTNER_RATE_LIMIT_PER_SECOND", "1e-300", "0 (no limit) or at least 0.001"),
         ("SMSPARTNER_SETTLE_MINUTES", "1e13", "less than or equal to 525600"),

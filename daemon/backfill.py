@@ -10,10 +10,12 @@ with one error naming ``FILE:LINE``. Then every tag is tracked in one transactio
 from __future__ import annotations
 
 import csv
+import itertools
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TextIO
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -105,17 +107,43 @@ def _check_tag(tag: str, where: str) -> str:
     return tag
 
 
+#: The longest line read from a tag file: a tag is at most 64 characters and a
+#: ``sent_at`` about 35, so anything longer is not a tag file (``/dev/zero`` has no line
+#: ends at all: reading it by whole lines grew without limit).
+MAX_LINE_CHARS = 1024
+
+
+def bounded_lines(handle: TextIO, *, source: str) -> Iterator[str]:
+    """The lines of ``handle`` one at a time, none read past :data:`MAX_LINE_CHARS`.
+
+    Raises:
+        InputError: a line is longer, naming ``source`` and the line number.
+    """
+    for number in itertools.count(1):
+        line = handle.readline(MAX_LINE_CHARS + 2)  # room for the longest line and "\r\n"
+        if not line:
+            return
+        if len(line.rstrip("\r\n")) > MAX_LINE_CHARS:
+            raise InputError(
+                f"{source}:{number}: line longer than {MAX_LINE_CHARS} characters; "
+                "expected one tag (or tag,sent_at) per line"
+            )
+        yield line
+
+
 def read_file(path: str) -> list[TagLine]:
-    """Read and check a tag file (``-`` is stdin); raise :class:`InputError` if bad."""
-    if path == "-":
-        return parse_lines(sys.stdin, source="<stdin>")
+    """Read and check a tag file (``-`` is stdin) line by line; raise
+    :class:`InputError` if bad."""
+    source = "<stdin>" if path == "-" else path
     try:
+        if path == "-":
+            return parse_lines(bounded_lines(sys.stdin, source=source), source=source)
         with open(path, encoding="utf-8", newline="") as handle:
-            return parse_lines(handle, source=path)
+            return parse_lines(bounded_lines(handle, source=source), source=source)
     except OSError as exc:
         raise InputError(f"--from-file: cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
-        raise InputError(f"--from-file: {path} is not UTF-8 text: {exc.reason}") from None
+        raise InputError(f"--from-file: {source} is not UTF-8 text: {exc.reason}") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,10 @@ Configuration comes from SMSPARTNER_* environment variables or a .env file
 """
 
 
+#: The longest ``--…-older-than`` age: a century, as for SMSPARTNER_PRUNE_*_DAYS.
+MAX_AGE = timedelta(days=36500)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line, not usage plus error."""
 
@@ -90,6 +94,8 @@ def _age(value: str) -> timedelta:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if age <= timedelta(0):
         raise argparse.ArgumentTypeError(f"{value!r} must be more than zero")
+    if age > MAX_AGE:  # now - age would fall before the year 1
+        raise argparse.ArgumentTypeError(f"{value!r} is more than {MAX_AGE.days} days (a century)")
     return age
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -28,14 +28,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from daemon import backfill, migrate, retention, store, tracking
-from daemon.db import create_engine, sqlite_run_lock
+from daemon.db import create_engine, release_run_lock, sqlite_run_lock
 from daemon.errors import ConfigError, InputError, StoreError
 from daemon.health import (
     LIVENESS_TIMEOUT,
     Health,
+    HeartbeatDirError,
     Notifier,
     heartbeat_age,
     heartbeat_path,
+    prepare_heartbeat,
 )
 from daemon.http import HttpServer
 from daemon.metrics import Metrics
@@ -120,9 +122,10 @@ class Context:
             )
 
     def close(self) -> None:
-        """Release the database."""
+        """Release the database (closes every pooled connection; safe to call twice)."""
         if self._engine is not None:
             self._engine.dispose()
+            self._engine = None
 
 
 # --- verbs ---------------------------------------------------------------------------------
@@ -141,9 +144,11 @@ def cmd_track(ctx: Context, args: argparse.Namespace) -> int:
         return _track_from_file(ctx, args.from_file, args.sent_at)
     if args.tag is None:
         raise InputError("TAG is required (or --from-file FILE)")
-    _warn_tag(args.tag)
     now = ctx.clock()
     sent_at = args.sent_at or now
+    if problem := tracking.sent_at_problem(sent_at, now):
+        raise InputError(f"--sent-at: {problem}")
+    _warn_tag(args.tag)
     with ctx.engine.begin() as conn:
         existed = tracking.get_tag(conn, args.tag) is not None
         tracking.track(
@@ -168,9 +173,16 @@ WARNED_TAGS_SHOWN = 10
 
 
 def _track_from_file(ctx: Context, path: str, sent_at: datetime | None) -> int:
+    source = "<stdin>" if path == "-" else path
+    now = ctx.clock()
+    if sent_at is not None and (problem := tracking.sent_at_problem(sent_at, now)):
+        raise InputError(f"--sent-at: {problem}")
     entries = backfill.read_file(path)  # every line checked before anything is written
     if not entries:
-        raise InputError(f"--from-file: no tags in {'<stdin>' if path == '-' else path}")
+        raise InputError(f"--from-file: no tags in {source}")
+    for entry in entries:
+        if entry.sent_at is not None and (problem := tracking.sent_at_problem(entry.sent_at, now)):
+            raise InputError(f"{source}:{entry.line}: sent_at {problem}")
     warned = 0
     for tag in dict.fromkeys(e.tag for e in entries):
         if warnings := tag_warnings(tag):
@@ -183,7 +195,6 @@ def _track_from_file(ctx: Context, path: str, sent_at: datetime | None) -> int:
             "or not lowercase",
             file=sys.stderr,
         )
-    now = ctx.clock()
     with ctx.engine.begin() as conn:
         done = backfill.track_all(
             conn,
@@ -193,7 +204,7 @@ def _track_from_file(ctx: Context, path: str, sent_at: datetime | None) -> int:
             now=now,
         )
     print(
-        f"tracking {done.tags} tag(s) from {'<stdin>' if path == '-' else path}: "
+        f"tracking {done.tags} tag(s) from {source}: "
         f"{done.new} new, {done.tags - done.new} re-activated"
     )
     return 0
@@ -378,7 +389,9 @@ def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
     """The daemon: poll every tracked tag on its cadence until stopped (or once)."""
     settings = ctx.settings
     run_lock = sqlite_run_lock(settings.database_url.get_secret_value())
+    heartbeat = heartbeat_path(settings.database_url.get_secret_value())
     try:
+        prepare_heartbeat(heartbeat)
         engine = ctx.engine
         health, metrics = Health(ctx.clock), Metrics()
         holder: list[Daemon] = []
@@ -396,7 +409,7 @@ def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
                 report_window=settings.report_window,
                 on_result=metrics.observe_poll,
                 notifier=Notifier(),
-                heartbeat=heartbeat_path(settings.database_url.get_secret_value()),
+                heartbeat=heartbeat,
                 maintenance=retention.scheduled_prune(
                     engine, settings, ctx.clock, should_stop=lambda: holder[0].stopping
                 ),
@@ -424,8 +437,10 @@ def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
                     server.stop()
         return 0
     finally:
-        if run_lock is not None:
-            run_lock.close()
+        # The engine first: closing the lock's descriptor drops every POSIX lock this
+        # process holds on the file, SQLite's own included (see sqlite_run_lock).
+        ctx.close()
+        release_run_lock(run_lock)
 
 
 def _run_once(daemon: Daemon) -> int:
@@ -440,17 +455,37 @@ def _run_once(daemon: Daemon) -> int:
     return 1 if stats.failures else 0
 
 
+#: How far ahead of now a heartbeat may be: the daemon writes it on this host with this
+#: clock, so only a clock step explains a few seconds; more means someone else wrote it.
+HEARTBEAT_CLOCK_SLACK = timedelta(seconds=5)
+
+
 def cmd_check(ctx: Context, args: argparse.Namespace) -> int:
-    """Exit 0 when the daemon on this database beat recently (container health)."""
+    """Exit 0 when the daemon on this database beat recently (container health).
+
+    Every unhealthy answer exits 1, never 2: Docker reserves a HEALTHCHECK's exit 2.
+    """
     path = heartbeat_path(ctx.settings.database_url.get_secret_value())
-    age = heartbeat_age(path, utcnow())
+    now = utcnow()
+    try:
+        age = heartbeat_age(path, now)
+    except HeartbeatDirError as exc:
+        print(f"unhealthy: {exc.strerror}", file=sys.stderr)
+        return 1
     if age is None:
         print("unhealthy: no heartbeat from a running daemon", file=sys.stderr)
+        return 1
+    if age < -HEARTBEAT_CLOCK_SLACK:
+        print(
+            f"unhealthy: the heartbeat is dated {iso(now - age)}, "
+            f"{int(-age.total_seconds())} s in the future: not written by a running daemon",
+            file=sys.stderr,
+        )
         return 1
     if age > LIVENESS_TIMEOUT:
         print(f"unhealthy: last heartbeat {int(age.total_seconds())} s ago", file=sys.stderr)
         return 1
-    print(f"healthy: last heartbeat {age.total_seconds():.1f} s ago")
+    print(f"healthy: last heartbeat {max(age.total_seconds(), 0):.1f} s ago")
     return 0
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import urllib.parse
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -390,9 +391,28 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
 def _sqlite_file(url: str) -> Path | None:
     """The file of a SQLite URL; None for other databases and in-memory SQLite."""
     sa_url = sa.engine.make_url(url)
-    if sa_url.get_backend_name() != "sqlite" or sa_url.database in (None, "", ":memory:"):
+    if sa_url.get_backend_name() != "sqlite" or sqlite_in_memory(url):
         return None
-    return Path(str(sa_url.database)).expanduser()
+    database = str(sa_url.database)
+    if sa_url.query.get("uri") and database.startswith("file:"):
+        # file:/abs/path, file:relative, file:///abs/path (a URI filename, query apart)
+        parsed = urllib.parse.urlsplit(database)
+        return Path(urllib.parse.unquote(parsed.path)).expanduser()
+    return Path(database).expanduser()
+
+
+def sqlite_in_memory(url: str) -> bool:
+    """Whether a SQLite URL names an in-memory database (``sqlite://``,
+    ``sqlite:///:memory:``, a ``file::memory:`` or ``mode=memory`` URI): each connection
+    gets its own, and nothing outlives the process."""
+    sa_url = sa.engine.make_url(url)
+    if sa_url.get_backend_name() != "sqlite":
+        return False
+    database = sa_url.database or ""
+    if database in ("", ":memory:") or database.startswith("file::memory:"):
+        return True
+    modes = sa_url.query.get("mode", ())
+    return "memory" in ((modes,) if isinstance(modes, str) else modes) or "mode=memory" in database
 
 
 def _path_error(what: str, exc: OSError) -> ConfigError:
@@ -438,41 +458,58 @@ def _create_file(path: Path) -> None:
         raise _path_error(f"cannot create {path.name} in directory {path.parent}", exc) from None
 
 
-def sqlite_run_lock(url: str) -> TextIO | None:
+def sqlite_run_lock(url: str) -> int | None:
     """Make sure only one ``run`` writes a SQLite file; None for other databases.
 
-    Holds an exclusive ``flock`` on ``<file>.lock`` for the life of the process (the OS
-    drops it when the process dies, so a crash never leaves a stale lock).
+    Holds an exclusive ``flock`` on the database file itself for the life of the
+    process (the OS drops it when the process dies, so a crash never leaves a stale
+    lock). The file, not a path derived from the URL: a second path to it (a hard link,
+    a bind mount, a symlink) reaches the same lock. SQLite locks with POSIX ``fcntl``
+    locks, which on Linux are independent of ``flock``; but closing *any* descriptor of
+    the file drops the POSIX locks this process holds on it, so the caller closes the
+    returned descriptor (:func:`release_run_lock`) only once the engine is disposed.
+
+    Returns:
+        The descriptor holding the lock, or None when the database is not SQLite.
 
     Raises:
+        ConfigError: an in-memory database (nothing would be kept, nor shared with the
+            other commands), or the directory or the file cannot be created or opened.
         DatabaseBusyError: another daemon holds it.
-        ConfigError: the directory cannot be created, or the lock file opened.
     """
+    if sqlite_in_memory(url):
+        raise ConfigError(
+            "SMSPARTNER_DATABASE_URL: an in-memory SQLite database cannot be used by `run`: "
+            "nothing would be kept, and no other command could see it; give a file "
+            "(sqlite:///path/to/file.db) or a postgresql:// URL"
+        )
     found = _sqlite_file(url)
     if found is None:
         return None
     path = found.resolve()
     _make_directory(path)
-    lock = path.with_name(path.name + ".lock")
+    if not sa.engine.make_url(url).query.get("uri"):  # as create_engine does
+        _create_file(path)
     try:
-        handle = open(lock, "a+", encoding="utf-8")  # noqa: SIM115
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # flock needs no write access
     except OSError as exc:
-        raise _path_error(f"cannot open the lock file {lock} in {path.parent}", exc) from None
+        raise _path_error(f"cannot open {path}", exc) from None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
+        os.close(fd)  # no SQLite connection is open yet: no POSIX lock to lose
         raise DatabaseBusyError(
-            f"another smspartner-status run ({holder}) is already using {path}; a SQLite "
-            "database has one writer — stop it first, or use PostgreSQL for several replicas"
+            f"another smspartner-status run is already using {path} (maybe under another "
+            "path: a link or a mount); a SQLite database has one writer: stop it first, "
+            "or use PostgreSQL for several replicas"
         ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}")
-    handle.flush()
-    return handle
+    return fd
+
+
+def release_run_lock(fd: int | None) -> None:
+    """Drop the lock of :func:`sqlite_run_lock`; call it after the engine is disposed."""
+    if fd is not None:
+        os.close(fd)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -6,14 +6,19 @@ The scheduler writes to :class:`Health`; the HTTP server and ``check`` only read
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import socket
+import stat
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
+
+from daemon.errors import ConfigError
 
 #: The loop beats every few seconds; missing this many seconds of beats means stuck.
 LIVENESS_TIMEOUT = timedelta(seconds=60)
@@ -86,23 +91,142 @@ class Health:
 
 
 # --- heartbeat file (for `check`, e.g. a Docker HEALTHCHECK) ------------------------------
+#
+# The file lives in a directory only this user can write: systemd's RuntimeDirectory=,
+# else the session's $XDG_RUNTIME_DIR, else one we create (mode 0700) in the temporary
+# directory. In a shared /tmp under a predictable name anyone could write a future
+# timestamp (a dead daemon looking healthy) or plant a symlink at the temporary name (a
+# daemon running as root then overwrote a file of their choice). So every access opens
+# the directory without following a symlink, checks that it is ours and private, and
+# works relative to that open directory; files are opened with O_NOFOLLOW, and the
+# temporary one with O_EXCL, so nothing planted there is ever followed.
+
+#: The most of a heartbeat file read: an ISO-8601 timestamp is 32 characters.
+_HEARTBEAT_MAX_BYTES = 64
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def heartbeat_path(database_url: str) -> Path:
-    """Where `run` writes its heartbeat: one file per database, in the temp directory.
+class HeartbeatDirError(OSError):
+    """The heartbeat directory is not private: a symlink, another user's, or writable
+    by others. An OSError, so the scheduler's handling of a heartbeat it cannot write
+    (one warning, polling goes on) covers it; ``strerror`` says what is wrong."""
+
+
+def heartbeat_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The private directory of the heartbeat file (no I/O).
+
+    ``$RUNTIME_DIRECTORY`` (systemd's ``RuntimeDirectory=``; the first when it lists
+    several), else ``$XDG_RUNTIME_DIR``, else ``<tempdir>/smspartner-status-<uid>``,
+    which :func:`write_heartbeat` creates with mode 0700.
+    """
+    environ = os.environ if environ is None else environ
+    runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        return Path(runtime)
+    if environ.get("XDG_RUNTIME_DIR"):
+        return Path(environ["XDG_RUNTIME_DIR"])
+    return Path(tempfile.gettempdir()) / f"smspartner-status-{os.geteuid()}"
+
+
+def heartbeat_path(database_url: str, environ: Mapping[str, str] | None = None) -> Path:
+    """Where `run` writes its heartbeat: one file per database, in :func:`heartbeat_dir`.
 
     Keyed by a hash of the URL so daemons on different databases never share a file,
     and so the path reveals nothing of the URL (which may hold a password).
     """
     digest = hashlib.sha256(database_url.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"smspartner-status-{digest}.heartbeat"
+    return heartbeat_dir(environ) / f"smspartner-status-{digest}.heartbeat"
+
+
+def _open_private_dir(directory: Path, *, create: bool = False) -> int:
+    """Open ``directory`` (never through a symlink) and check that it is private.
+
+    Returns:
+        A file descriptor of the directory, for the caller to close.
+
+    Raises:
+        HeartbeatDirError: a symlink, not ours, or writable by group or others.
+        OSError: it is missing (and ``create`` is false), or cannot be created or opened.
+    """
+    if create:
+        with contextlib.suppress(FileExistsError):  # checked below, whoever made it
+            os.mkdir(directory, 0o700)
+    try:
+        fd = os.open(directory, _DIR_FLAGS)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not directory.is_symlink():
+            raise
+        raise HeartbeatDirError(
+            exc.errno, f"heartbeat directory {directory} is a symlink; refusing it"
+        ) from None
+    info = os.fstat(fd)
+    problem = None
+    if info.st_uid != os.geteuid():
+        problem = f"is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()})"
+    elif info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"is writable by other users (mode {stat.S_IMODE(info.st_mode):04o})"
+    if problem:
+        os.close(fd)
+        raise HeartbeatDirError(
+            errno.EPERM,
+            f"heartbeat directory {directory} {problem}; refusing it (make it private, or "
+            "point RUNTIME_DIRECTORY or XDG_RUNTIME_DIR at a private directory)",
+        )
+    return fd
+
+
+def prepare_heartbeat(path: Path) -> None:
+    """Create the heartbeat's directory if missing and check it is private (``run``, at
+    start: a directory someone else controls is refused in one clear line).
+
+    A directory that cannot be created (a read-only ``/tmp``) is left to the scheduler,
+    which warns and keeps polling: only ``check`` needs the heartbeat.
+
+    Raises:
+        ConfigError: the directory exists but is not private.
+    """
+    try:
+        os.close(_open_private_dir(path.parent, create=True))
+    except HeartbeatDirError as exc:
+        raise ConfigError(str(exc.strerror)) from None
+    except OSError:
+        pass
 
 
 def write_heartbeat(path: Path, now: datetime) -> None:
-    """Atomically record that the loop is alive at ``now``."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # replicas may share the dir
-    tmp.write_text(now.isoformat(), encoding="utf-8")
-    tmp.replace(path)
+    """Atomically record that the loop is alive at ``now``.
+
+    A temporary file created with ``O_EXCL | O_NOFOLLOW`` in the open private directory,
+    then renamed over the heartbeat: replicas on one host may share the file, and a
+    reader never sees half a timestamp.
+
+    Raises:
+        OSError: the directory is not private (:class:`HeartbeatDirError`), or the file
+            cannot be written.
+    """
+    tmp = f"{path.name}.{os.getpid()}.tmp"  # one per process: replicas may share the dir
+    dir_fd = _open_private_dir(path.parent, create=True)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS
+        try:
+            fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            # Left by a process of ours killed mid-write (a container's PID 1 has the
+            # same pid at every start): the directory is private, so it is ours to drop.
+            os.unlink(tmp, dir_fd=dir_fd)
+            fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(now.isoformat())
+        os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_heartbeat(dir_fd: int, name: str) -> str:
+    fd = os.open(name, os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read(_HEARTBEAT_MAX_BYTES).decode("utf-8", errors="replace").strip()
 
 
 def remove_heartbeat(path: Path, last: datetime) -> None:
@@ -113,19 +237,48 @@ def remove_heartbeat(path: Path, last: datetime) -> None:
     goes stale within :data:`LIVENESS_TIMEOUT`. Never raises.
     """
     try:
-        if path.read_text(encoding="utf-8").strip() == last.isoformat():
-            path.unlink()
+        dir_fd = _open_private_dir(path.parent)
+    except OSError:
+        return  # gone, or not ours: nothing of ours to remove
+    try:
+        if _read_heartbeat(dir_fd, path.name) == last.isoformat():
+            os.unlink(path.name, dir_fd=dir_fd)
     except OSError:
         pass  # gone already, or unreadable: nothing of ours to remove
+    finally:
+        os.close(dir_fd)
+
+
+def read_heartbeat(path: Path) -> datetime | None:
+    """The last beat recorded, or None when there is none (or it is not a timestamp).
+
+    Raises:
+        HeartbeatDirError: the directory is not private: what it holds proves nothing.
+    """
+    try:
+        dir_fd = _open_private_dir(path.parent)
+    except HeartbeatDirError:
+        raise
+    except OSError:  # no directory yet: no daemon ever beat here
+        return None
+    try:
+        beat = datetime.fromisoformat(_read_heartbeat(dir_fd, path.name))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(dir_fd)
+    return beat if beat.tzinfo is not None else None
 
 
 def heartbeat_age(path: Path, now: datetime) -> timedelta | None:
-    """How old the last heartbeat is, or None when there is none (or it is unreadable)."""
-    try:
-        beat = datetime.fromisoformat(path.read_text(encoding="utf-8").strip())
-    except (OSError, ValueError):
-        return None
-    return now - beat
+    """How old the last heartbeat is (negative when it claims to come from the future),
+    or None when there is none (or it is unreadable).
+
+    Raises:
+        HeartbeatDirError: the directory is not private.
+    """
+    beat = read_heartbeat(path)
+    return None if beat is None else now - beat
 
 
 # --- systemd notify ----------------------------------------------------------------------------

@@ -2,6 +2,13 @@
 
 Tables are a 20-line formatter rather than a library: alignment is all they need, and
 the output stays stable for scripts that grep it.
+
+What is printed may come from the provider (phone numbers, statuses) or from whoever
+can track a tag, so it is never written to a terminal raw: a table cell or an error line
+shows every character that is not printable (C0 and C1 controls such as ESC, DEL,
+bidirectional overrides such as U+202E, zero-width and other format characters, line
+separators, lone surrogates) as a Python-style escape (``\\x1b``, ``\\u202e``). JSON escapes
+every non-ASCII character and every control as ``\\uXXXX``, as the format allows.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def cell(value: Any) -> str:
+    """One table cell as text, safe for a terminal (see :func:`safe_text`)."""
     if value is None:
         return "-"
     if isinstance(value, datetime):
@@ -87,17 +95,46 @@ def cell(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.1%}" if value <= 1 else f"{value:.1f}"
-    return str(value)
+    return safe_text(str(value))
+
+
+def safe_text(text: str) -> str:
+    """``text`` with every non-printable character escaped, so that it cannot move the
+    cursor, clear the screen, retitle the window or reorder what follows it.
+
+    ``str.isprintable`` is the rule: it is false for controls (Cc), format characters
+    such as the bidi overrides (Cf), surrogates (Cs), separators other than the space
+    (Zl, Zp, Zs) and unassigned code points.
+    """
+    if text.isprintable():  # the usual case, in C
+        return text
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def json_text(data: Any) -> str:
+    """``data`` as indented JSON in which every character is printable ASCII: with
+    ``ensure_ascii`` every control (DEL included) and every non-ASCII character (bidi
+    overrides, C1 controls, lone surrogates) is a ``\\uXXXX`` escape, which any JSON
+    reader turns back into the same text."""
+    return json.dumps(data, indent=2, default=plain, ensure_ascii=True)
 
 
 def print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=plain))
+    print(json_text(data))
 
 
 def print_error(message: str) -> None:
     """Print one ``error: …`` line on stderr, however many lines ``message`` spans.
 
     Driver messages can span lines (psycopg's "…refused\n\tIs the server running…");
-    scripts, ``journalctl`` and log collectors expect one line per error.
+    scripts, ``journalctl`` and log collectors expect one line per error. What is left
+    that a terminal would act on is escaped (:func:`safe_text`).
     """
-    print("error: " + " ".join(message.split()), file=sys.stderr)
+    print("error: " + safe_text(" ".join(message.split())), file=sys.stderr)

@@ -11,6 +11,7 @@ variable.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from datetime import timedelta
@@ -31,6 +32,42 @@ ENV_PREFIX = "SMSPARTNER_"
 MIN_RATE_LIMIT = 0.001
 #: Settings that may be read from files (``*_FILE`` or systemd credentials).
 SECRET_FIELDS = ("api_key", "http_token", "database_url")
+#: The shortest API key accepted.
+MIN_API_KEY_LENGTH = 8
+#: The most of a secret's file read: a key, a token or a URL, not a disk image.
+MAX_SECRET_FILE_BYTES = 64 * 1024
+#: ``drivername`` → (module that must be importable, how to get it). Only synchronous
+#: drivers the store was written for: :mod:`daemon.sql` talks to pysqlite and psycopg
+#: directly, and the whole daemon is one synchronous stack.
+SUPPORTED_DRIVERS = {
+    "sqlite": ("_sqlite3", "a Python built with its sqlite3 module"),
+    "sqlite+pysqlite": ("_sqlite3", "a Python built with its sqlite3 module"),
+    "postgresql": ("psycopg", "pip install 'smspartner-status[postgres]'"),
+    "postgresql+psycopg": ("psycopg", "pip install 'smspartner-status[postgres]'"),
+}
+_ASYNC_DRIVERS = ("asyncpg", "psycopg_async", "aiosqlite", "pysqlite_async", "aiopg")
+
+
+def driver_problem(drivername: str) -> str | None:
+    """Why a database URL's driver cannot work here, or None when it can.
+
+    Checked when the settings are built, cheaply (``find_spec`` imports nothing), so a
+    missing driver is one line naming what to install, not a ``ModuleNotFoundError``
+    from the first command that opens the database.
+    """
+    if drivername not in SUPPORTED_DRIVERS:
+        driver = drivername.partition("+")[2]
+        why = ": an async driver cannot work in this synchronous daemon" * (
+            driver in _ASYNC_DRIVERS
+        )
+        return (
+            f"driver {driver!r} is not supported{why}; use sqlite:///path/to/file.db, or "
+            "postgresql://… with psycopg (pip install 'smspartner-status[postgres]')"
+        )
+    module, remedy = SUPPORTED_DRIVERS[drivername]
+    if importlib.util.find_spec(module) is None:
+        return f"the driver for {drivername}:// is not installed ({module}); needs {remedy}"
+    return None
 
 
 class Settings(BaseSettings):
@@ -104,12 +141,30 @@ class Settings(BaseSettings):
             raise ValueError("is not a database URL like sqlite:///file.db") from None
         if url.get_backend_name() not in ("sqlite", "postgresql"):
             raise ValueError("only sqlite:/// and postgresql:// URLs are supported")
+        if problem := driver_problem(url.drivername):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _check_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # A key of a few characters is a copy-paste slip, and would be "redacted" out of
+        # every word it occurs in, garbling the logs. Never quote the value.
+        if value is not None and len(value.get_secret_value()) < MIN_API_KEY_LENGTH:
+            raise ValueError(
+                f"must be at least {MIN_API_KEY_LENGTH} characters (got "
+                f"{len(value.get_secret_value())}); is it the whole key?"
+            )
         return value
 
     @field_validator("poll_cadence")
     @classmethod
     def _check_cadence(cls, value: str) -> str:
-        parse_cadence(value)
+        # Bounded like the window itself, so that ``now + interval`` never overflows.
+        if any(max(s.until, s.every) > MAX_REPORT_WINDOW for s in parse_cadence(value)):
+            raise ValueError(
+                f"ages and intervals must be at most {MAX_REPORT_WINDOW.days} days (a year)"
+            )
         return value
 
     @field_validator("log_format", "log_level", mode="before")
@@ -192,11 +247,34 @@ def _secret_values(environ: Mapping[str, str], dotenv: Mapping[str, str]) -> dic
             path, source = Path(dotenv[file_name]), f"{file_name} (in .env)"
         if path is None:
             continue
-        try:
-            found[name] = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read {path}: {exc.strerror}") from None
+        found[name] = _read_secret_file(path, source)
     return found
+
+
+def _read_secret_file(path: Path, source: str) -> str:
+    """A secret's file as text: UTF-8, at most :data:`MAX_SECRET_FILE_BYTES`, stripped.
+
+    Raises:
+        ConfigError: naming ``source`` (the variable) when the file cannot be read, is
+            too large (``/dev/zero``), or is not text; never quoting its content.
+    """
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise ConfigError(
+            f"{source}: {path} is larger than {MAX_SECRET_FILE_BYTES // 1024} KiB; "
+            "it should hold the secret only"
+        )
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{source}: {path} is not UTF-8 text (byte {exc.start}); it should hold the "
+            "secret only, as text"
+        ) from None
 
 
 def _is_set(variables: Mapping[str, str | None], name: str) -> bool:

@@ -229,7 +229,7 @@ class Simulator(Campaigns):
     def __init__(
         self,
         *,
-        api_key: str = "sim-key",
+        api_key: str = "simulator-key",
         seed: int = 0,
         page_size: int = 500,
         time_scale: float = 1.0,

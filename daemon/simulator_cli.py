@@ -75,7 +75,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--api-key",
-        default="sim-key",
+        default="simulator-key",
         help="the only key accepted; a wrong one gets code 10, none gets code 1 "
         "(default: %(default)s)",
     )

@@ -282,8 +282,8 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
     [
         (("tags",), "cannot create x.db in directory"),
         (("db", "upgrade"), "cannot create x.db in directory"),
-        (("run", "--once"), "cannot open the lock file"),
-        (("run",), "cannot open the lock file"),
+        (("run", "--once"), "cannot create x.db in directory"),
+        (("run",), "cannot create x.db in directory"),
     ],
 )
 def test_a_database_directory_that_cannot_be_written_is_one_line_and_exit_2(

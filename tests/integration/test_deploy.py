@@ -45,7 +45,8 @@ STATE_DIR = "/var/lib/smspartner-status"
 HTTP_PORT = 8787
 #: Inside a pod or a container the probes come from outside: the daemon binds every address.
 ALL_ADDRESSES = "0.0.0.0"  # noqa: S104 - a value we look for, not a socket we bind
-#: Where the daemon writes its heartbeat (tempfile.gettempdir()), writable in every manifest.
+#: Where the daemon writes its heartbeat without RUNTIME_DIRECTORY or XDG_RUNTIME_DIR (a
+#: private directory in tempfile.gettempdir()), writable in every manifest.
 TMP = "/tmp"  # noqa: S108 - a mount point we look for, not a file we write
 #: What the deployments may run: the daemon, one pass, the migration, the bundled simulator.
 DEPLOYED_VERBS = {("run",), ("run", "--once"), ("db", "upgrade"), ("simulator",)}
@@ -238,6 +239,10 @@ def test_systemd_unit_notifies_is_watched_and_reads_its_key_as_a_credential() ->
         env.update(parse_assignments(assignment))
     assert env["SMSPARTNER_DATABASE_URL"] == f"sqlite:///{STATE_DIR}/smspartner-status.db"
     assert_valid_values(env, "the unit's Environment=")
+
+    # The heartbeat goes to $RUNTIME_DIRECTORY: private to the service, gone at stop.
+    assert unit_value(unit, "Service", "RuntimeDirectory") == "smspartner-status"
+    assert unit_value(unit, "Service", "RuntimeDirectoryMode") == "0700"
 
     commands = [
         shlex.split(unit_value(unit, "Service", "ExecStartPre")),
@@ -484,6 +489,10 @@ def test_daemon_starts_notifies_and_stops_as_the_systemd_unit_says(
         (credentials / name).chmod(0o400)
     env["CREDENTIALS_DIRECTORY"] = str(credentials)
     env["NOTIFY_SOCKET"] = notify_socket.getsockname()
+    # RuntimeDirectory= → $RUNTIME_DIRECTORY, created by systemd with RuntimeDirectoryMode=.
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=int(unit_value(unit, "Service", "RuntimeDirectoryMode"), 8))
+    env["RUNTIME_DIRECTORY"] = str(runtime)
     assert "SMSPARTNER_API_KEY" not in env
     cwd = here(unit_value(unit, "Service", "WorkingDirectory"))
 
@@ -507,6 +516,7 @@ def test_daemon_starts_notifies_and_stops_as_the_systemd_unit_says(
         # A watchdog ping after READY=1 (the first may race ahead of it).
         receive_until(notify_socket, "WATCHDOG=1", messages)
         assert messages[-1] == "WATCHDOG=1" and messages.index("READY=1") < len(messages) - 1
+        assert [p.suffix for p in runtime.iterdir()] == [".heartbeat"]
 
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
             assert http.get("/healthz").status_code == 200
@@ -522,6 +532,7 @@ def test_daemon_starts_notifies_and_stops_as_the_systemd_unit_says(
         receive_until(notify_socket, "STOPPING=1", messages)
         assert daemon.wait(timeout=10) == 0
         assert time.monotonic() - stopped < 10
+        assert list(runtime.iterdir()) == []  # a clean stop removes the heartbeat
     finally:
         if daemon.poll() is None:
             daemon.kill()

@@ -294,7 +294,7 @@ def test_run_prunes_at_start_when_retention_is_set(tmp_path: Path) -> None:
         conn.execute(sa.update(tracked_tags).values(state="completed"))
     env = {
         **env_for(url),
-        "SMSPARTNER_API_KEY": "unused",
+        "SMSPARTNER_API_KEY": "unused-key",
         "SMSPARTNER_BASE_URL": "http://127.0.0.1:9/v1",
         "SMSPARTNER_HTTP_PORT": "0",
         "SMSPARTNER_LOG_LEVEL": "info",

@@ -25,7 +25,7 @@ from daemon.simulator_cli import add_cli_arguments, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
-KEY = "sim-key"
+KEY = "simulator-key"  # the simulator's default key
 # Plain HTTP on loopback; sharing one TLS context saves ~0.1 s of certificate loading per client.
 TLS = ssl.create_default_context()
 

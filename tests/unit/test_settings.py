@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def test_defaults_match_the_design() -> None:
         ("SMSPARTNER_REPORT_WINDOW_HOURS", "inf", "finite"),
         ("SMSPARTNER_HTTP_TIMEOUT_SECONDS", "nan", "finite"),
         ("SMSPARTNER_POLL_CADENCE", "99999999999d=1m", "too long a duration"),
+        ("SMSPARTNER_POLL_CADENCE", "15m=1m,48h=3000000d", "at most 365 days (a year)"),
         ("SMSPARTNER_HTTP_TIMEOUT_SECONDS", "1e10", "less than or equal to 3600"),
         ("SMSPARTNER_RATE_LIMIT_PER_SECOND", "1e-300", "0 (no limit) or at least 0.001"),
         ("SMSPARTNER_SETTLE_MINUTES", "1e13", "less than or equal to 525600"),
@@ -74,16 +76,87 @@ def test_api_key_from_file_and_credentials_directory(
     assert key is not None and key.get_secret_value() == "from-file"
     key = load_settings({"CREDENTIALS_DIRECTORY": str(creds)}).api_key
     assert key is not None and key.get_secret_value() == "from-credentials"
-    monkeypatch.setenv("SMSPARTNER_API_KEY", "direct")
+    monkeypatch.setenv("SMSPARTNER_API_KEY", "direct-key")
     key = load_settings(
-        {"SMSPARTNER_API_KEY": "direct", "CREDENTIALS_DIRECTORY": str(creds)}
+        {"SMSPARTNER_API_KEY": "direct-key", "CREDENTIALS_DIRECTORY": str(creds)}
     ).api_key
-    assert key is not None and key.get_secret_value() == "direct"
+    assert key is not None and key.get_secret_value() == "direct-key"
 
 
 def test_unreadable_key_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^SMSPARTNER_API_KEY_FILE: cannot read"):
         load_settings({"SMSPARTNER_API_KEY_FILE": str(tmp_path / "missing")})
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"\xff\xfe\x00k\x00e\x00y\x00", "is not UTF-8 text (byte 0)"),
+        (b"s" * (64 * 1024 + 1), "is larger than 64 KiB"),
+    ],
+    ids=["binary", "huge"],
+)
+@pytest.mark.parametrize("name", ["API_KEY", "HTTP_TOKEN", "DATABASE_URL"])
+def test_a_secret_file_that_is_not_a_secret_is_a_clear_error(
+    tmp_path: Path, name: str, content: bytes, words: str
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(content)
+    with pytest.raises(ConfigError) as raised:
+        load_settings({f"SMSPARTNER_{name}_FILE": str(secret)})
+    assert str(raised.value) == (
+        f"SMSPARTNER_{name}_FILE: {secret} {words}; it should hold the secret only"
+        + (", as text" if "UTF-8" in words else "")
+    )
+
+
+def test_a_secret_file_as_endless_as_dev_zero_is_read_only_so_far(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^SMSPARTNER_API_KEY_FILE: /dev/zero is larger than"):
+        load_settings({"SMSPARTNER_API_KEY_FILE": "/dev/zero"})
+
+
+@pytest.mark.parametrize("key", ["k", "1234567", "  abc  "])
+def test_an_api_key_under_8_characters_is_refused_without_quoting_it(
+    monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    monkeypatch.setenv("SMSPARTNER_API_KEY", key)
+    with pytest.raises(ConfigError) as raised:
+        load_settings({})
+    message = str(raised.value)
+    assert message.startswith("SMSPARTNER_API_KEY: must be at least 8 characters (got ")
+    assert key.strip() not in message.removeprefix("SMSPARTNER_API_KEY: ").split("(got ")[0]
+    monkeypatch.setenv("SMSPARTNER_API_KEY", "12345678")
+    assert load_settings({}).api_key is not None
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("postgresql+asyncpg://u@db/x", "driver 'asyncpg' is not supported: an async driver"),
+        ("postgresql+psycopg_async://u@db/x", "driver 'psycopg_async' is not supported: an async"),
+        ("postgresql+pg8000://u@db/x", "driver 'pg8000' is not supported; use sqlite:///"),
+        ("postgresql+psycopg2://u@db/x", "driver 'psycopg2' is not supported"),
+        ("sqlite+pysqlcipher://:key@/x.db", "driver 'pysqlcipher' is not supported"),
+        ("sqlite+aiosqlite:///x.db", "driver 'aiosqlite' is not supported: an async driver"),
+    ],
+)
+def test_database_drivers_the_daemon_cannot_use_are_refused(url: str, words: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, database_url=url)
+    assert str(raised.value).startswith(f"SMSPARTNER_DATABASE_URL: {words}")
+    assert "pip install 'smspartner-status[postgres]'" in str(raised.value)
+
+
+def test_a_driver_that_is_not_installed_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    for url in ("postgresql://u@db/x", "postgresql+psycopg://u@db/x", "sqlite:///x.db"):
+        assert load_settings({}, database_url=url)
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as `import psycopg` would fail
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, database_url="postgresql://u:pw@db/x")
+    assert str(raised.value) == (
+        "SMSPARTNER_DATABASE_URL: the driver for postgresql:// is not installed (psycopg); "
+        "needs pip install 'smspartner-status[postgres]'"
+    )
 
 
 def test_secrets_are_hidden_from_repr_and_the_safe_url(monkeypatch: pytest.MonkeyPatch) -> None:

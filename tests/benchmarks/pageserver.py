@@ -178,4 +178,3 @@ def _connection(conn: socket.socket, state: dict[str, Any], lock: threading.Lock
                 state["count"] += 1
             if close:
                 return
-

@@ -71,8 +71,7 @@ class Command:
         output = done.stdout.decode() + done.stderr.decode()
         if done.returncode != self.code or self.expect not in output:
             raise SystemExit(
-                f"{self.name}: exit {done.returncode} (expected {self.code}), "
-                f"output:\n{output}"
+                f"{self.name}: exit {done.returncode} (expected {self.code}), output:\n{output}"
             )
         return elapsed
 

@@ -335,7 +335,8 @@ def whole_commands(server: PageServer, args: argparse.Namespace, tmp: Path) -> N
         )
         elapsed = time.perf_counter() - start
         if done.returncode:
-            raise SystemExit(f"{argv[1:3]} failed: {done.stdout.decode()}{done.stderr.decode()}")
+            what = "the bare script" if argv[1] == "-c" else " ".join(argv[1:])
+            raise SystemExit(f"{what} failed: {done.stdout.decode()}{done.stderr.decode()}")
         return elapsed, done.stdout.decode()
 
     def bare(rnd: int) -> None:

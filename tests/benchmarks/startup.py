@@ -14,7 +14,9 @@ Python command line of this kind pays before doing anything):
 
 The runs are interleaved round-robin, each round starting one command further along, so
 that a machine busy with other work slows every command alike; one untimed run of each
-warms the caches first. Goals (issue 18): ``--help`` ≤ 3× the floor, ``check`` ≤ 6×.
+warms the caches first. A command's ratio is the median of its runs' ratios to the floor
+of the same round, steadier than a ratio of medians while the machine's speed drifts.
+Goals (issue 18): ``--help`` ≤ 3× the floor, ``check`` ≤ 6×.
 
 The heartbeat lives in ``$RUNTIME_DIRECTORY`` (else ``$XDG_RUNTIME_DIR``) in newer
 versions and in the temporary directory before: the benchmark points all three
@@ -157,15 +159,19 @@ def main() -> None:
                 cmd = cmds[(run + i) % len(cmds)]
                 cmd.times.append(cmd.run(Path(tmp)))
 
-    floor = statistics.median(cmds[0].times)
-    print(f"whole-process wall times, median (range) of {args.runs} interleaved runs")
+    floor = cmds[0].times
+    print(
+        f"whole-process wall times, median (range) of {args.runs} interleaved runs; "
+        "x floor: median of the runs' ratios to the floor of the same run"
+    )
     for cmd in cmds:
-        median = statistics.median(cmd.times)
+        ratio = statistics.median(t / f for t, f in zip(cmd.times, floor, strict=True))
         goal = GOALS.get(cmd.name)
         note = f"  (goal <= {goal:g}x)" if goal else ""
         print(
-            f"  {cmd.name:<24} {median * 1000:6.0f} ms ({min(cmd.times) * 1000:.0f}–"
-            f"{max(cmd.times) * 1000:.0f})  {median / floor:5.2f}x floor{note}"
+            f"  {cmd.name:<24} {statistics.median(cmd.times) * 1000:6.0f} ms "
+            f"({min(cmd.times) * 1000:.0f}–{max(cmd.times) * 1000:.0f})  "
+            f"{ratio:5.2f}x floor{note}"
         )
 
 

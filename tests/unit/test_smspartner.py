@@ -176,12 +176,47 @@ def test_a_server_ignoring_page_still_stops_when_every_item_is_known(clock: Fake
     assert server.pages == [1, 2]
 
 
-def test_stops_when_total_reached(clock: FakeClock) -> None:
+def test_a_short_page_ends_pagination_whatever_total_says(clock: FakeClock) -> None:
     pages = {1: body(numbers(0, 2), total=3), 2: body(numbers(2, 1), total="3")}
     client, server = make_client(paged(pages), clock)
-    result = client.fetch_tag("t")
-    assert (result.stop_reason, result.pages, result.items) == ("total_reached", 2, 3)
+    with capture_logs() as logs:
+        result = client.fetch_tag("t")
+    assert (result.stop_reason, result.pages, result.items) == ("short_page", 2, 3)
     assert server.pages == [1, 2]
+    assert not [e for e in logs if e["event"] == "api.total_mismatch"]  # it agreed
+
+
+@pytest.mark.parametrize("total", [1, 0, "2", 10_000])
+def test_a_lying_total_never_truncates_a_tag(clock: FakeClock, total: int | str) -> None:
+    """3,000 numbers under ``total: 1``: every page is fetched and the lie is reported."""
+    pages = {n: body(numbers((n - 1) * 1000, 1000), total=total) for n in (1, 2, 3)}
+    mismatches: list[int] = []
+    client, server = make_client(
+        paged(pages), clock, on_total_mismatch=lambda: mismatches.append(1)
+    )
+    with capture_logs() as logs:
+        result = client.fetch_tag("t")
+    assert len({r.phone_number for r in result.reports}) == 3000
+    assert (result.stop_reason, server.pages) == ("empty_page", [1, 2, 3, 4])
+    [warning] = [e for e in logs if e["event"] == "api.total_mismatch"]
+    assert (warning["log_level"], warning["total"], warning["items"]) == (
+        "warning",
+        int(total),
+        3000,
+    )
+    assert mismatches == [1]
+
+
+def test_a_lying_current_page_neither_stops_nor_discards(clock: FakeClock) -> None:
+    pages = {
+        1: body(numbers(0, 2), currentPage=1),
+        2: body(numbers(5, 2), currentPage="1"),  # right content, wrong claim
+    }
+    client, server = make_client(paged(pages), clock)
+    result = client.fetch_tag("t")
+    assert result.stop_reason == "empty_page"
+    assert (result.pages, result.items, len(result.reports)) == (3, 4, 4)
+    assert server.pages == [1, 2, 3]
 
 
 @pytest.mark.parametrize("total", [None, "abc", "", [1], True])
@@ -194,18 +229,6 @@ def test_missing_or_unparsable_total_disables_the_total_rule(
     result = client.fetch_tag("t")
     assert result.stop_reason == "empty_page"
     assert server.pages == [1, 2, 3]
-
-
-def test_page_mismatch_discards_that_page(clock: FakeClock) -> None:
-    pages = {
-        1: body(numbers(0, 2), currentPage=1),
-        2: body(numbers(5, 2), currentPage="1"),
-    }
-    client, server = make_client(paged(pages), clock)
-    result = client.fetch_tag("t")
-    assert result.stop_reason == "page_mismatch"
-    assert (result.pages, result.items, len(result.reports)) == (2, 2, 2)
-    assert server.pages == [1, 2]
 
 
 def test_current_page_as_numeric_string_matching_is_fine(clock: FakeClock) -> None:
@@ -267,7 +290,7 @@ def test_1234_items_over_three_pages_of_500(clock: FakeClock) -> None:
     }
     client, server = make_client(paged(pages), clock)
     result = client.fetch_tag("t")
-    assert (result.stop_reason, result.pages, result.items) == ("total_reached", 3, 1234)
+    assert (result.stop_reason, result.pages, result.items) == ("short_page", 3, 1234)
     assert len({r.phone_number for r in result.reports}) == 1234
     assert server.pages == [1, 2, 3]
 
@@ -285,7 +308,7 @@ def test_server_ignoring_page_stops_within_three_requests(
     client, server = make_client(same_page, clock)
     result = client.fetch_tag("t")
     assert len(server.requests) <= 3
-    assert result.stop_reason in {"page_mismatch", "no_new_numbers"}
+    assert result.stop_reason == "no_new_numbers"
     assert len({r.phone_number for r in result.reports}) == 50
 
 
@@ -829,10 +852,10 @@ def test_deadline_abandons_a_long_fetch_between_pages_with_the_rate_limit_off(
     )
     with pytest.raises(PollAbandoned) as caught:
         client.fetch_tag("t")
-    # Pages 4 and 5 still start before the deadline; page 6 would start after it.
+    # Page 4 still ends before the deadline; page 5, under way at it, is cut short.
     assert server.pages == [1, 2, 3, 4, 5]
-    assert caught.value.pages == 5
-    assert "page 6 would start after its shutdown deadline" in str(caught.value)
+    assert caught.value.pages == 4
+    assert "under way at its shutdown deadline was cut short" in str(caught.value)
     assert not isinstance(caught.value, ApiError)  # not a provider failure
     assert clock.sleeps == []
 
@@ -840,15 +863,15 @@ def test_deadline_abandons_a_long_fetch_between_pages_with_the_rate_limit_off(
 def test_rate_limited_pages_go_on_as_usual_before_the_deadline(clock: FakeClock) -> None:
     def eight_numbers(request: httpx.Request) -> httpx.Response:
         page = int(request.url.params["page"])
-        return httpx.Response(200, json=body(numbers(page, 1), total=8))
+        return httpx.Response(200, json=body(numbers(page, 1) if page <= 8 else [], total=8))
 
     client, server = make_client(
         eight_numbers, clock, rate_limit_per_second=4, deadline=Deadline(clock.now + 8)
     )
     result = client.fetch_tag("t")
-    assert (result.pages, result.stop_reason, len(result.reports)) == (8, "total_reached", 8)
-    assert server.pages == list(range(1, 9))
-    assert clock.sleeps == [0.25] * 7
+    assert (result.pages, result.stop_reason, len(result.reports)) == (9, "empty_page", 8)
+    assert server.pages == list(range(1, 10))
+    assert clock.sleeps == [0.25] * 8
 
 
 def test_a_rate_limit_wait_past_the_deadline_abandons(clock: FakeClock) -> None:
@@ -1001,4 +1024,4 @@ def test_gzip_bodies_still_parse() -> None:
             rate_limit_per_second=0,
             sleep=lambda _: None,
         )
-        assert [r.phone_number for r in client.fetch_tag("gz").reports] == ["+331"]
+        assert {r.phone_number for r in client.fetch_tag("gz").reports} == {"+331"}

@@ -184,6 +184,46 @@ def test_sigterm_during_a_long_retry_wait_abandons_the_poll_at_once(
     assert simulator.request_count("later") == 1  # not retried on the way out
 
 
+@pytest.mark.parametrize(
+    ("fault", "params", "when"),
+    [
+        ("trickle", {"interval": 1.0}, "first request"),
+        ("trickle", {"interval": 1.0}, "mid-fetch"),
+        ("slow", {"seconds": 60.0}, "mid-fetch"),
+    ],
+    ids=["trickle-new-connection", "trickle-kept-alive", "silent-kept-alive"],
+)
+def test_sigterm_while_the_provider_trickles_or_stalls_exits_within_10_s(
+    env: dict[str, str],
+    simulator: Simulator,
+    running: Callable[..., Running],
+    fault: str,
+    params: dict[str, float],
+    when: str,
+) -> None:
+    """The request in flight at SIGTERM would take minutes (a byte a second, or nothing
+    at all, with a 60 s request deadline): it is cut at the shutdown deadline and the
+    poll abandoned, on a fresh connection or a kept-alive one alike."""
+    simulator.add_tag("stuck", 1000, page_size=50)  # 20 pages: about 5 s at 4 a second
+    before = track_with_an_earlier_failure(env, "stuck")
+    if when == "first request":
+        simulator.inject(fault, tag="stuck", times=None, **params)
+    daemon = running({**env, "SMSPARTNER_HTTP_TIMEOUT_SECONDS": "60"})
+    if when == "mid-fetch":
+        wait_for(lambda: simulator.request_count("stuck") >= 2, 30, "the poll to be under way")
+        simulator.inject(fault, tag="stuck", times=None, **params)
+        sent = simulator.request_count("stuck")
+        wait_for(lambda: simulator.request_count("stuck") > sent, 5, "a faulty request")
+    else:
+        wait_for(lambda: simulator.request_count("stuck") >= 1, 30, "the first request")
+    since_signal = sigterm(daemon)
+    code, took = exit_after(daemon, since_signal)
+    assert code == 0 and took < 10, (code, took)
+    abandoned = assert_abandoned_and_untouched(env, daemon, "stuck", before)
+    assert "cut short" in str(abandoned["reason"])
+    assert "Traceback" not in daemon.log.read_text()
+
+
 # --- run --once and the leases ----------------------------------------------------------
 
 

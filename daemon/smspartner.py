@@ -17,14 +17,16 @@ order, we stop on:
 * ``no_new_numbers``: the page brought no phone number we had not already seen; its items
   are kept (they may carry newer statuses) but asking for more would loop forever on a
   server that ignores ``page``;
-* ``short_page``: the page holds fewer items than the largest page of this fetch so far
-  (so page 1 is never short: we do not know the provider's page size, and a tag that fits
-  on one page costs a second, empty request);
+* ``short_page``: the page holds fewer items than the largest page this client has
+  received (the provider's page size, as far as we know it), unless ``total`` says more
+  items are to come: ``total`` may keep a fetch going, never end it. Until a first full
+  page has been seen, a tag that fits on one page costs a second, empty request;
 * ``max_pages``: the configured hard cap was reached (logged as a warning, not at debug
   like the others: the tag may be truncated).
 
 ``total`` and ``currentPage`` are hints only: a provider that says ``total: 1`` over
-3,000 numbers, or ``currentPage: 1`` on every page, must not truncate a tag. When the
+3,000 numbers, or ``currentPage: 1`` on every page, must not truncate a tag (only a page
+size that shrinks while the daemon runs, together with a ``total`` too low, could). When the
 items received (less a last page of repeats) disagree with ``total``, the fetch logs
 ``api.total_mismatch`` as a warning and calls ``on_total_mismatch`` (a Prometheus
 counter in the daemon). A server that ignores ``page`` costs two requests (three at
@@ -241,6 +243,9 @@ class SmsPartnerClient:
             rate_limit_per_second=rate_limit_per_second,
         )
         self._on_total_mismatch = on_total_mismatch
+        # The largest page received so far: the provider's page size, as far as we know.
+        # Shared by the worker threads; a lost update only costs a request.
+        self._page_size = 0
         self._monotonic = monotonic
         self._watchdog = Watchdog(monotonic)
         self._pacer = Pacer(
@@ -279,7 +284,7 @@ class SmsPartnerClient:
         parser = ItemParser(tag, known)
         budget = self._pacer.budget(self._poll_budget)
         reports: list[Report] = []
-        pages = items = largest = last = mismatches = 0
+        pages = items = last = mismatches = 0
         total: int | None = None
         page = 1
         while True:
@@ -314,10 +319,10 @@ class SmsPartnerClient:
             if len(parser.seen) == before:
                 reason = "no_new_numbers"
                 break
-            if last < largest:
+            if last < self._page_size and (total is None or items >= total):
                 reason = "short_page"
                 break
-            largest = max(largest, last)
+            self._page_size = max(self._page_size, last)
             page += 1
         log = _log.warning if reason == "max_pages" else _log.debug
         log(
@@ -363,11 +368,15 @@ class SmsPartnerClient:
         def before_retry(retry_state: tenacity.RetryCallState) -> None:
             self._before_retry(retry_state, budget)
 
+        def worth_retrying(exc: BaseException) -> bool:
+            # Not once the budget is spent: the next attempt could not even start.
+            return _is_transient(exc) and self._monotonic() < budget.ends_at
+
         retrying = tenacity.Retrying(
             sleep=lambda seconds: self._pacer.pause(seconds, budget),
             stop=tenacity.stop_after_attempt(self._max_retries + 1),
             wait=self._pacer.retry_wait,
-            retry=tenacity.retry_if_exception(_is_transient),
+            retry=tenacity.retry_if_exception(worth_retrying),
             before_sleep=before_retry,
             reraise=True,
         )

@@ -176,7 +176,7 @@ def test_a_server_ignoring_page_still_stops_when_every_item_is_known(clock: Fake
     assert server.pages == [1, 2]
 
 
-def test_a_short_page_ends_pagination_whatever_total_says(clock: FakeClock) -> None:
+def test_a_short_page_ends_pagination(clock: FakeClock) -> None:
     pages = {1: body(numbers(0, 2), total=3), 2: body(numbers(2, 1), total="3")}
     client, server = make_client(paged(pages), clock)
     with capture_logs() as logs:
@@ -184,6 +184,48 @@ def test_a_short_page_ends_pagination_whatever_total_says(clock: FakeClock) -> N
     assert (result.stop_reason, result.pages, result.items) == ("short_page", 2, 3)
     assert server.pages == [1, 2]
     assert not [e for e in logs if e["event"] == "api.total_mismatch"]  # it agreed
+
+
+def test_once_the_page_size_is_known_a_one_page_tag_costs_one_request(
+    clock: FakeClock,
+) -> None:
+    tags = {
+        "big": {1: body(numbers(0, 500)), 2: body(numbers(500, 100))},
+        "small": {1: body(numbers(0, 5), total=5)},
+        "no-total": {1: body(numbers(0, 7))},
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        pages = tags[request.url.params["tag"]]
+        return httpx.Response(200, json=pages.get(int(request.url.params["page"]), body([])))
+
+    client, server = make_client(handler, clock)
+    assert client.fetch_tag("big").stop_reason == "short_page"
+    assert client.fetch_tag("small").stop_reason == "short_page"
+    assert client.fetch_tag("no-total").stop_reason == "short_page"
+    assert [(r.url.params["tag"], r.url.params["page"]) for r in server.requests] == [
+        ("big", "1"),
+        ("big", "2"),
+        ("small", "1"),
+        ("no-total", "1"),
+    ]
+
+
+def test_total_keeps_a_fetch_going_but_never_ends_it(clock: FakeClock) -> None:
+    """Pages of 50 after pages of 500 look short; a total of 120 says more are coming."""
+    tags = {
+        "big": {1: body(numbers(0, 500))},
+        "fifties": {n: body(numbers(n * 50, 50 if n < 3 else 20), total=120) for n in (1, 2, 3)},
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        pages = tags[request.url.params["tag"]]
+        return httpx.Response(200, json=pages.get(int(request.url.params["page"]), body([])))
+
+    client, _ = make_client(handler, clock)
+    client.fetch_tag("big")
+    result = client.fetch_tag("fifties")
+    assert (result.stop_reason, result.pages, result.items) == ("short_page", 3, 120)
 
 
 @pytest.mark.parametrize("total", [1, 0, "2", 10_000])
@@ -900,6 +942,43 @@ def test_a_retry_that_would_come_past_the_deadline_is_not_scheduled(clock: FakeC
     assert "a retry in 30.0 s would come after its shutdown deadline" in str(caught.value)
     assert clock.sleeps == []
     assert not [e for e in logs if e["event"] == "api.retry_scheduled"]
+
+
+def test_a_retry_that_would_not_fit_in_the_poll_budget_fails_the_poll(clock: FakeClock) -> None:
+    client, server = make_client(
+        lambda r: httpx.Response(429, headers={"Retry-After": "30"}), clock, poll_budget=20
+    )
+    with capture_logs() as logs, pytest.raises(TransientApiError) as caught:
+        client.fetch_tag("t")
+    assert len(server.requests) == 1 and clock.sleeps == []
+    assert "no retry: the poll's budget of 20 s is spent" in str(caught.value)
+    assert "rate limited by SMS Partner" in str(caught.value)  # the last error, kept
+    assert not [e for e in logs if e["event"] == "api.retry_scheduled"]
+
+
+def test_pages_stop_when_the_poll_budget_is_spent(clock: FakeClock) -> None:
+    client, server = make_client(
+        timed_pages(clock, 4.0, lambda page: None), clock, poll_budget=10, max_pages=1000
+    )
+    with pytest.raises(TransientApiError) as caught:
+        client.fetch_tag("t")
+    assert server.pages == [1, 2, 3]  # at +0, +4 and +8 s; the third would end at +12 s
+    assert str(caught.value) == (
+        "GET /v1/bulk-status-by-tag tag='t' page=3: the poll's budget of 10 s was spent mid-request"
+    )
+
+
+def test_the_default_poll_budget_fits_the_largest_fetch_allowed() -> None:
+    from daemon.smspartner import default_poll_budget
+
+    small = default_poll_budget(
+        request_timeout=10, max_retries=3, max_pages=1000, rate_limit_per_second=5
+    )
+    assert small == 300 + 4 * 10  # never under five minutes
+    slow = default_poll_budget(
+        request_timeout=10, max_retries=3, max_pages=1000, rate_limit_per_second=1
+    )
+    assert slow == 1000 + 4 * 10  # 1,000 pages at one a second, plus one page's attempts
 
 
 def test_a_retry_before_the_deadline_still_happens(clock: FakeClock) -> None:

@@ -438,12 +438,15 @@ class Simulator(Campaigns):
 
     # -- requests ----------------------------------------------------------------
 
-    def request_count(self, tag: str | None = None) -> int:
-        """How many requests arrived, all of them or those for one tag."""
+    def request_count(self, tag: str | None = None, *, page: int | None = None) -> int:
+        """How many requests arrived: all of them, or those for one tag, or one page (a
+        count of ``page=1`` requests is a count of polls)."""
         with self._lock:
-            if tag is None:
-                return len(self.requests)
-            return sum(1 for r in self.requests if r.tag == tag)
+            return sum(
+                1
+                for r in self.requests
+                if (tag is None or r.tag == tag) and (page is None or r.page == page)
+            )
 
     def _reply(self, path: str, query: str) -> _Reply:
         """Decide the reply to one request: record it, apply a fault, else serve it."""

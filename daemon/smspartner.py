@@ -277,9 +277,11 @@ class SmsPartnerClient:
             AuthError: codes 1/10, the key is missing or wrong.
             NoMessagesError: code 4 on the first page (nothing under this tag yet).
             RateLimitedError: still rate limited after every retry.
-            TransientApiError: transport errors, 5xx or unreadable bodies after retries.
+            TransientApiError: transport errors, 5xx, unreadable bodies or a request
+                past its whole-request deadline, after retries; or the poll's budget ran
+                out.
             PermanentApiError: anything the provider would refuse again.
-            PollAbandoned: the deadline came first; ``pages`` says how far it got.
+            PollAbandoned: the shutdown deadline came first; ``pages`` says how far it got.
         """
         parser = ItemParser(tag, known)
         budget = self._pacer.budget(self._poll_budget)

@@ -373,3 +373,17 @@ def test_a_request_under_way_at_the_shutdown_deadline_is_cut_short(
         took = time.monotonic() - started
         timer.join()
     assert 0.7 < took < 1.5
+
+
+def test_a_password_in_the_base_url_is_never_logged(
+    in_process: Callable[..., CliResult], simulator: Simulator
+) -> None:
+    """httpx logs every request URL at debug level; the userinfo goes before it does."""
+    simulator.add_tag("t", 3)
+    with_password = simulator.url.replace("http://", "http://bob:pa55-w0rd@")
+    result = in_process(
+        "poll", "t", SMSPARTNER_BASE_URL=with_password, SMSPARTNER_LOG_LEVEL="debug"
+    )
+    assert result.code == 0, result
+    assert "HTTP Request: GET http://127.0.0.1:" in result.err  # httpx's own line, kept
+    assert "pa55-w0rd" not in result.out + result.err and "bob:" not in result.err

@@ -88,6 +88,7 @@ class Context:
         sleep: Callable[[float], None] = time.sleep,
         deadline: Callable[[], float | None] | None = None,
         event_hooks: dict[str, list[Callable[..., Any]]] | None = None,
+        on_total_mismatch: Callable[[], None] | None = None,
     ) -> Iterator[Poller]:
         """A poller with its own HTTP client, closed afterwards.
 
@@ -97,6 +98,7 @@ class Context:
             deadline: when a poll must be over, once the daemon is stopping (see
                 ``Daemon.shutdown_deadline``); none by default.
             event_hooks: httpx hooks (the daemon times API requests for its metrics).
+            on_total_mismatch: called when a fetch disagrees with the provider's total.
         """
         if self.settings.api_key is None:
             raise ConfigError(
@@ -116,6 +118,7 @@ class Context:
                 max_pages=self.settings.max_pages,
                 sleep=sleep,
                 deadline=deadline,
+                on_total_mismatch=on_total_mismatch,
             )
             yield Poller(
                 engine=self.engine, client=client, settings=self.settings, clock=self.clock
@@ -399,6 +402,7 @@ def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
             sleep=lambda seconds: holder[0].interruptible_sleep(seconds),
             deadline=lambda: holder[0].shutdown_deadline(),
             event_hooks=metrics.httpx_event_hooks(),
+            on_total_mismatch=metrics.observe_total_mismatch,
         ) as poller:
             daemon = Daemon(
                 engine=engine,

@@ -3,14 +3,18 @@ APScheduler bridged into the same stream, and one redaction processor in front o
 renderer so no secret can reach any output at any level.
 
 httpx logs each request URL with its query string (``apiKey=…``) at INFO/DEBUG; the
-redaction processor masks ``apiKey=`` values by pattern and every configured secret by
-value, so even a log line we did not write cannot leak the key.
+redaction processor masks ``apiKey=`` values by pattern, drops the userinfo of every URL
+and masks every configured secret in every spelling (:mod:`daemon.redaction`), so even a
+log line we did not write cannot leak the key. It rewrites values only: field names and
+our own dotted event names (``poll.completed``) are never touched, so no secret can
+garble them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from datetime import date, datetime, time
@@ -19,7 +23,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from daemon.redaction import redact
+from daemon.redaction import redact_all
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -29,18 +33,20 @@ _LEVELS = {
 }
 
 
+#: Our event names (``api.retry_scheduled``): never redacted. A line from another library
+#: carries its message in ``event`` instead, and that is redacted like any value.
+_EVENT_NAME = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)+")
+
+
 class Redactor:
-    """A structlog processor that masks secrets in every string of an event."""
+    """A structlog processor that masks secrets in every string value of an event."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets = [s for s in secrets if s]
 
     def redact(self, text: str) -> str:
-        """Mask ``apiKey=`` query values and every known secret (raw or URL-encoded)."""
-        text = redact(text)
-        for secret in self._secrets:
-            text = redact(text, secret)
-        return text
+        """Mask ``apiKey=`` query values, URL userinfo and every secret, in every spelling."""
+        return redact_all(text, self._secrets)
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -57,6 +63,8 @@ class Redactor:
         self, logger: Any, method: str, event: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         for key, value in list(event.items()):
+            if key == "event" and isinstance(value, str) and _EVENT_NAME.fullmatch(value):
+                continue
             event[key] = self._clean(value)
         return event
 

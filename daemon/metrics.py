@@ -65,6 +65,12 @@ class Metrics:
             PREFIX + "rows_changed", "Numbers whose stored status changed.", registry=reg
         )
         self._optouts = Counter(PREFIX + "optouts", "New STOP opt-outs recorded.", registry=reg)
+        self._total_mismatches = Counter(
+            PREFIX + "api_total_mismatches",
+            "Fetches whose items disagreed with the provider's total (a hint only: the "
+            "pages decide when a fetch ends).",
+            registry=reg,
+        )
         self._api = Histogram(
             PREFIX + "api_request_seconds",
             "SMS Partner API request latency (to the response headers), by HTTP status "
@@ -108,6 +114,11 @@ class Metrics:
         """Record one API request's latency; ``status`` None means no response came."""
         label = str(status) if status is not None else "error"
         self._api.labels(status=label).observe(max(seconds, 0.0))
+
+    def observe_total_mismatch(self) -> None:
+        """Count one fetch whose items disagreed with ``total`` (the API client's
+        ``on_total_mismatch``)."""
+        self._total_mismatches.inc()
 
     def httpx_event_hooks(self) -> dict[str, list[Callable[..., None]]]:
         """Hooks for ``httpx.Client(event_hooks=...)`` that time every request.

@@ -52,10 +52,9 @@ log = structlog.get_logger(__name__)
 LEASE = timedelta(seconds=60)
 #: How long polls in flight may go on after SIGTERM: the daemon must exit 0 within 10 s
 #: of the signal (design.md), and the 2 s left are for the last commits, releasing the
-#: leases and exiting. A poll that cannot end by then is abandoned between two pages or
-#: before a wait (rate limit, retry) that would cross it. An HTTP request already sent
-#: cannot be interrupted, though: one started just before the deadline may hold the exit
-#: back by up to ``SMSPARTNER_HTTP_TIMEOUT_SECONDS``.
+#: leases and exiting. A poll that cannot end by then is abandoned between two pages,
+#: before a wait (rate limit, retry) that would cross it, or, when a request is still under
+#: way at it, by cutting that request's connection (see daemon/watchdog.py).
 SHUTDOWN_GRACE = 8.0
 #: How often the maintenance job (retention) runs; its first run is at start.
 MAINTENANCE_INTERVAL = timedelta(days=1)

@@ -14,6 +14,10 @@ What it models:
   ``page``, endless pages, rate limits, HTML error pages, truncated or reset responses,
   malformed items (:meth:`Simulator.set_items`). Faults are queued with
   :meth:`Simulator.inject` or drawn at random with ``fault_rate``.
+- Hostile providers: one that trickles its answer a few bytes at a time (``trickle``),
+  one that echoes the key back escaped in a JSON message or an HTML error page
+  (``echo_key``, ``echo_key_html``), one whose ``total`` and ``currentPage`` lie
+  (``lying_total``).
 
 Every request is recorded (:attr:`Simulator.requests`) so tests can assert what the
 client actually sent.
@@ -25,6 +29,7 @@ The ``smspartner-status simulator`` verb that serves it standalone is
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import random
 import socket
@@ -38,7 +43,7 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 from daemon.campaigns import Campaigns, as_utc
 
@@ -60,6 +65,10 @@ FAULTS = (
     "ignore_page",
     "echo_page",
     "endless",
+    "trickle",
+    "echo_key",
+    "echo_key_html",
+    "lying_total",
 )
 #: Transient faults drawn per request when ``fault_rate`` > 0: ones a client must retry.
 RANDOM_FAULTS = ("500", "429", "html", "truncated")
@@ -68,6 +77,9 @@ _FAULT_PARAMS: dict[str, frozenset[str]] = {
     "429": frozenset({"retry_after"}),
     "html": frozenset({"status"}),
     "slow": frozenset({"seconds"}),
+    "trickle": frozenset({"bytes", "interval"}),
+    "echo_key_html": frozenset({"status"}),
+    "lying_total": frozenset({"total", "current_page"}),
 }
 
 _ENDLESS_TOTAL = 1_000_000_000
@@ -112,6 +124,7 @@ class _Reply:
     headers: dict[str, str] = field(default_factory=dict)
     reset_after: int | None = None  # send this many body bytes, then reset the connection
     drop: bool = False  # reset the connection without answering at all
+    trickle: tuple[int, float] | None = None  # send the whole answer N bytes every S s
 
 
 class _Server(ThreadingHTTPServer):
@@ -179,6 +192,9 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.drop:
             self._reset()
             return
+        if reply.trickle is not None:
+            self._trickle(reply, *reply.trickle)
+            return
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(reply.body)))
@@ -190,6 +206,21 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.wfile.write(reply.body[: reply.reset_after])
         self._reset()
+
+    def _trickle(self, reply: _Reply, size: int, interval: float) -> None:
+        """Send the whole answer, status line and headers included, ``size`` bytes every
+        ``interval`` seconds: every read the client makes succeeds, slowly."""
+        head = [f"HTTP/1.1 {reply.status} {self.responses[reply.status][0]}"]
+        head.append(f"Content-Type: {reply.content_type}")
+        head.append(f"Content-Length: {len(reply.body)}")
+        head.extend(f"{name}: {value}" for name, value in reply.headers.items())
+        answer = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + reply.body
+        stopping = self.server.simulator._stopping
+        for start in range(0, len(answer), size):
+            if start and stopping.wait(interval):
+                break  # stop() while trickling: hang up, as a server going down would
+            self.wfile.write(answer[start : start + size])
+        self.close_connection = True
 
     def _reset(self) -> None:
         """Close the connection abruptly, as a crashing server or proxy would."""
@@ -365,7 +396,11 @@ class Simulator(Campaigns):
             tag: Only requests for this tag; None means any request to the endpoint.
             times: How many requests; None means until :meth:`clear_faults`.
             **params: ``retry_after`` for "429" (default 1), ``status`` for "html" (200 or
-                502, default 200), ``seconds`` for "slow" (required).
+                502, default 200), ``seconds`` for "slow" (required); for "trickle",
+                ``bytes`` sent every ``interval`` seconds (default 1 every 2 s); for
+                "echo_key_html", ``status`` (default 403); for "lying_total", the
+                ``total`` to claim (default 1) and, if given, the ``current_page`` to
+                claim on every page.
 
         Raises:
             ValueError: On an unknown fault, an unknown or missing parameter, or
@@ -403,12 +438,15 @@ class Simulator(Campaigns):
 
     # -- requests ----------------------------------------------------------------
 
-    def request_count(self, tag: str | None = None) -> int:
-        """How many requests arrived, all of them or those for one tag."""
+    def request_count(self, tag: str | None = None, *, page: int | None = None) -> int:
+        """How many requests arrived: all of them, or those for one tag, or one page (a
+        count of ``page=1`` requests is a count of polls)."""
         with self._lock:
-            if tag is None:
-                return len(self.requests)
-            return sum(1 for r in self.requests if r.tag == tag)
+            return sum(
+                1
+                for r in self.requests
+                if (tag is None or r.tag == tag) and (page is None or r.page == page)
+            )
 
     def _reply(self, path: str, query: str) -> _Reply:
         """Decide the reply to one request: record it, apply a fault, else serve it."""
@@ -447,6 +485,11 @@ class Simulator(Campaigns):
             return _error(self.error_http_status, 10, "Incorrect API Key")
         if kind == "not_found":
             return _error(self.error_http_status, 4, "Message not found")
+        if kind == "echo_key":
+            return _echo_key_json(api_key or "")
+        if kind == "echo_key_html":
+            status = int(fault.params.get("status", 403)) if fault else 403
+            return _echo_key_html(api_key or "", status)
         if kind == "slow" and fault and self._stopping.wait(fault.params["seconds"]):
             # stop() cut the nap short: drop the request, as a server going down would.
             return _Reply(200, b"", drop=True)
@@ -460,6 +503,11 @@ class Simulator(Campaigns):
             reply.body = reply.body[: len(reply.body) // 2]
         elif kind == "reset":
             reply.reset_after = len(reply.body) // 2
+        elif kind == "trickle" and fault:
+            size = max(1, int(fault.params.get("bytes", 1)))
+            reply.trickle = (size, fault.params.get("interval", 2.0))
+        elif kind == "lying_total" and fault and reply.status == 200:
+            reply.body = _lie(reply.body, fault.params)
         return reply
 
     def _serve(
@@ -514,3 +562,37 @@ class Simulator(Campaigns):
 def _error(http_status: int, code: int, message: str) -> _Reply:
     body = {"success": False, "code": code, "message": message}
     return _Reply(http_status, json.dumps(body).encode())
+
+
+def _escaped_spellings(key: str) -> list[str]:
+    """The key as careless error pages echo it: raw, JSON-escaped (``\\/``,
+    ``\\u00e9``), HTML-escaped (``&amp;``, ``&#47;``) and lowercase percent-encoded."""
+    json_escaped = json.dumps(key)[1:-1].replace("/", "\\/")
+    html_escaped = html.escape(key).replace("/", "&#47;")
+    percent = quote(key, safe="").lower()
+    return [key, json_escaped, html_escaped, percent]
+
+
+def _echo_key_json(key: str) -> _Reply:
+    """Code 10 with a message echoing the key; written by hand, so the JSON-escaped
+    spelling reaches the client as is (``json.dumps`` would not escape ``/``)."""
+    _, json_escaped, html_escaped, percent = _escaped_spellings(key)
+    message = f"Incorrect API Key {json_escaped} ({html_escaped}, {percent})"
+    body = '{"success": false, "code": 10, "message": "' + message + '"}'
+    return _Reply(200, body.encode())
+
+
+def _echo_key_html(key: str, status: int) -> _Reply:
+    """An HTML error page echoing the key in every careless spelling."""
+    items = "".join(f"<li>{spelling}</li>" for spelling in _escaped_spellings(key))
+    page = f"<html><body><h1>Forbidden</h1><p>Unknown key:</p><ul>{items}</ul></body></html>"
+    return _Reply(status, page.encode(), "text/html; charset=utf-8")
+
+
+def _lie(body: bytes, params: dict[str, float]) -> bytes:
+    """A page whose ``total`` (and ``currentPage``, if asked) lie about what it holds."""
+    payload = json.loads(body)
+    payload["total"] = int(params.get("total", 1))
+    if "current_page" in params:
+        payload["currentPage"] = int(params["current_page"])
+    return json.dumps(payload, default=str).encode()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from daemon.simulator import Simulator
+from daemon.simulator import FAULTS, Simulator
 
 
 def _tag_spec(text: str) -> tuple[str, int]:
@@ -40,6 +40,24 @@ def _tag_spec(text: str) -> tuple[str, int]:
     if not 0 <= count <= 1_000_000:
         raise argparse.ArgumentTypeError(f"COUNT in {text!r} must be between 0 and 1000000")
     return name, count
+
+
+def _fault_spec(text: str) -> tuple[str, str | None, dict[str, float]]:
+    """``KIND[@TAG][,NAME=VALUE…]``, e.g. ``trickle@slow,interval=2,bytes=1``."""
+    head, *pairs = text.split(",")
+    kind, _, tag = head.partition("@")
+    if kind not in FAULTS:
+        raise argparse.ArgumentTypeError(f"unknown fault {kind!r}; one of {', '.join(FAULTS)}")
+    params: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            params[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"expected NAME=NUMBER in {text!r}, got {pair!r}")
+    return kind, tag or None, params
 
 
 def _bounded(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
@@ -108,6 +126,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--fault",
+        dest="faults",
+        action="append",
+        type=_fault_spec,
+        metavar="KIND[@TAG][,NAME=VALUE...]",
+        help="answer every request (for TAG only, if given) with this fault, e.g. "
+        "trickle,interval=2,bytes=1 (a provider trickling its answer), echo_key, "
+        "echo_key_html,status=403, lying_total,total=1; repeat for several",
+    )
+    parser.add_argument(
         "--tag",
         dest="tags",
         action="append",
@@ -141,6 +169,12 @@ def run_cli(args: argparse.Namespace) -> int:
     )
     for name, count in args.tags or [("demo", 1000)]:
         simulator.add_tag(name, count)
+    for kind, tag, params in args.faults or []:
+        try:
+            simulator.inject(kind, tag=tag, times=None, **params)
+        except ValueError as exc:
+            print(f"simulator: --fault: {exc}", file=sys.stderr)
+            return 2
     try:
         simulator.start()
     except OSError as exc:

@@ -8,29 +8,47 @@ envelope and items, tolerantly, is :mod:`daemon.responses`'s; when a request may
 (the rate limit, the wait before a retry, the shutdown deadline) is :mod:`daemon.pacing`'s.
 
 Pagination is not documented by the provider: responses carry ``currentPage`` and
-``total`` but no page parameter is documented. So we send ``page=N`` (1-based) and, after
-each page, check in this order:
+``total`` but no page parameter is documented. So we send ``page=N`` (1-based) and judge
+each page by what it holds, never by what the envelope claims. After each page, in this
+order, we stop on:
 
-* ``page_mismatch``: ``currentPage`` is present and is not the page we asked for; that
-  page's items are discarded (a server that ignores ``page`` keeps sending page 1);
 * ``empty_page``: the page has no items (or, on page 2 and later, the provider answers
   code 4 "message not found", which is how running off the end may look);
-* ``total_reached``: the raw items received so far reach ``total`` (raw items, not unique
-  numbers; a missing or unparsable ``total`` disables this rule);
 * ``no_new_numbers``: the page brought no phone number we had not already seen; its items
   are kept (they may carry newer statuses) but asking for more would loop forever on a
-  server that ignores ``page`` and sends neither ``currentPage`` nor ``total``;
+  server that ignores ``page``;
+* ``short_page``: the page holds fewer items than the largest page this client has
+  received (the provider's page size, as far as we know it), unless ``total`` says more
+  items are to come: ``total`` may keep a fetch going, never end it. Until a first full
+  page has been seen, a tag that fits on one page costs a second, empty request;
 * ``max_pages``: the configured hard cap was reached (logged as a warning, not at debug
   like the others: the tag may be truncated).
 
-Hence a server that ignores ``page`` costs two requests (three at most), never a loop.
-Reports come back in the order received, duplicates included: merging is the poller's
-job (:func:`daemon.status.merge_reports`), so this module never decides which wins.
+``total`` and ``currentPage`` are hints only: a provider that says ``total: 1`` over
+3,000 numbers, or ``currentPage: 1`` on every page, must not truncate a tag (only a page
+size that shrinks while the daemon runs, together with a ``total`` too low, could). When the
+items received (less a last page of repeats) disagree with ``total``, the fetch logs
+``api.total_mismatch`` as a warning and calls ``on_total_mismatch`` (a Prometheus
+counter in the daemon). A server that ignores ``page`` costs two requests (three at
+most), never a loop. Reports come back in the order received, duplicates included:
+merging is the poller's job (:func:`daemon.status.merge_reports`), so this module never
+decides which wins.
 
-When the daemon stops, it gives fetches a deadline (``deadline``); a page that would start
-after it, or a wait that would end after it, abandons the fetch with
+Deadlines. ``request_timeout`` (``SMSPARTNER_HTTP_TIMEOUT_SECONDS``) bounds each request
+as a whole, connecting, waiting and reading included, however slowly the provider
+trickles its bytes: each network operation gets at most the time left, the time is
+checked between chunks, and :mod:`daemon.watchdog` cuts the connection of a request
+blocked past it. A fetch has a budget too (``poll_budget``): pages, retries and waits all
+fit in it, or the poll fails as transient and backs off. When the daemon stops, it gives
+fetches a deadline (``deadline``); a page that would start after it, a wait that would end
+after it, or a request still under way at it abandons the fetch with
 :class:`~daemon.errors.PollAbandoned`, which is not an :class:`~daemon.errors.ApiError`
-(:mod:`daemon.pacing` decides).
+(:mod:`daemon.pacing` decides the waits).
+
+A body we cannot use (HTML, truncated, unexpected) is described by status, content type
+and length only, never quoted: a provider may echo the key in any encoding. The provider's
+``message`` is kept, cut short, once every spelling of the key is removed from it
+(:func:`daemon.redaction.redact`): it is what tells "Incorrect API Key" from a quota.
 """
 
 from __future__ import annotations
@@ -60,10 +78,11 @@ from daemon.errors import (
     SmsPartnerStatusError,
     TransientApiError,
 )
-from daemon.pacing import Pacer, retry_after_seconds
+from daemon.pacing import Budget, Pacer, retry_after_seconds
 from daemon.redaction import redact, scrub
 from daemon.responses import Envelope, ItemParser, envelope_or_none
 from daemon.status import Report
+from daemon.watchdog import Guard, Watchdog
 
 __all__ = ["FetchResult", "SmsPartnerClient"]
 
@@ -74,8 +93,12 @@ _T = TypeVar("_T")
 #: A page of 1,000 numbers is ~100 KB; a body this large is hostile or broken, and
 #: reading it whole would let one bad answer take the daemon's memory.
 MAX_BODY_BYTES: Final = 32 * 1024 * 1024
-#: How much of an unreadable body goes into an error message.
-_EXCERPT_CHARS: Final = 120
+#: How much of the provider's ``message`` goes into an error, once redacted.
+_MESSAGE_CHARS: Final = 200
+#: The whole-request deadline when the ``httpx.Client`` has no read timeout to copy.
+DEFAULT_REQUEST_TIMEOUT: Final = 10.0
+#: The least a poll's budget can be (see :func:`default_poll_budget`).
+MIN_POLL_BUDGET: Final = 300.0
 
 _AUTH_CODES: Final = {1: "API key required", 10: "Incorrect API Key"}
 _NO_MESSAGES_CODE: Final = 4
@@ -96,8 +119,8 @@ class FetchResult:
         pages: pages requested successfully, including the one that ended pagination.
         items: raw items received on kept pages (a ``page_mismatch`` page is not kept).
         skipped: malformed items skipped, each logged as ``api.item_skipped``.
-        stop_reason: why pagination stopped; one of ``empty_page``, ``total_reached``,
-            ``page_mismatch``, ``no_new_numbers``, ``max_pages``.
+        stop_reason: why pagination stopped; one of ``empty_page``, ``no_new_numbers``,
+            ``short_page``, ``max_pages``.
         numbers: distinct numbers with a well-formed item, reported or not.
     """
 
@@ -126,6 +149,26 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, SmsPartnerStatusError) and exc.transient
 
 
+def default_poll_budget(
+    *, request_timeout: float, max_retries: int, max_pages: int, rate_limit_per_second: float
+) -> float:
+    """How long one fetch may take when the caller does not say.
+
+    Long enough for the largest fetch allowed (``max_pages`` requests at the rate limit)
+    plus one page's worth of attempts, and never under :data:`MIN_POLL_BUDGET`: the
+    budget is there to stop a hostile provider holding a worker for hours, not to cut a
+    big tag short.
+    """
+    pages = max_pages / rate_limit_per_second if rate_limit_per_second > 0 else 0.0
+    return max(MIN_POLL_BUDGET, pages) + (max(0, max_retries) + 1) * request_timeout
+
+
+def _clean_message(text: str) -> str:
+    """Provider text for an error message: one line, printable, bounded."""
+    line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return line[:_MESSAGE_CHARS]
+
+
 class SmsPartnerClient:
     """Fetches every delivery report under a tag, page by page, politely and safely.
 
@@ -145,10 +188,16 @@ class SmsPartnerClient:
         sleep: injected so tests never wait for real. It may return early (the
             daemon's does when shutdown begins): the wait is then checked against the
             deadline again and the rest of it slept.
-        monotonic: injected clock for the rate limiter and the deadline.
+        monotonic: injected clock for the rate limiter and the deadlines.
         deadline: returns when a fetch must be over, on the ``monotonic`` clock, or
             None while there is no deadline (the daemon sets one when it stops). None,
             the default, means never.
+        request_timeout: seconds one request may take as a whole; None copies the
+            ``httpx.Client``'s read timeout (``SMSPARTNER_HTTP_TIMEOUT_SECONDS`` in the
+            daemon), or :data:`DEFAULT_REQUEST_TIMEOUT` when it has none.
+        poll_budget: seconds one :meth:`fetch_tag` may take, retries and waits included;
+            None means :func:`default_poll_budget`.
+        on_total_mismatch: called once per fetch whose items disagree with ``total``.
 
     Raises:
         ConfigError: ``base_url`` is not an http(s) URL.
@@ -167,6 +216,9 @@ class SmsPartnerClient:
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
         deadline: Callable[[], float | None] | None = None,
+        request_timeout: float | None = None,
+        poll_budget: float | None = None,
+        on_total_mismatch: Callable[[], None] | None = None,
     ) -> None:
         self._http = http
         self._api_key = api_key
@@ -181,6 +233,21 @@ class SmsPartnerClient:
         self._path = redact(url.path, api_key)
         self._max_retries = max(0, max_retries)
         self._max_pages = max(1, max_pages)
+        if request_timeout is None:
+            request_timeout = http.timeout.read or DEFAULT_REQUEST_TIMEOUT
+        self._request_timeout = request_timeout
+        self._poll_budget = poll_budget or default_poll_budget(
+            request_timeout=request_timeout,
+            max_retries=self._max_retries,
+            max_pages=self._max_pages,
+            rate_limit_per_second=rate_limit_per_second,
+        )
+        self._on_total_mismatch = on_total_mismatch
+        # The largest page received so far: the provider's page size, as far as we know.
+        # Shared by the worker threads; a lost update only costs a request.
+        self._page_size = 0
+        self._monotonic = monotonic
+        self._watchdog = Watchdog(monotonic)
         self._pacer = Pacer(
             rate_limit_per_second,
             retry_backoff=retry_backoff,
@@ -210,21 +277,25 @@ class SmsPartnerClient:
             AuthError: codes 1/10, the key is missing or wrong.
             NoMessagesError: code 4 on the first page (nothing under this tag yet).
             RateLimitedError: still rate limited after every retry.
-            TransientApiError: transport errors, 5xx or unreadable bodies after retries.
+            TransientApiError: transport errors, 5xx, unreadable bodies or a request
+                past its whole-request deadline, after retries; or the poll's budget ran
+                out.
             PermanentApiError: anything the provider would refuse again.
-            PollAbandoned: the deadline came first; ``pages`` says how far it got.
+            PollAbandoned: the shutdown deadline came first; ``pages`` says how far it got.
         """
         parser = ItemParser(tag, known)
+        budget = self._pacer.budget(self._poll_budget)
         reports: list[Report] = []
-        pages = items = 0
+        pages = items = last = mismatches = 0
+        total: int | None = None
         page = 1
         while True:
             if page > self._max_pages:
                 reason = "max_pages"
                 break
             try:
-                self._pacer.before_page(page)
-                envelope = self._fetch_page(tag, page)
+                self._pacer.before_page(page, budget)
+                envelope = self._fetch_page(tag, page, budget)
             except NoMessagesError:
                 if page == 1:
                     raise
@@ -236,22 +307,24 @@ class SmsPartnerClient:
                 exc.pages = pages  # our own exception: amending it is safe
                 raise
             pages += 1
+            total = envelope.total if envelope.total is not None else total
             if envelope.current_page is not None and envelope.current_page != page:
-                reason = "page_mismatch"
-                break
+                mismatches += 1  # a hint that lies; the items decide below
             raw_items = envelope.items
             if not raw_items:
                 reason = "empty_page"
                 break
-            items += len(raw_items)
+            last = len(raw_items)
+            items += last
             before = len(parser.seen)
             reports.extend(parser.parse_page(raw_items, page))
-            if envelope.total is not None and items >= envelope.total:
-                reason = "total_reached"
-                break
             if len(parser.seen) == before:
                 reason = "no_new_numbers"
                 break
+            if last < self._page_size and (total is None or items >= total):
+                reason = "short_page"
+                break
+            self._page_size = max(self._page_size, last)
             page += 1
         log = _log.warning if reason == "max_pages" else _log.debug
         log(
@@ -262,7 +335,15 @@ class SmsPartnerClient:
             items=items,
             skipped=parser.skipped,
             repeated=items - parser.skipped - len(reports),
+            total=total,
+            page_mismatches=mismatches,
         )
+        # A last page of repeats is a server ignoring ``page``, not more messages.
+        counted = items - last if reason == "no_new_numbers" else items
+        if total is not None and counted != total:
+            _log.warning("api.total_mismatch", tag=tag, total=total, items=counted, reason=reason)
+            if self._on_total_mismatch is not None:
+                self._on_total_mismatch()
         return FetchResult(
             reports=reports,
             pages=pages,
@@ -274,11 +355,11 @@ class SmsPartnerClient:
 
     # --- one page, with retries --------------------------------------------------------
 
-    def _fetch_page(self, tag: str, page: int) -> Envelope:
+    def _fetch_page(self, tag: str, page: int, budget: Budget) -> Envelope:
         """One page, retried on transient errors; raises ours, never httpx's."""
-        return self._with_retries(lambda: self._request_page(tag, page))
+        return self._with_retries(lambda: self._request_page(tag, page, budget), budget)
 
-    def _with_retries(self, call: Callable[[], _T]) -> _T:
+    def _with_retries(self, call: Callable[[], _T], budget: Budget) -> _T:
         attempts = 0
 
         def attempt() -> _T:
@@ -286,12 +367,19 @@ class SmsPartnerClient:
             attempts += 1
             return call()
 
+        def before_retry(retry_state: tenacity.RetryCallState) -> None:
+            self._before_retry(retry_state, budget)
+
+        def worth_retrying(exc: BaseException) -> bool:
+            # Not once the budget is spent: the next attempt could not even start.
+            return _is_transient(exc) and self._monotonic() < budget.ends_at
+
         retrying = tenacity.Retrying(
-            sleep=self._pacer.pause,
+            sleep=lambda seconds: self._pacer.pause(seconds, budget),
             stop=tenacity.stop_after_attempt(self._max_retries + 1),
             wait=self._pacer.retry_wait,
-            retry=tenacity.retry_if_exception(_is_transient),
-            before_sleep=self._before_retry,
+            retry=tenacity.retry_if_exception(worth_retrying),
+            before_sleep=before_retry,
             reraise=True,
         )
         try:
@@ -303,10 +391,15 @@ class SmsPartnerClient:
                 exc.args = (exc.message,)
             raise
 
-    def _before_retry(self, retry_state: tenacity.RetryCallState) -> None:
-        """Log the retry about to be waited for, unless it would come past the deadline."""
-        self._pacer.before_retry(retry_state.upcoming_sleep)
+    def _before_retry(self, retry_state: tenacity.RetryCallState, budget: Budget) -> None:
+        """Log the retry about to be waited for, unless it would come too late."""
         exc = retry_state.outcome.exception() if retry_state.outcome else None
+        try:
+            self._pacer.before_retry(retry_state.upcoming_sleep, budget)
+        except TransientApiError as spent:
+            # No time left for another attempt: fail with the last error, saying why.
+            status = exc.http_status if isinstance(exc, ApiError) else None
+            raise TransientApiError(f"{exc}; no retry: {spent}", http_status=status) from exc
         _log.warning(
             "api.retry_scheduled",
             attempt=retry_state.attempt_number,
@@ -317,13 +410,25 @@ class SmsPartnerClient:
 
     # --- one HTTP request -------------------------------------------------------------
 
-    def _request_page(self, tag: str, page: int) -> Envelope:
-        self._pacer.before_request()
+    def _request_page(self, tag: str, page: int, budget: Budget) -> Envelope:
+        self._pacer.before_request(budget)
         where = f"GET {self._path} tag={tag!r} page={page}"
         started = time.perf_counter()
+        # The request's own deadline, or the budget's end if sooner; the shutdown
+        # deadline is read again at every check, since SIGTERM may come mid-request.
+        ends_at = min(self._monotonic() + self._request_timeout, budget.ends_at)
+
+        def deadline() -> float:
+            return min(ends_at, self._pacer.ends_at())
+
         try:
-            response = self._get_bounded(tag, page, where)
+            with self._watchdog.armed(deadline) as guard:
+                response = self._get_bounded(tag, page, where, guard)
+        except _Overdue:
+            raise self._overdue(where, budget) from None
         except httpx.HTTPError as exc:
+            if guard.fired or self._monotonic() >= deadline():
+                raise self._overdue(where, budget) from None
             raise self._transport_error(exc, where) from exc
         except httpx.InvalidURL as exc:
             # A bad base_url: settings should have caught it; retrying will not help.
@@ -338,15 +443,29 @@ class SmsPartnerClient:
         )
         return self._classify(response, where)
 
-    def _get_bounded(self, tag: str, page: int, where: str) -> httpx.Response:
-        """GET one page, reading at most :data:`MAX_BODY_BYTES` of its body."""
+    def _get_bounded(self, tag: str, page: int, where: str, guard: Guard) -> httpx.Response:
+        """GET one page, reading at most :data:`MAX_BODY_BYTES` of its body, by the
+        guard's deadline.
+
+        Raises:
+            _Overdue: the deadline passed (before sending, between chunks, or the
+                watchdog cut the connection).
+        """
+        left = guard.deadline() - self._monotonic()
+        if left <= 0:
+            raise _Overdue
         request = self._http.build_request(
             "GET",
             self._url,
             params={"apiKey": self._api_key, "tag": tag, "page": page},
             headers={"User-Agent": _user_agent()},
+            # No single operation may outlast the whole request (httpx's own timeouts
+            # are per operation: they restart at every byte).
+            timeout=httpx.Timeout(min(left, self._request_timeout)),
+            extensions={"trace": guard.trace},
         )
         response = self._http.send(request, stream=True)
+        guard.attach(response.extensions.get("network_stream"))
         try:
             declared = int(response.headers.get("Content-Length", "0") or 0)
         except ValueError:
@@ -360,6 +479,8 @@ class SmsPartnerClient:
                     http_status=response.status_code,
                 )
             for chunk in response.iter_bytes():
+                if self._monotonic() >= guard.deadline():
+                    raise _Overdue
                 size += len(chunk)
                 if size > MAX_BODY_BYTES:
                     raise PermanentApiError(
@@ -369,6 +490,8 @@ class SmsPartnerClient:
                 chunks.append(chunk)
         finally:
             response.close()
+        if guard.fired:  # cut mid-body: what was read may look complete but is not
+            raise _Overdue
         # A plain Response again, so the rest of the client reads .content as usual; the
         # body is already decoded, so the headers describing its transfer go.
         headers = [
@@ -381,6 +504,22 @@ class SmsPartnerClient:
             headers=headers,
             content=b"".join(chunks),
             request=request,
+        )
+
+    def _overdue(self, where: str, budget: Budget) -> SmsPartnerStatusError:
+        """The error for a request its deadline cut short, by which deadline it was."""
+        if self._pacer.stopping():
+            return PollAbandoned(
+                "the daemon is stopping: a request still under way at its shutdown "
+                "deadline was cut short"
+            )
+        if self._monotonic() >= budget.ends_at:
+            return TransientApiError(
+                f"{where}: the poll's budget of {budget.seconds:g} s was spent mid-request"
+            )
+        return TransientApiError(
+            f"{where}: no complete answer within {self._request_timeout:g} s "
+            "(the whole-request deadline)"
         )
 
     def _transport_error(self, exc: httpx.HTTPError, where: str) -> ApiError:
@@ -455,8 +594,8 @@ class SmsPartnerClient:
         """Raise the error a provider ``code`` means (the body said ``success: false``)."""
         code = envelope.code
         status = response.status_code
-        # Redact before truncating, so a key cut in half cannot slip through.
-        text = self._redact((envelope.message or "").strip())[:200]
+        # Redact before cutting, so a key cut in half cannot slip through.
+        text = _clean_message(self._redact(envelope.message or ""))
         if code in _AUTH_CODES:
             raise AuthError(
                 f"SMS Partner rejected the API key (code {code}: {text or _AUTH_CODES[code]})",
@@ -499,15 +638,23 @@ class SmsPartnerClient:
         )
 
     def _excerpt_suffix(self, response: httpx.Response, body: object = None) -> str:
-        """A short, redacted excerpt of a body we could not use, for the error message."""
+        """What we say about a body we could not use: its type and length, never its text.
+
+        A provider may echo the key in any encoding in an error page; quoting none of it
+        is the one way to be sure none leaks. ``body`` is the JSON object when there was
+        one (its envelope said enough already).
+        """
         if body is not None:
             return ""
-        # Redact a generous prefix first, then cut: cutting first could split the key.
-        raw = response.content[:4096].decode("utf-8", "replace")
-        excerpt = " ".join(self._redact(raw).split())[:_EXCERPT_CHARS]
-        if not excerpt:
+        if not response.content:
             return ": empty body"
-        return f": body starts {excerpt!r}"
+        media = response.headers.get("Content-Type", "").split(";")[0].strip()
+        media = _clean_message(self._redact(media))[:60] or "no content type"
+        return f": {media} body of {len(response.content):,} bytes"
 
     def _redact(self, text: str) -> str:
         return redact(text, self._api_key)
+
+
+class _Overdue(Exception):
+    """Internal: a request's deadline passed; :meth:`SmsPartnerClient._overdue` says which."""

@@ -7,7 +7,9 @@ with one faulty tag keeps its other tags on cadence.
 
 from __future__ import annotations
 
+import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,18 +18,22 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+import structlog
 from structlog.testing import capture_logs
 
 from daemon import migrate, tracking
-from daemon.db import create_engine, poll_runs
+from daemon.cli import main
+from daemon.db import create_engine, poll_runs, tracked_tags
+from daemon.errors import PollAbandoned, TransientApiError
 from daemon.health import Health
 from daemon.poller import Poller
 from daemon.scheduler import Daemon
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
 from daemon.smspartner import SmsPartnerClient
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, CliResult
 from tests.integration.conftest import NOW, Rig
+from tests.unit.test_redaction import assert_hidden
 
 FAULTS: dict[str, Callable[[Simulator], None]] = {
     "5xx burst": lambda s: s.inject("503", tag="bad", times=None),
@@ -212,3 +218,172 @@ def test_healthy_tags_keep_their_cadence_while_one_tag_fails(
     assert good.count("good1") >= 4 and good.count("good2") >= 4  # every ~1 s, undisturbed
     assert bad and set(bad) == {"transient_error"}
     assert all(o == "ok" for t, o in runs if t != "bad")
+
+
+# --- hostile providers: trickling, echoing the key, lying about total ------------------
+
+
+@pytest.fixture
+def in_process(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], cli_env: dict[str, str]
+) -> Iterator[Callable[..., CliResult]]:
+    """Run a CLI verb through ``daemon.cli.main(argv)`` with the CLI environment, as a
+    user would, and capture what it prints; the logging set-up is restored afterwards."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+
+    def run(*argv: str, **env: str) -> CliResult:
+        for name, value in {**cli_env, **env}.items():
+            if name.startswith("SMSPARTNER_"):
+                monkeypatch.setenv(name, value)
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    yield run
+    structlog.configure(**saved)
+    root.handlers[:], root.level = handlers, level
+
+
+def stored_errors(env: dict[str, str]) -> list[str]:
+    """Every error text the database keeps: poll_runs.error and tracked_tags.last_error."""
+    engine = create_engine(env["SMSPARTNER_DATABASE_URL"])
+    try:
+        with engine.connect() as conn:
+            runs = conn.execute(sa.select(poll_runs.c.error)).scalars().all()
+            tags = conn.execute(sa.select(tracked_tags.c.last_error)).scalars().all()
+    finally:
+        engine.dispose()
+    return [text for text in (*runs, *tags) if text]
+
+
+def test_poll_against_a_trickling_provider_ends_by_its_deadline(
+    in_process: Callable[..., CliResult], simulator: Simulator, cli_env: dict[str, str]
+) -> None:
+    """One byte every 0.2 s: each read succeeds, so only a whole-request deadline ends it
+    (the answer alone would take over a minute)."""
+    simulator.add_tag("slowly", 5)
+    simulator.inject("trickle", tag="slowly", times=None, interval=0.2, bytes=1)
+    started = time.monotonic()
+    result = in_process(
+        "poll", "slowly", SMSPARTNER_HTTP_TIMEOUT_SECONDS="1", SMSPARTNER_MAX_RETRIES="1"
+    )
+    took = time.monotonic() - started
+    assert result.code == 1 and took < 5, (took, result)
+    assert "no complete answer within 1 s (the whole-request deadline)" in result.err
+    assert "gave up after 2 attempts" in result.err and "Traceback" not in result.err
+    engine = create_engine(cli_env["SMSPARTNER_DATABASE_URL"])
+    with engine.connect() as conn:
+        runs = conn.execute(sa.select(poll_runs.c.outcome, poll_runs.c.error)).all()
+    engine.dispose()
+    assert [outcome for outcome, _ in runs] == ["transient_error"]
+    assert "whole-request deadline" in (runs[0][1] or "")
+
+
+@pytest.mark.parametrize("fault", ["echo_key", "echo_key_html"])
+def test_a_key_echoed_escaped_appears_nowhere(
+    in_process: Callable[..., CliResult],
+    simulator: Simulator,
+    cli_env: dict[str, str],
+    fault: str,
+) -> None:
+    """The provider echoes the key raw, JSON-escaped, HTML-escaped and lowercase
+    percent-encoded: none of it reaches stdout, stderr, debug logs or the database (and
+    so not ``GET /tags``, which shows ``last_error``)."""
+    simulator.add_tag("echo", 3)
+    simulator.inject(fault, tag="echo", times=None)
+    result = in_process("poll", "echo", SMSPARTNER_LOG_LEVEL="debug", SMSPARTNER_LOG_FORMAT="json")
+    assert result.code == 1
+    errors = stored_errors(cli_env)
+    assert errors  # the failure was recorded, redacted
+    assert '"event": "api.request"' in result.err  # debug lines were written
+    for text in (result.out, result.err, *errors):
+        assert_hidden(text)
+    assert "***" in result.err
+
+
+@pytest.mark.parametrize(
+    "lie", [{"total": 1}, {"total": 1, "current_page": 1}], ids=["total", "total+currentPage"]
+)
+def test_a_lying_total_or_current_page_never_truncates_a_tag(
+    rig: Callable[..., Rig], lie: dict[str, float]
+) -> None:
+    r = rig()
+    r.track("liar")
+    r.sim.add_tag("liar", 3000, page_size=500)
+    r.sim.inject("lying_total", tag="liar", times=None, **lie)
+    with capture_logs() as logs:
+        result = r.poller.poll("liar")
+    assert result.ok and len(r.rows("liar")) == 3000
+    assert r.sim.request_count("liar") == 7  # six full pages, then an empty one
+    [warning] = [e for e in logs if e["event"] == "api.total_mismatch"]
+    assert (warning["log_level"], warning["total"], warning["items"]) == ("warning", 1, 3000)
+
+
+def _client(simulator: Simulator, http: httpx.Client, **options: Any) -> SmsPartnerClient:
+    return SmsPartnerClient(
+        http,
+        api_key=API_KEY,
+        base_url=simulator.url,
+        max_retries=0,
+        rate_limit_per_second=0,
+        **options,
+    )
+
+
+def test_a_trickle_on_a_kept_alive_connection_is_cut_at_the_request_deadline(
+    simulator: Simulator,
+) -> None:
+    """The second fetch reuses the pooled connection, whose socket httpx names only once
+    headers arrive; the trickle starts with the status line, so they never do."""
+    simulator.add_tag("t", 5)
+    with httpx.Client(timeout=30) as http:
+        client = _client(simulator, http, request_timeout=0.5)
+        assert client.fetch_tag("t").items == 5
+        simulator.inject("trickle", tag="t", times=None, interval=0.2)
+        started = time.monotonic()
+        with pytest.raises(TransientApiError, match=r"no complete answer within 0\.5 s"):
+            client.fetch_tag("t")
+        assert time.monotonic() - started < 1.5
+        simulator.clear_faults()
+        assert client.fetch_tag("t").items == 5  # the pool recovers
+
+
+@pytest.mark.parametrize(
+    ("fault", "params"),
+    [("trickle", {"interval": 0.2}), ("slow", {"seconds": 30})],
+    ids=["trickling", "silent"],
+)
+def test_a_request_under_way_at_the_shutdown_deadline_is_cut_short(
+    simulator: Simulator, fault: str, params: dict[str, float]
+) -> None:
+    """SIGTERM arrives 0.3 s into a request allowed 30 s: the read already blocked is
+    interrupted at the shutdown deadline, whether bytes trickle or none come."""
+    simulator.add_tag("t", 5)
+    simulator.inject(fault, tag="t", times=None, **params)
+    shutdown: list[float] = []
+    with httpx.Client(timeout=30) as http:
+        client = _client(simulator, http, deadline=lambda: shutdown[0] if shutdown else None)
+        timer = threading.Timer(0.3, lambda: shutdown.append(time.monotonic() + 0.5))
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(PollAbandoned, match="cut short"):
+            client.fetch_tag("t")
+        took = time.monotonic() - started
+        timer.join()
+    assert 0.7 < took < 1.5
+
+
+def test_a_password_in_the_base_url_is_never_logged(
+    in_process: Callable[..., CliResult], simulator: Simulator
+) -> None:
+    """httpx logs every request URL at debug level; the userinfo goes before it does."""
+    simulator.add_tag("t", 3)
+    with_password = simulator.url.replace("http://", "http://bob:pa55-w0rd@")
+    result = in_process(
+        "poll", "t", SMSPARTNER_BASE_URL=with_password, SMSPARTNER_LOG_LEVEL="debug"
+    )
+    assert result.code == 0, result
+    assert "HTTP Request: GET http://127.0.0.1:" in result.err  # httpx's own line, kept
+    assert "pa55-w0rd" not in result.out + result.err and "bob:" not in result.err

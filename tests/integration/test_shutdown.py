@@ -117,9 +117,10 @@ def test_sigterm_during_a_poll_that_can_finish_in_time_lets_it_commit(
     code, took = exit_after(daemon, since_signal)
     assert code == 0 and took < 10
     # The rest of the pages came after the signal, rate limit and all, and were stored.
-    assert simulator.request_count("big") == 20
+    # (a 21st, empty, page proves the 20th was the last: ``total`` is only a hint)
+    assert simulator.request_count("big") == 21
     assert query(env, "SELECT count(*) FROM delivery_statuses WHERE tag = 'big'") == [(1000,)]
-    assert query(env, "SELECT outcome, pages, error FROM poll_runs") == [("ok", 20, None)]
+    assert query(env, "SELECT outcome, pages, error FROM poll_runs") == [("ok", 21, None)]
     assert query(env, "SELECT consecutive_failures, last_error, lease_owner FROM tracked_tags") == [
         (0, None, None)
     ]
@@ -182,6 +183,46 @@ def test_sigterm_during_a_long_retry_wait_abandons_the_poll_at_once(
     abandoned = assert_abandoned_and_untouched(env, daemon, "later", before)
     assert abandoned["pages"] == 0
     assert simulator.request_count("later") == 1  # not retried on the way out
+
+
+@pytest.mark.parametrize(
+    ("fault", "params", "when"),
+    [
+        ("trickle", {"interval": 1.0}, "first request"),
+        ("trickle", {"interval": 1.0}, "mid-fetch"),
+        ("slow", {"seconds": 60.0}, "mid-fetch"),
+    ],
+    ids=["trickle-new-connection", "trickle-kept-alive", "silent-kept-alive"],
+)
+def test_sigterm_while_the_provider_trickles_or_stalls_exits_within_10_s(
+    env: dict[str, str],
+    simulator: Simulator,
+    running: Callable[..., Running],
+    fault: str,
+    params: dict[str, float],
+    when: str,
+) -> None:
+    """The request in flight at SIGTERM would take minutes (a byte a second, or nothing
+    at all, with a 60 s request deadline): it is cut at the shutdown deadline and the
+    poll abandoned, on a fresh connection or a kept-alive one alike."""
+    simulator.add_tag("stuck", 1000, page_size=50)  # 20 pages: about 5 s at 4 a second
+    before = track_with_an_earlier_failure(env, "stuck")
+    if when == "first request":
+        simulator.inject(fault, tag="stuck", times=None, **params)
+    daemon = running({**env, "SMSPARTNER_HTTP_TIMEOUT_SECONDS": "60"})
+    if when == "mid-fetch":
+        wait_for(lambda: simulator.request_count("stuck") >= 2, 30, "the poll to be under way")
+        simulator.inject(fault, tag="stuck", times=None, **params)
+        sent = simulator.request_count("stuck")
+        wait_for(lambda: simulator.request_count("stuck") > sent, 5, "a faulty request")
+    else:
+        wait_for(lambda: simulator.request_count("stuck") >= 1, 30, "the first request")
+    since_signal = sigterm(daemon)
+    code, took = exit_after(daemon, since_signal)
+    assert code == 0 and took < 10, (code, took)
+    abandoned = assert_abandoned_and_untouched(env, daemon, "stuck", before)
+    assert "cut short" in str(abandoned["reason"])
+    assert "Traceback" not in daemon.log.read_text()
 
 
 # --- run --once and the leases ----------------------------------------------------------
@@ -280,6 +321,6 @@ def test_run_once_keeps_renewing_the_lease_of_a_long_poll(
     replica.dispose()
     assert stolen == []
     assert (daemon.stats.polls, daemon.stats.failures) == (1, 0)
-    assert simulator.request_count("long") == 12
+    assert simulator.request_count("long") == 13  # and an empty 13th page ends the fetch
     # Renewed while the poll ran, not just taken once at the start.
     assert leases and max(leases) - min(leases) >= timedelta(seconds=2)

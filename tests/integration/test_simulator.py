@@ -428,8 +428,47 @@ def test_inject_rejects_typos(sim: Simulator, fault: str, params: dict[str, floa
         sim.inject(fault, **params)
 
 
+def test_trickle_sends_the_whole_answer_a_few_bytes_at_a_time(
+    sim: Simulator, client: httpx.Client
+) -> None:
+    sim.add_tag("t", 3)
+    whole = fetch(client).content
+    sim.inject("trickle", bytes=64, interval=0.05)
+    started = time.monotonic()
+    with client.stream("GET", "/bulk-status-by-tag", params={"apiKey": KEY, "tag": "t"}) as r:
+        chunks = list(r.iter_raw())
+    took = time.monotonic() - started
+    assert b"".join(chunks) == whole and len(chunks) >= 2
+    assert took >= 0.05 * (len(whole) // 64)  # headers count too: at least this many gaps
+
+
+def test_echo_key_faults_echo_the_key_escaped(sim: Simulator, client: httpx.Client) -> None:
+    sim.add_tag("t", 3)
+    sim.inject("echo_key")
+    sim.inject("echo_key_html", status=502)
+    key = "a/b&c é"
+    message = fetch(client, key=key)
+    assert message.status_code == 200 and message.json()["code"] == 10
+    assert "a\\/b&c \\u00e9" in message.text  # JSON-escaped, as sent
+    assert "a&#47;b&amp;c é" in message.json()["message"]  # HTML-escaped
+    assert "a%2fb%26c%20%c3%a9" in message.json()["message"]  # lowercase percent-encoded
+    page = fetch(client, key=key)
+    assert page.status_code == 502 and page.headers["content-type"].startswith("text/html")
+    assert "a&#47;b&amp;c é" in page.text and "a%2fb%26c%20%c3%a9" in page.text
+
+
+def test_lying_total_and_current_page(sim: Simulator, client: httpx.Client) -> None:
+    sim.add_tag("t", 7)
+    sim.inject("lying_total", times=2, total=1, current_page=1)
+    second = fetch(client, "t", 2).json()
+    assert (second["total"], second["currentPage"]) == (1, 1)
+    assert len(second["StatutResponse_List"]) == 3  # the content is the true page 2
+    assert fetch(client, "t", 3).json()["total"] == 1
+    assert fetch(client, "t", 3).json()["total"] == 7
+
+
 def test_every_fault_is_documented() -> None:
-    assert len(FAULTS) == 13 and set(RANDOM_FAULTS) <= set(FAULTS)
+    assert len(FAULTS) == 17 and set(RANDOM_FAULTS) <= set(FAULTS)
 
 
 # -- speed and lifecycle -----------------------------------------------------------------
@@ -537,6 +576,16 @@ def test_cli_options() -> None:
     run_cli_process([*args, "--tag", "c:0", "--seed", "4", "--time-scale", "60"], check)
 
 
+def test_cli_fault_serves_a_hostile_provider() -> None:
+    def check(url: str, key: str) -> None:
+        with new_client(url) as client:
+            for _ in range(2):  # every request, not just the first
+                assert fetch(client, "demo", key=key).json()["total"] == 1
+            assert fetch(client, "other", key=key).json()["code"] == 4
+
+    run_cli_process(["--port", "0", "--fault", "lying_total@demo,total=1"], check)
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
@@ -546,6 +595,9 @@ def test_cli_options() -> None:
         (["--tag", "demo:-1"], "between"),
         (["--fault-rate", "2"], "between 0 and 1"),
         (["--port", "http"], "number"),
+        (["--fault", "nope"], "unknown fault"),
+        (["--fault", "trickle,interval"], "NAME=NUMBER"),
+        (["--fault", "trickle,interval=fast"], "NAME=NUMBER"),
     ],
 )
 def test_cli_rejects_bad_options_in_one_line(

@@ -107,3 +107,25 @@ def test_each_instance_has_its_own_registry() -> None:
 
     registry = CollectorRegistry()
     assert Metrics(registry).registry is registry
+
+
+def test_a_fetch_disagreeing_with_total_is_counted() -> None:
+    from daemon.smspartner import SmsPartnerClient
+
+    def lying(request: httpx.Request) -> httpx.Response:
+        page = int(request.url.params["page"])
+        items = [{"phoneNumber": f"+3361{page}", "status": "Waiting"}] if page <= 2 else []
+        return httpx.Response(200, json={"total": 1, "StatutResponse_List": items})
+
+    metrics = Metrics()
+    with httpx.Client(transport=httpx.MockTransport(lying)) as http:
+        client = SmsPartnerClient(
+            http,
+            api_key="k-12345678",
+            base_url="http://sms.test/v1",
+            rate_limit_per_second=0,
+            on_total_mismatch=metrics.observe_total_mismatch,
+        )
+        assert value(metrics, "smspartner_status_api_total_mismatches_total") == 0
+        assert client.fetch_tag("t").items == 2  # both pages, whatever total says
+    assert value(metrics, "smspartner_status_api_total_mismatches_total") == 1

@@ -176,12 +176,89 @@ def test_a_server_ignoring_page_still_stops_when_every_item_is_known(clock: Fake
     assert server.pages == [1, 2]
 
 
-def test_stops_when_total_reached(clock: FakeClock) -> None:
+def test_a_short_page_ends_pagination(clock: FakeClock) -> None:
     pages = {1: body(numbers(0, 2), total=3), 2: body(numbers(2, 1), total="3")}
     client, server = make_client(paged(pages), clock)
-    result = client.fetch_tag("t")
-    assert (result.stop_reason, result.pages, result.items) == ("total_reached", 2, 3)
+    with capture_logs() as logs:
+        result = client.fetch_tag("t")
+    assert (result.stop_reason, result.pages, result.items) == ("short_page", 2, 3)
     assert server.pages == [1, 2]
+    assert not [e for e in logs if e["event"] == "api.total_mismatch"]  # it agreed
+
+
+def test_once_the_page_size_is_known_a_one_page_tag_costs_one_request(
+    clock: FakeClock,
+) -> None:
+    tags = {
+        "big": {1: body(numbers(0, 500)), 2: body(numbers(500, 100))},
+        "small": {1: body(numbers(0, 5), total=5)},
+        "no-total": {1: body(numbers(0, 7))},
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        pages = tags[request.url.params["tag"]]
+        return httpx.Response(200, json=pages.get(int(request.url.params["page"]), body([])))
+
+    client, server = make_client(handler, clock)
+    assert client.fetch_tag("big").stop_reason == "short_page"
+    assert client.fetch_tag("small").stop_reason == "short_page"
+    assert client.fetch_tag("no-total").stop_reason == "short_page"
+    assert [(r.url.params["tag"], r.url.params["page"]) for r in server.requests] == [
+        ("big", "1"),
+        ("big", "2"),
+        ("small", "1"),
+        ("no-total", "1"),
+    ]
+
+
+def test_total_keeps_a_fetch_going_but_never_ends_it(clock: FakeClock) -> None:
+    """Pages of 50 after pages of 500 look short; a total of 120 says more are coming."""
+    tags = {
+        "big": {1: body(numbers(0, 500))},
+        "fifties": {n: body(numbers(n * 50, 50 if n < 3 else 20), total=120) for n in (1, 2, 3)},
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        pages = tags[request.url.params["tag"]]
+        return httpx.Response(200, json=pages.get(int(request.url.params["page"]), body([])))
+
+    client, _ = make_client(handler, clock)
+    client.fetch_tag("big")
+    result = client.fetch_tag("fifties")
+    assert (result.stop_reason, result.pages, result.items) == ("short_page", 3, 120)
+
+
+@pytest.mark.parametrize("total", [1, 0, "2", 10_000])
+def test_a_lying_total_never_truncates_a_tag(clock: FakeClock, total: int | str) -> None:
+    """3,000 numbers under ``total: 1``: every page is fetched and the lie is reported."""
+    pages = {n: body(numbers((n - 1) * 1000, 1000), total=total) for n in (1, 2, 3)}
+    mismatches: list[int] = []
+    client, server = make_client(
+        paged(pages), clock, on_total_mismatch=lambda: mismatches.append(1)
+    )
+    with capture_logs() as logs:
+        result = client.fetch_tag("t")
+    assert len({r.phone_number for r in result.reports}) == 3000
+    assert (result.stop_reason, server.pages) == ("empty_page", [1, 2, 3, 4])
+    [warning] = [e for e in logs if e["event"] == "api.total_mismatch"]
+    assert (warning["log_level"], warning["total"], warning["items"]) == (
+        "warning",
+        int(total),
+        3000,
+    )
+    assert mismatches == [1]
+
+
+def test_a_lying_current_page_neither_stops_nor_discards(clock: FakeClock) -> None:
+    pages = {
+        1: body(numbers(0, 2), currentPage=1),
+        2: body(numbers(5, 2), currentPage="1"),  # right content, wrong claim
+    }
+    client, server = make_client(paged(pages), clock)
+    result = client.fetch_tag("t")
+    assert result.stop_reason == "empty_page"
+    assert (result.pages, result.items, len(result.reports)) == (3, 4, 4)
+    assert server.pages == [1, 2, 3]
 
 
 @pytest.mark.parametrize("total", [None, "abc", "", [1], True])
@@ -194,18 +271,6 @@ def test_missing_or_unparsable_total_disables_the_total_rule(
     result = client.fetch_tag("t")
     assert result.stop_reason == "empty_page"
     assert server.pages == [1, 2, 3]
-
-
-def test_page_mismatch_discards_that_page(clock: FakeClock) -> None:
-    pages = {
-        1: body(numbers(0, 2), currentPage=1),
-        2: body(numbers(5, 2), currentPage="1"),
-    }
-    client, server = make_client(paged(pages), clock)
-    result = client.fetch_tag("t")
-    assert result.stop_reason == "page_mismatch"
-    assert (result.pages, result.items, len(result.reports)) == (2, 2, 2)
-    assert server.pages == [1, 2]
 
 
 def test_current_page_as_numeric_string_matching_is_fine(clock: FakeClock) -> None:
@@ -267,7 +332,7 @@ def test_1234_items_over_three_pages_of_500(clock: FakeClock) -> None:
     }
     client, server = make_client(paged(pages), clock)
     result = client.fetch_tag("t")
-    assert (result.stop_reason, result.pages, result.items) == ("total_reached", 3, 1234)
+    assert (result.stop_reason, result.pages, result.items) == ("short_page", 3, 1234)
     assert len({r.phone_number for r in result.reports}) == 1234
     assert server.pages == [1, 2, 3]
 
@@ -285,7 +350,7 @@ def test_server_ignoring_page_stops_within_three_requests(
     client, server = make_client(same_page, clock)
     result = client.fetch_tag("t")
     assert len(server.requests) <= 3
-    assert result.stop_reason in {"page_mismatch", "no_new_numbers"}
+    assert result.stop_reason == "no_new_numbers"
     assert len({r.phone_number for r in result.reports}) == 50
 
 
@@ -829,10 +894,10 @@ def test_deadline_abandons_a_long_fetch_between_pages_with_the_rate_limit_off(
     )
     with pytest.raises(PollAbandoned) as caught:
         client.fetch_tag("t")
-    # Pages 4 and 5 still start before the deadline; page 6 would start after it.
+    # Page 4 still ends before the deadline; page 5, under way at it, is cut short.
     assert server.pages == [1, 2, 3, 4, 5]
-    assert caught.value.pages == 5
-    assert "page 6 would start after its shutdown deadline" in str(caught.value)
+    assert caught.value.pages == 4
+    assert "under way at its shutdown deadline was cut short" in str(caught.value)
     assert not isinstance(caught.value, ApiError)  # not a provider failure
     assert clock.sleeps == []
 
@@ -840,15 +905,15 @@ def test_deadline_abandons_a_long_fetch_between_pages_with_the_rate_limit_off(
 def test_rate_limited_pages_go_on_as_usual_before_the_deadline(clock: FakeClock) -> None:
     def eight_numbers(request: httpx.Request) -> httpx.Response:
         page = int(request.url.params["page"])
-        return httpx.Response(200, json=body(numbers(page, 1), total=8))
+        return httpx.Response(200, json=body(numbers(page, 1) if page <= 8 else [], total=8))
 
     client, server = make_client(
         eight_numbers, clock, rate_limit_per_second=4, deadline=Deadline(clock.now + 8)
     )
     result = client.fetch_tag("t")
-    assert (result.pages, result.stop_reason, len(result.reports)) == (8, "total_reached", 8)
-    assert server.pages == list(range(1, 9))
-    assert clock.sleeps == [0.25] * 7
+    assert (result.pages, result.stop_reason, len(result.reports)) == (9, "empty_page", 8)
+    assert server.pages == list(range(1, 10))
+    assert clock.sleeps == [0.25] * 8
 
 
 def test_a_rate_limit_wait_past_the_deadline_abandons(clock: FakeClock) -> None:
@@ -877,6 +942,43 @@ def test_a_retry_that_would_come_past_the_deadline_is_not_scheduled(clock: FakeC
     assert "a retry in 30.0 s would come after its shutdown deadline" in str(caught.value)
     assert clock.sleeps == []
     assert not [e for e in logs if e["event"] == "api.retry_scheduled"]
+
+
+def test_a_retry_that_would_not_fit_in_the_poll_budget_fails_the_poll(clock: FakeClock) -> None:
+    client, server = make_client(
+        lambda r: httpx.Response(429, headers={"Retry-After": "30"}), clock, poll_budget=20
+    )
+    with capture_logs() as logs, pytest.raises(TransientApiError) as caught:
+        client.fetch_tag("t")
+    assert len(server.requests) == 1 and clock.sleeps == []
+    assert "no retry: the poll's budget of 20 s is spent" in str(caught.value)
+    assert "rate limited by SMS Partner" in str(caught.value)  # the last error, kept
+    assert not [e for e in logs if e["event"] == "api.retry_scheduled"]
+
+
+def test_pages_stop_when_the_poll_budget_is_spent(clock: FakeClock) -> None:
+    client, server = make_client(
+        timed_pages(clock, 4.0, lambda page: None), clock, poll_budget=10, max_pages=1000
+    )
+    with pytest.raises(TransientApiError) as caught:
+        client.fetch_tag("t")
+    assert server.pages == [1, 2, 3]  # at +0, +4 and +8 s; the third would end at +12 s
+    assert str(caught.value) == (
+        "GET /v1/bulk-status-by-tag tag='t' page=3: the poll's budget of 10 s was spent mid-request"
+    )
+
+
+def test_the_default_poll_budget_fits_the_largest_fetch_allowed() -> None:
+    from daemon.smspartner import default_poll_budget
+
+    small = default_poll_budget(
+        request_timeout=10, max_retries=3, max_pages=1000, rate_limit_per_second=5
+    )
+    assert small == 300 + 4 * 10  # never under five minutes
+    slow = default_poll_budget(
+        request_timeout=10, max_retries=3, max_pages=1000, rate_limit_per_second=1
+    )
+    assert slow == 1000 + 4 * 10  # 1,000 pages at one a second, plus one page's attempts
 
 
 def test_a_retry_before_the_deadline_still_happens(clock: FakeClock) -> None:
@@ -1001,4 +1103,4 @@ def test_gzip_bodies_still_parse() -> None:
             rate_limit_per_second=0,
             sleep=lambda _: None,
         )
-        assert [r.phone_number for r in client.fetch_tag("gz").reports] == ["+331"]
+        assert {r.phone_number for r in client.fetch_tag("gz").reports} == {"+331"}

@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from daemon import answers, store, tracking
@@ -82,6 +83,14 @@ def tune_gc() -> None:
     frees everything else at once; only cycles wait a little longer.
     """
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of an exception; for a database error, the driver's own (the
+    SQLAlchemy wrapper's text repeats the statement and its parameters)."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    return f"{type(exc).__name__}: {exc}"
 
 
 class _StaleAnswer(Exception):
@@ -252,7 +261,7 @@ class Poller:
     def _crash_error(self, tag: str, exc: Exception) -> str:
         """Log an unexpected exception of a poll (``poll.crashed``; the traceback at debug
         level only) and return the short error text its ``poll_runs`` row keeps."""
-        error = self._storable(f"unexpected {type(exc).__name__}: {exc}")
+        error = self._storable(f"unexpected {_describe(exc)}")
         log.error("poll.crashed", tag=tag, error=error)
         log.debug("poll.crash_traceback", tag=tag, exc_info=exc)
         return error
@@ -261,7 +270,7 @@ class Poller:
         """Error text fit for a column, a log line and a terminal: the key redacted, no
         NUL, no lone surrogate, at most :data:`MAX_ERROR_CHARS` characters."""
         key = self._settings.api_key
-        text = redact(text, key.get_secret_value() if key else None)
+        text = " ".join(redact(text, key.get_secret_value() if key else None).split())
         text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
         return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
 
@@ -305,11 +314,9 @@ class Poller:
         except StoreError:
             raise
         except Exception as exc:
-            detail = exc.orig if isinstance(exc, UNAVAILABLE_ERRORS) else exc
             raise StoreError(
                 self._storable(
-                    f"poll of {tag!r} failed ({error}) and could not be recorded: "
-                    f"{type(detail).__name__}: {detail}"
+                    f"poll of {tag!r} failed ({error}) and could not be recorded: " + _describe(exc)
                 )
             ) from exc
         result = PollResult(

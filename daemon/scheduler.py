@@ -154,6 +154,12 @@ class Daemon:
         return self._shutdown_deadline
 
     @property
+    def polls_in_flight(self) -> int:
+        """How many polls this process is running now (tests step the daemon with it)."""
+        with self._lock:
+            return len(self._in_flight)
+
+    @property
     def stopping(self) -> bool:
         """True once shutdown began (long maintenance work checks it between batches)."""
         return self._stopping.is_set()
@@ -243,30 +249,36 @@ class Daemon:
         of 4 at 2 polls a second.
         """
         while tag is not None:
-            self._health.poll_started()
             try:
-                result = self._poll(tag)
-            except PollAbandoned as exc:
-                # Nothing of it was written: the tag is still due, its lease goes with
-                # the others at the end of the shutdown, and the next start polls it.
-                self._health.poll_finished(False)
-                log.warning("poll.abandoned", tag=tag, pages=exc.pages, reason=str(exc))
-            except Exception as exc:  # nothing recorded: the tag is still due
-                self._cool_down(tag)
-                self._health.poll_finished(False)
-                if isinstance(exc, DatabaseUnavailableError):
-                    self._health.database(str(exc))
-                if isinstance(exc, StoreError):  # the poller said what failed, in one line
-                    log.error("poll.database_error", tag=tag, error=str(exc))
-                else:  # a bug outside the poller's own handling: keep the traceback
-                    log.exception("poll.crashed", tag=tag)
-                self._count(None)
-            else:
-                self._after_poll(result)
-            finally:
+                self._poll_one(tag)
+            except BaseException:  # e.g. a metrics bug: the tag must not stay "in flight"
                 with self._lock:
-                    future = self._in_flight.pop(tag, None)
-            tag = self._claim_next(future)
+                    self._in_flight.pop(tag, None)
+                raise
+            tag = self._claim_next(tag)
+
+    def _poll_one(self, tag: str) -> None:
+        """Poll ``tag`` and account for the outcome, whatever it is."""
+        self._health.poll_started()
+        try:
+            result = self._poll(tag)
+        except PollAbandoned as exc:
+            # Nothing of it was written: the tag is still due, its lease goes with
+            # the others at the end of the shutdown, and the next start polls it.
+            self._health.poll_finished(False)
+            log.warning("poll.abandoned", tag=tag, pages=exc.pages, reason=str(exc))
+        except Exception as exc:  # nothing recorded: the tag is still due
+            self._cool_down(tag)
+            self._health.poll_finished(False)
+            if isinstance(exc, DatabaseUnavailableError):
+                self._health.database(str(exc))
+            if isinstance(exc, StoreError):  # the poller said what failed, in one line
+                log.error("poll.database_error", tag=tag, error=str(exc))
+            else:  # a bug outside the poller's own handling: keep the traceback
+                log.exception("poll.crashed", tag=tag)
+            self._count(None)
+        else:
+            self._after_poll(result)
 
     def _cool_down(self, tag: str) -> None:
         """Keep this process from claiming ``tag`` for a while (see :data:`COOL_DOWN`)."""
@@ -280,9 +292,29 @@ class Daemon:
         """Tags still cooling down at ``now`` (call with the lock held)."""
         return {tag for tag, (until, _) in self._cooling.items() if now < until}
 
-    def _claim_next(self, future: Future[None] | None) -> str | None:
-        """Lease one more due tag for the calling worker (None when there is none)."""
-        if future is None or self._stopping.is_set():
+    def _claim_next(self, done: str) -> str | None:
+        """Lease one more due tag for the calling worker, which has just polled ``done``
+        (None when there is none).
+
+        ``done`` leaves the in-flight set only once the next tag is claimed, in the same
+        step as the next tag enters it: it is not claimed again right away (if its poll
+        ended without recording anything, it is still due), and the set is never empty
+        while this worker goes on.
+        """
+        claimed: str | None = None
+        try:
+            claimed = self._claim_one()
+        finally:
+            with self._lock:
+                future = self._in_flight.pop(done, None)
+                if claimed is not None and (future is None or claimed in self._in_flight):
+                    claimed = None
+                if claimed is not None and future is not None:
+                    self._in_flight[claimed] = future
+        return claimed
+
+    def _claim_one(self) -> str | None:
+        if self._stopping.is_set():
             return None
         now = self._clock()
         with self._lock:
@@ -301,12 +333,7 @@ class Daemon:
                 )
         except UNAVAILABLE_ERRORS:
             return None  # the dispatcher reports it and retries
-        with self._lock:
-            if not tags or tags[0] in self._in_flight:
-                return None
-            self._in_flight[tags[0]] = future
-
-        return tags[0]
+        return tags[0] if tags else None
 
     def _after_poll(self, result: PollResult) -> None:
         self._health.poll_finished(result.ok)

@@ -282,7 +282,8 @@ class Poller:
 
         Raises:
             StoreError: even this could not be written (the scheduler cools the tag
-                down in memory instead).
+                down in memory instead); :class:`DatabaseUnavailableError` when the
+                database could not be reached.
         """
         try:
             with write_transaction(self._engine) as conn:
@@ -314,11 +315,12 @@ class Poller:
         except StoreError:
             raise
         except Exception as exc:
-            raise StoreError(
-                self._storable(
-                    f"poll of {tag!r} failed ({error}) and could not be recorded: " + _describe(exc)
-                )
-            ) from exc
+            message = self._storable(
+                f"poll of {tag!r} failed ({error}) and could not be recorded: " + _describe(exc)
+            )
+            if isinstance(exc, UNAVAILABLE_ERRORS):
+                raise DatabaseUnavailableError(message) from exc
+            raise StoreError(message) from exc
         result = PollResult(
             tag=tag,
             outcome="transient_error",

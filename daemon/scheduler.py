@@ -63,10 +63,12 @@ LEASE = timedelta(seconds=60)
 #: cannot be interrupted, though: one started just before the deadline may hold the exit
 #: back by up to ``SMSPARTNER_HTTP_TIMEOUT_SECONDS``.
 SHUTDOWN_GRACE = 8.0
-#: How long a tag whose poll ended in an exception is not claimed again by this process
-#: (doubling with each such poll in a row, up to :data:`MAX_COOL_DOWN`).
-COOL_DOWN = timedelta(seconds=30)
-MAX_COOL_DOWN = timedelta(minutes=15)
+#: How long a tag whose poll ended in an exception is not claimed again by this process,
+#: doubling with each such poll in a row up to :data:`MAX_COOL_DOWN`. Short at first: a
+#: database back from an outage should see the tags it cut off within a few dispatches;
+#: a tag that fails that way every time soon waits minutes.
+COOL_DOWN = timedelta(seconds=5)
+MAX_COOL_DOWN = timedelta(minutes=5)
 #: How often the maintenance job (retention) runs; its first run is at start.
 MAINTENANCE_INTERVAL = timedelta(days=1)
 

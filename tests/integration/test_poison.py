@@ -317,52 +317,70 @@ def stopping() -> Iterator[list[Daemon]]:
         daemon.stop()
 
 
-@pytest.mark.parametrize("unrecordable", [False, True], ids=["recorded", "unrecordable"])
-def test_a_crashing_tag_backs_off_and_the_healthy_ones_keep_their_cadence(
-    rig: Callable[..., Rig], stopping: list[Daemon], unrecordable: bool
-) -> None:
+def crashing_rig(rig: Callable[..., Rig], *, unrecordable: bool) -> Rig:
+    """Tags good1, crash, good2, all due; the database refuses the rows of ``crash``
+    (and, when ``unrecordable``, even its ``poll_runs`` row)."""
     r = rig()
     for tag in ("good1", "crash", "good2"):
         r.track(tag)
         r.sim.add_tag(tag, 5)
     poison(r, "delivery_statuses", "crash")
-    if unrecordable:  # even the failure cannot be written: the scheduler cools it down
+    if unrecordable:
         poison(r, "poll_runs", "crash")
+    return r
+
+
+def requests(r: Rig) -> list[int]:
+    return [r.sim.request_count(t) for t in ("good1", "crash", "good2")]
+
+
+def test_a_crashing_tag_backs_off_and_the_healthy_ones_keep_their_cadence(
+    rig: Callable[..., Rig], stopping: list[Daemon]
+) -> None:
+    r = crashing_rig(rig, unrecordable=False)
     daemon = daemon_for(r)
     stopping.append(daemon)
-
-    def requests() -> tuple[int, int, int]:
-        return tuple(r.sim.request_count(t) for t in ("good1", "crash", "good2"))  # type: ignore[return-value]
-
     with capture_logs() as logs:
-        step(daemon)
-        assert requests() == (1, 1, 1)
-        r.clock.now = NOW + timedelta(seconds=10)
-        step(daemon)
-        assert requests() == (1, 1, 1)  # backing off
-        r.clock.now = NOW + timedelta(seconds=31)
-        step(daemon)
-        assert requests() == (1, 2, 1)  # retried after 30 s …
-        r.clock.now = NOW + timedelta(seconds=61)
-        step(daemon)
-        assert requests() == (2, 2, 2)  # … while the healthy tags keep their minute
-        r.clock.now = NOW + timedelta(seconds=80)
-        step(daemon)
-        assert requests() == (2, 2, 2)  # … and the next wait is twice as long
-        r.clock.now = NOW + timedelta(seconds=92)
-        step(daemon)
-        assert requests() == (2, 3, 2)
+        for seconds, expected in [
+            (0, [1, 1, 1]),
+            (10, [1, 1, 1]),  # backing off
+            (31, [1, 2, 1]),  # retried after 30 s …
+            (61, [2, 2, 2]),  # … while the healthy tags keep their minute
+            (80, [2, 2, 2]),  # … and the next wait is twice as long
+            (92, [2, 3, 2]),
+        ]:
+            r.clock.now = NOW + timedelta(seconds=seconds)
+            step(daemon)
+            assert requests(r) == expected, seconds
     assert len(r.rows("good1")) == len(r.rows("good2")) == 5
-    crash_events = {
-        e["event"] for e in logs if e.get("tag") == "crash" and e["log_level"] == "error"
-    }
-    if unrecordable:
-        assert runs(r, "crash") == []
-        assert crash_events == {"poll.crashed", "poll.database_error"}
-    else:
-        assert [o for o, _ in runs(r, "crash")] == ["transient_error"] * 3
-        assert tag_row(r, "crash")["consecutive_failures"] == 3
-        assert crash_events == {"poll.crashed"}
+    assert [o for o, _ in runs(r, "crash")] == ["transient_error"] * 3
+    assert tag_row(r, "crash")["consecutive_failures"] == 3
+    errors = {e["event"] for e in logs if e["log_level"] == "error"}
+    assert errors == {"poll.crashed"}
+
+
+def test_a_tag_whose_failure_cannot_even_be_recorded_cools_down_in_memory(
+    rig: Callable[..., Rig], stopping: list[Daemon]
+) -> None:
+    r = crashing_rig(rig, unrecordable=True)
+    daemon = daemon_for(r)
+    stopping.append(daemon)
+    with capture_logs() as logs:
+        for seconds, expected in [
+            (0, [1, 1, 1]),
+            (2, [1, 1, 1]),  # cooling down, though still due in the database
+            (6, [1, 2, 1]),  # after 5 s …
+            (12, [1, 2, 1]),
+            (17, [1, 3, 1]),  # … then 10 s
+            (61, [2, 4, 2]),  # the healthy tags keep their minute
+        ]:
+            r.clock.now = NOW + timedelta(seconds=seconds)
+            step(daemon)
+            assert requests(r) == expected, seconds
+    assert runs(r, "crash") == []
+    assert len(r.rows("good1")) == len(r.rows("good2")) == 5
+    errors = {e["event"] for e in logs if e["log_level"] == "error"}
+    assert errors == {"poll.crashed", "poll.database_error"}
 
 
 def test_run_once_polls_a_crashing_tag_once(rig: Callable[..., Rig]) -> None:

@@ -3,8 +3,10 @@
 The provider's field types drift (``stopSMS`` as bool or "0"/"1", ``date`` as text or
 number, statuses in any case) and it documents none of its edge cases, so nothing here
 raises on a bad field: a garbled envelope field only disables the rule that uses it, and
-a malformed item is skipped and counted, never the page. :mod:`daemon.smspartner`, the
-only user, owns the HTTP around it.
+a malformed item is skipped and counted, never the page. "Malformed" includes what the
+database could not hold or a terminal should not print: a phone number that is not 1–32
+printable characters without spaces, a status with NUL or a lone surrogate.
+:mod:`daemon.smspartner`, the only user, owns the HTTP around it.
 """
 
 from __future__ import annotations

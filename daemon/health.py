@@ -22,12 +22,21 @@ from daemon.errors import ConfigError
 
 #: The loop beats every few seconds; missing this many seconds of beats means stuck.
 LIVENESS_TIMEOUT = timedelta(seconds=60)
-#: Polls failing (for any reason) for this long make the daemon unready.
+#: Polls started and none succeeding for this long make the daemon unready: whether they
+#: fail, crash, hit a resource limit (no file descriptors left) or never end.
 FAILING_TOLERANCE = timedelta(minutes=15)
 
 
 class Health:
-    """Thread-safe health state shared by the scheduler and the HTTP server."""
+    """Thread-safe health state shared by the scheduler and the HTTP server.
+
+    Readiness asks whether polls succeed, not only whether some finish: the scheduler
+    says when each poll starts and how it ended, and the daemon is unready once tags
+    have been due for :data:`FAILING_TOLERANCE` without one successful poll. Polls
+    still running count as waiting, so workers stuck on a hanging provider, or tags
+    whose polls keep failing while healthy ones cannot get a worker, show up too. An
+    idle daemon (nothing due, nothing failing) stays ready.
+    """
 
     def __init__(self, clock: Callable[[], datetime]) -> None:
         self._clock = clock
@@ -35,7 +44,10 @@ class Health:
         self._last_beat: datetime | None = None
         self._db_error: str | None = None
         self._auth_error: str | None = None
-        self._failing_since: datetime | None = None
+        #: Since when polls have been started or failing with no success since; None
+        #: when the last poll to end succeeded and none is running.
+        self._waiting_since: datetime | None = None
+        self._running = 0
         self.last_success_at: datetime | None = None
 
     def beat(self) -> None:
@@ -53,14 +65,25 @@ class Health:
         with self._lock:
             self._auth_error = error
 
-    def poll_finished(self, ok: bool) -> None:
-        """Record the outcome of one poll."""
+    def poll_started(self) -> None:
+        """A tag was due and a poll of it starts; :meth:`poll_finished` follows."""
         now = self._clock()
         with self._lock:
+            self._running += 1
+            if self._waiting_since is None:
+                self._waiting_since = now
+
+    def poll_finished(self, ok: bool) -> None:
+        """Record the outcome of one poll (crashed or abandoned ones are not ``ok``)."""
+        now = self._clock()
+        with self._lock:
+            self._running = max(0, self._running - 1)
             if ok:
-                self.last_success_at, self._failing_since = now, None
-            elif self._failing_since is None:
-                self._failing_since = now
+                self.last_success_at = now
+                # Polls still running wait from now on; none running: nothing waits.
+                self._waiting_since = now if self._running else None
+            elif self._waiting_since is None:
+                self._waiting_since = now
 
     @property
     def auth_error(self) -> str | None:
@@ -85,8 +108,13 @@ class Health:
                 found.append(f"database unreachable: {self._db_error}")
             if self._auth_error:
                 found.append(f"API key rejected: {self._auth_error}")
-            if self._failing_since and now - self._failing_since >= FAILING_TOLERANCE:
-                found.append(f"every poll has failed since {self._failing_since.isoformat()}")
+            since = self._waiting_since
+            if since is not None and now - since >= FAILING_TOLERANCE:
+                minutes = int((now - since).total_seconds() // 60)
+                found.append(
+                    f"no poll has succeeded for {minutes} min although tags are due "
+                    f"(since {since.isoformat()}; {self._running} poll(s) running)"
+                )
             return found
 
 

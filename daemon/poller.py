@@ -6,6 +6,15 @@ database lock; everything the poll writes (statuses, events, opt-outs, the tag's
 state and the run row) commits together or not at all. A failed fetch writes only the
 run row and the tag's failure counters: stored statuses are never touched.
 
+Provider data never crashes a poll. Items the store could not hold are skipped by the
+parser (:mod:`daemon.responses`); dates outside a sane range are stored as unknown here.
+Anything else that goes wrong (an answer nothing foresaw, a bug, a statement the
+database refuses) is recorded like a transient failure: a ``poll_runs`` row, the tag's
+failure counters and a backed-off next due time, so a tag that keeps crashing is retried
+on the backoff schedule instead of at once. Only a database that cannot be written at
+all leaves nothing behind (:class:`~daemon.errors.StoreError`); the scheduler then
+cools the tag down in memory.
+
 A poller remembers the last reports of the large active tags it polled
 (:mod:`daemon.answers`), so their re-polls merge, diff and read back only the numbers
 whose report changed.
@@ -20,6 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from daemon import answers, store, tracking
@@ -31,7 +41,10 @@ from daemon.errors import (
     DatabaseUnavailableError,
     InputError,
     NoMessagesError,
+    PollAbandoned,
+    StoreError,
 )
+from daemon.redaction import redact
 from daemon.settings import Settings
 from daemon.smspartner import FetchResult, SmsPartnerClient
 from daemon.status import (
@@ -41,6 +54,7 @@ from daemon.status import (
     is_complete,
     merge_reports,
     next_poll_at,
+    plausible_report_date,
     window_closed,
     window_end,
 )
@@ -53,6 +67,8 @@ log = structlog.get_logger(__name__)
 EXPIRY_GRACE = timedelta(hours=1)
 #: How long codes 1/10 pause a tag (and, in the daemon, all polling).
 AUTH_RETRY = timedelta(minutes=5)
+#: The longest error text kept in ``poll_runs.error`` and ``tracked_tags.last_error``.
+MAX_ERROR_CHARS = 300
 #: The garbage collector's first threshold (CPython's default is 700 allocations).
 GC_THRESHOLD = 50_000
 
@@ -67,6 +83,14 @@ def tune_gc() -> None:
     frees everything else at once; only cycles wait a little longer.
     """
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of an exception; for a database error, the driver's own (the
+    SQLAlchemy wrapper's text repeats the statement and its parameters)."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    return f"{type(exc).__name__}: {exc}"
 
 
 class _StaleAnswer(Exception):
@@ -122,18 +146,30 @@ class Poller:
     def poll(self, tag: str) -> PollResult:
         """Poll one tracked tag now and store what changed.
 
+        Whatever goes wrong with the provider's answer or inside the poll, the poll is
+        recorded (a failed ``poll_runs`` row, the tag backed off) and its result
+        returned; only the exceptions below come out.
+
         Raises:
             InputError: the tag is not tracked.
             DatabaseUnavailableError: the database failed; nothing of this poll is kept.
+            StoreError: the poll failed and even its failure could not be recorded.
             PollAbandoned: the daemon is stopping and the fetch could not end in time;
                 nothing of this poll is written, the tag stays due.
         """
+        now = self._clock()
         try:
-            return self._poll(tag, self._remembered(tag))
-        except _StaleAnswer:
-            # Something else wrote the tag while this poll fetched: poll it in full.
+            try:
+                return self._poll(tag, self._remembered(tag), now)
+            except _StaleAnswer:
+                # Something else wrote the tag while this poll fetched: poll it in full.
+                self._answers.forget(tag)
+                return self._poll(tag, None, now)
+        except (InputError, PollAbandoned, DatabaseUnavailableError):
+            raise
+        except Exception as exc:  # the transaction was rolled back: record the failure
             self._answers.forget(tag)
-            return self._poll(tag, None)
+            return self._record_crash(tag, now, self._crash_error(tag, exc))
 
     def _remembered(self, tag: str) -> Answer | None:
         """The tag's remembered answer, if the tag's row still carries its marker."""
@@ -150,20 +186,25 @@ class Poller:
             return None
         return answer
 
-    def _poll(self, tag: str, answer: Answer | None) -> PollResult:
-        now = self._clock()
+    def _poll(self, tag: str, answer: Answer | None, now: datetime) -> PollResult:
         fetched, error, outcome = FetchResult([], 0, 0, 0, "empty_page"), None, "ok"
         no_messages = False
+        merged: dict[str, Report] = {}
         try:
             fetched = self._client.fetch_tag(tag, answer.reports if answer else None)
+            merged = merge_reports(self._sane_dates(tag, fetched.reports, now))
         except NoMessagesError:
             no_messages = True
         except AuthError as exc:
-            outcome, error = "auth_error", str(exc)
+            outcome, error = "auth_error", self._storable(str(exc))
         except ApiError as exc:
             outcome = "transient_error" if exc.transient else "api_error"
-            error = str(exc)
-        merged = merge_reports(fetched.reports)
+            error = self._storable(str(exc))
+        except PollAbandoned:
+            raise
+        except Exception as exc:  # an answer nothing foresaw, or a bug: a failed poll
+            outcome, error = "transient_error", self._crash_error(tag, exc)
+            fetched, merged = FetchResult([], fetched.pages, 0, 0, "crashed"), {}
 
         try:
             with write_transaction(self._engine) as conn:
@@ -190,6 +231,103 @@ class Poller:
         # Only once committed: a rolled-back poll must not announce opt-outs it never stored.
         for phone, reported_at in applied.optouts:
             log.info("stop_sms.opt_out", tag=tag, phone_number=phone, reported_at=reported_at)
+        self._log(result)
+        return result
+
+    def _sane_dates(self, tag: str, reports: list[Report], now: datetime) -> list[Report]:
+        """The reports, with every date outside 2000 … now + 1 day made unknown (None).
+
+        A date in the year 5138 would win every later comparison and block the correctly
+        dated reports that follow; an unknown date never replaces a final status. A
+        campaign's reports share few distinct dates, so the usual poll only checks those.
+        """
+        bad = {
+            when
+            for when in {report.reported_at for report in reports}
+            if when is not None and not plausible_report_date(when, now)
+        }
+        if not bad:
+            return reports
+        log.warning(
+            "api.item_coerced",
+            tag=tag,
+            field="date",
+            value=min(bad).isoformat(),
+            outcome="kept without a date: outside 2000-01-01 to a day ahead",
+            items=sum(report.reported_at in bad for report in reports),
+        )
+        return [r._replace(reported_at=None) if r.reported_at in bad else r for r in reports]
+
+    def _crash_error(self, tag: str, exc: Exception) -> str:
+        """Log an unexpected exception of a poll (``poll.crashed``; the traceback at debug
+        level only) and return the short error text its ``poll_runs`` row keeps."""
+        error = self._storable(f"unexpected {_describe(exc)}")
+        log.error("poll.crashed", tag=tag, error=error)
+        log.debug("poll.crash_traceback", tag=tag, exc_info=exc)
+        return error
+
+    def _storable(self, text: str) -> str:
+        """Error text fit for a column, a log line and a terminal: the key redacted, no
+        NUL, no lone surrogate, at most :data:`MAX_ERROR_CHARS` characters."""
+        key = self._settings.api_key
+        text = " ".join(redact(text, key.get_secret_value() if key else None).split())
+        text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
+        return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+    def _record_crash(self, tag: str, now: datetime, error: str) -> PollResult:
+        """Record a poll whose transaction failed as a transient failure, in a
+        transaction of its own: a ``poll_runs`` row, the failure counters, and a next
+        due time backed off like any failure's (never at once: a tag whose poll keeps
+        crashing must not starve the others).
+
+        Raises:
+            StoreError: even this could not be written (the scheduler cools the tag
+                down in memory instead); :class:`DatabaseUnavailableError` when the
+                database could not be reached.
+        """
+        try:
+            with write_transaction(self._engine) as conn:
+                row = tracking.lock_tag(conn, tag)
+                if row is None:
+                    raise StoreError(f"poll of {tag!r} failed: {error}")
+                state: str = row["state"]
+                due: datetime | None = row["next_poll_at"]
+                if state == "active":
+                    due = next_poll_at(
+                        sent_at=row["sent_at"],
+                        window_ends_at=self._window_ends_at(row),
+                        now=now,
+                        cadence=self._cadence,
+                        consecutive_failures=row["consecutive_failures"] + 1,
+                    )
+                finished = self._clock()
+                store.record_poll_run(
+                    conn,
+                    tag,
+                    started_at=now,
+                    finished_at=finished,
+                    outcome="transient_error",
+                    error=error,
+                )
+                tracking.finish_poll(
+                    conn, tag, now=now, ok=False, state=state, next_poll_at=due, error=error
+                )
+        except StoreError:
+            raise
+        except Exception as exc:
+            message = self._storable(
+                f"poll of {tag!r} failed ({error}) and could not be recorded: " + _describe(exc)
+            )
+            if isinstance(exc, UNAVAILABLE_ERRORS):
+                raise DatabaseUnavailableError(message) from exc
+            raise StoreError(message) from exc
+        result = PollResult(
+            tag=tag,
+            outcome="transient_error",
+            state=state,
+            error=error,
+            seconds=(finished - now).total_seconds(),
+        )
         self._log(result)
         return result
 

@@ -3,13 +3,16 @@
 The provider's field types drift (``stopSMS`` as bool or "0"/"1", ``date`` as text or
 number, statuses in any case) and it documents none of its edge cases, so nothing here
 raises on a bad field: a garbled envelope field only disables the rule that uses it, and
-a malformed item is skipped and counted, never the page. :mod:`daemon.smspartner`, the
-only user, owns the HTTP around it.
+a malformed item is skipped and counted, never the page. "Malformed" includes what the
+database could not hold or a terminal should not print: a phone number that is not 1–32
+printable characters without spaces, a status with NUL or a lone surrogate.
+:mod:`daemon.smspartner`, the only user, owns the HTTP around it.
 """
 
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Final
@@ -26,6 +29,14 @@ _log = structlog.get_logger(__name__)
 MAX_ITEM_WARNINGS: Final = 20
 #: The ``code`` of a successful answer.
 OK_CODE: Final = 200
+
+#: The longest phone number accepted. E.164 numbers have at most 15 digits; this leaves
+#: room for formatting and fits ``delivery_statuses.phone_number`` (64) with margin.
+MAX_PHONE_CHARS: Final = 32
+
+_PHONE_INT_LIMIT: Final = 10**MAX_PHONE_CHARS
+#: A status text's verdict: ``(status, the text)``, or ``(why it is refused, None)``.
+_StatusEntry = tuple[Status, str] | tuple[str, None]
 
 _TRUE_TEXT: Final = frozenset({"1", "true"})
 _FALSE_TEXT: Final = frozenset({"0", "false", ""})
@@ -72,10 +83,52 @@ def _lenient_bool(value: object) -> bool | None:
 
 
 def _lenient_text(value: object) -> str | None:
-    """The provider's ``message`` as text whatever JSON type it arrived as."""
+    """The provider's ``message`` as text whatever JSON type it arrived as (never raises:
+    a message nested a thousand levels deep is shown by its type)."""
     if value is None:
         return None
-    return value if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value)
+    except (ValueError, RecursionError):
+        return f"<{type(value).__name__}>"
+
+
+def _excerpt(value: object) -> str:
+    """A short, one-line sketch of a provider value for a warning; never raises, and
+    never walks a deeply nested value (:mod:`reprlib` stops after a few levels)."""
+    return reprlib.repr(value)[:40]
+
+
+def phone_problem(phone: str) -> str | None:
+    """Why ``phone`` (stripped) cannot be a stored phone number, or None when it can.
+
+    A number is 1 to :data:`MAX_PHONE_CHARS` printable characters without spaces. That
+    keeps out what the database cannot hold (NUL, lone surrogates, text longer than the
+    column) and what must never reach a terminal raw (escape sequences, bidi controls);
+    the provider's own numbers are digits with an optional ``+``. Nothing stricter is
+    asked: a provider's odd but harmless format (``-1``) is still stored as sent.
+    """
+    if not phone:
+        return "empty"
+    if len(phone) > MAX_PHONE_CHARS:
+        return f"longer than {MAX_PHONE_CHARS} characters ({len(phone)})"
+    if not phone.isprintable() or " " in phone:
+        return "not printable characters without spaces"
+    return None
+
+
+def text_problem(text: str) -> str | None:
+    """Why provider text cannot be stored as it is, or None when it can: PostgreSQL
+    refuses NUL in text, and neither database driver can encode a lone surrogate."""
+    if "\x00" in text:
+        return "contains NUL"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid Unicode (lone surrogate)"
+    return None
 
 
 class Envelope(pydantic.BaseModel):
@@ -133,7 +186,8 @@ class ItemParser:
         self._warnings_left = MAX_ITEM_WARNINGS
         # Status text → (status, one shared copy of the text), so the reports a poller
         # keeps (daemon/answers.py) do not hold 100,000 copies of "Delivered".
-        self._status_cache: dict[str, tuple[Status, str]] = {}
+        # A text that cannot be stored maps to (why, None).
+        self._status_cache: dict[str, _StatusEntry] = {}
         self._date_cache: dict[str, datetime | None] = {}
 
     def parse_page(self, raw_items: list[Any], page: int) -> list[Report]:
@@ -155,16 +209,26 @@ class ItemParser:
             if type(phone) is str:
                 phone = phone.strip()
             elif type(phone) is int:
+                if not -_PHONE_INT_LIMIT < phone < _PHONE_INT_LIMIT:  # str() fails past 4,300
+                    self._skip(page, index, "phoneNumber", f"over {MAX_PHONE_CHARS} digits")
+                    continue
                 phone = str(phone)
             else:
                 self._skip(page, index, "phoneNumber", _type_problem(phone))
                 continue
-            if not phone:
-                self._skip(page, index, "phoneNumber", "empty")
+            if (problem := phone_problem(phone)) is not None:
+                self._skip(page, index, "phoneNumber", problem)
                 continue
             raw_status = item.get("status")
             if type(raw_status) is not str:
                 self._skip(page, index, "status", _type_problem(raw_status))
+                continue
+            # Checked once per distinct text: a bulk send shares a handful of statuses.
+            status = status_cache.get(raw_status)
+            if status is None:
+                status = status_cache[raw_status] = self._status_of(raw_status)
+            if status[1] is None:
+                self._skip(page, index, "status", str(status[0]))
                 continue
             seen_add(phone)
             stop_sms = item.get("stopSMS")
@@ -190,11 +254,16 @@ class ItemParser:
                 and old.provider_status == raw_status
             ):
                 continue  # the report the store already holds
-            status = status_cache.get(raw_status)
-            if status is None:
-                status = status_cache[raw_status] = (map_provider_status(raw_status), raw_status)
             append(new(report_type, (phone, status[0], status[1], stop_sms, reported_at)))
         return reports
+
+    @staticmethod
+    def _status_of(raw: str) -> _StatusEntry:
+        """``(status, raw)`` for a storable status text, ``(why, None)`` otherwise."""
+        problem = text_problem(raw)
+        if problem is not None:
+            return problem, None
+        return map_provider_status(raw), raw
 
     def _coerce_stop_sms(self, raw: object, page: int, index: int) -> bool:
         """``stopSMS`` drifts between bool and "0"/"1"; anything else means False."""
@@ -216,7 +285,7 @@ class ItemParser:
             page=page,
             index=index,
             field=field,
-            value=repr(raw)[:40],
+            value=_excerpt(raw),
             outcome=outcome,
         )
 

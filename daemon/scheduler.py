@@ -11,6 +11,12 @@ dispatcher:
    submits one poll each. A tag is never polled twice at once: the lease guards other
    replicas, the in-flight set guards this one.
 
+A poll that ends in an exception (the database failed, or even its failure could not be
+recorded) has moved nothing forward in the database: its tag is still due. The
+dispatcher then leaves it alone for a while, in memory (:data:`COOL_DOWN`, doubling per
+such failure in a row), so one broken tag is never re-polled at once and cannot starve
+the others.
+
 Codes 1/10 pause all claiming for five minutes, then one tag is polled as a probe. On
 SIGTERM/SIGINT the daemon stops claiming and lets polls in flight finish and commit, as
 long as they can before :data:`SHUTDOWN_GRACE` runs out; a poll that cannot is abandoned
@@ -40,7 +46,7 @@ from sqlalchemy.engine import Engine
 
 from daemon import tracking
 from daemon.db import UNAVAILABLE_ERRORS, write_transaction
-from daemon.errors import DatabaseUnavailableError, PollAbandoned
+from daemon.errors import DatabaseUnavailableError, PollAbandoned, StoreError
 from daemon.health import Health, Notifier, remove_heartbeat, write_heartbeat
 from daemon.poller import AUTH_RETRY, PollResult
 
@@ -56,6 +62,12 @@ LEASE = timedelta(seconds=60)
 #: before a wait (rate limit, retry) that would cross it, or, when a request is still under
 #: way at it, by cutting that request's connection (see daemon/watchdog.py).
 SHUTDOWN_GRACE = 8.0
+#: How long a tag whose poll ended in an exception is not claimed again by this process,
+#: doubling with each such poll in a row up to :data:`MAX_COOL_DOWN`. Short at first: a
+#: database back from an outage should see the tags it cut off within a few dispatches;
+#: a tag that fails that way every time soon waits minutes.
+COOL_DOWN = timedelta(seconds=5)
+MAX_COOL_DOWN = timedelta(minutes=5)
 #: How often the maintenance job (retention) runs; its first run is at start.
 MAINTENANCE_INTERVAL = timedelta(days=1)
 
@@ -114,6 +126,8 @@ class Daemon:
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="poll")
         self._lock = threading.Lock()
         self._in_flight: dict[str, Future[None]] = {}
+        #: Tags whose last poll here ended in an exception: (not before, how many in a row).
+        self._cooling: dict[str, tuple[datetime, int]] = {}
         self._stopping = threading.Event()
         self._shutdown_deadline: float | None = None  # time.monotonic(), set by stop()
         self._auth_paused_until: datetime | None = None
@@ -139,6 +153,12 @@ class Daemon:
         """The API client's ``deadline``: None until :meth:`stop`, then when polls in
         flight must be over (``time.monotonic()``), :data:`SHUTDOWN_GRACE` after it."""
         return self._shutdown_deadline
+
+    @property
+    def polls_in_flight(self) -> int:
+        """How many polls this process is running now (tests step the daemon with it)."""
+        with self._lock:
+            return len(self._in_flight)
 
     @property
     def stopping(self) -> bool:
@@ -187,7 +207,7 @@ class Daemon:
     def _claim_and_submit(self, now: datetime) -> int:
         with self._lock:
             in_flight = list(self._in_flight)
-            exclude = set(in_flight)
+            exclude = set(in_flight) | self._cooling_tags(now)
             free = self._concurrency - len(in_flight)
             if self._auth_paused_until is not None:
                 if now < self._auth_paused_until:
@@ -231,36 +251,77 @@ class Daemon:
         """
         while tag is not None:
             try:
-                result = self._poll(tag)
-            except PollAbandoned as exc:
-                # Nothing of it was written: the tag is still due, its lease goes with
-                # the others at the end of the shutdown, and the next start polls it.
-                log.warning("poll.abandoned", tag=tag, pages=exc.pages, reason=str(exc))
-            except DatabaseUnavailableError as exc:
-                self._health.database(str(exc))
-                self._health.poll_finished(False)
-                log.error("poll.database_error", tag=tag, error=str(exc))
-                self._count(None)
-            except Exception:  # a bug must not kill the worker or leak the lease forever
-                log.exception("poll.crashed", tag=tag)
-                self._health.poll_finished(False)
-                self._count(None)
-            else:
-                self._after_poll(result)
-            finally:
+                self._poll_one(tag)
+            except BaseException:  # e.g. a metrics bug: the tag must not stay "in flight"
                 with self._lock:
-                    future = self._in_flight.pop(tag, None)
-            tag = self._claim_next(future)
+                    self._in_flight.pop(tag, None)
+                raise
+            tag = self._claim_next(tag)
 
-    def _claim_next(self, future: Future[None] | None) -> str | None:
-        """Lease one more due tag for the calling worker (None when there is none)."""
-        if future is None or self._stopping.is_set():
+    def _poll_one(self, tag: str) -> None:
+        """Poll ``tag`` and account for the outcome, whatever it is."""
+        self._health.poll_started()
+        try:
+            result = self._poll(tag)
+        except PollAbandoned as exc:
+            # Nothing of it was written: the tag is still due, its lease goes with
+            # the others at the end of the shutdown, and the next start polls it.
+            self._health.poll_finished(False)
+            log.warning("poll.abandoned", tag=tag, pages=exc.pages, reason=str(exc))
+        except Exception as exc:  # nothing recorded: the tag is still due
+            self._cool_down(tag)
+            self._health.poll_finished(False)
+            if isinstance(exc, DatabaseUnavailableError):
+                self._health.database(str(exc))
+            if isinstance(exc, StoreError):  # the poller said what failed, in one line
+                log.error("poll.database_error", tag=tag, error=str(exc))
+            else:  # a bug outside the poller's own handling: keep the traceback
+                log.exception("poll.crashed", tag=tag)
+            self._count(None)
+        else:
+            self._after_poll(result)
+
+    def _cool_down(self, tag: str) -> None:
+        """Keep this process from claiming ``tag`` for a while (see :data:`COOL_DOWN`)."""
+        now = self._clock()
+        with self._lock:
+            _, failures = self._cooling.get(tag, (now, 0))
+            wait = min(COOL_DOWN * 2 ** min(failures, 16), MAX_COOL_DOWN)
+            self._cooling[tag] = (now + wait, failures + 1)
+
+    def _cooling_tags(self, now: datetime) -> set[str]:
+        """Tags still cooling down at ``now`` (call with the lock held)."""
+        return {tag for tag, (until, _) in self._cooling.items() if now < until}
+
+    def _claim_next(self, done: str) -> str | None:
+        """Lease one more due tag for the calling worker, which has just polled ``done``
+        (None when there is none).
+
+        ``done`` leaves the in-flight set only once the next tag is claimed, in the same
+        step as the next tag enters it: it is not claimed again right away (if its poll
+        ended without recording anything, it is still due), and the set is never empty
+        while this worker goes on.
+        """
+        claimed: str | None = None
+        try:
+            claimed = self._claim_one()
+        finally:
+            with self._lock:
+                future = self._in_flight.pop(done, None)
+                if claimed is not None and (future is None or claimed in self._in_flight):
+                    claimed = None
+                if claimed is not None and future is not None:
+                    self._in_flight[claimed] = future
+        return claimed
+
+    def _claim_one(self) -> str | None:
+        if self._stopping.is_set():
             return None
+        now = self._clock()
         with self._lock:
             if self._auth_paused_until is not None:
                 return None
-            exclude = set(self._in_flight)
-        now = self._clock()
+            exclude = set(self._in_flight) | self._cooling_tags(now)
         try:
             with write_transaction(self._engine) as conn:
                 tags = tracking.claim_due(
@@ -273,16 +334,12 @@ class Daemon:
                 )
         except UNAVAILABLE_ERRORS:
             return None  # the dispatcher reports it and retries
-        with self._lock:
-            if not tags or tags[0] in self._in_flight:
-                return None
-            self._in_flight[tags[0]] = future
-
-        return tags[0]
+        return tags[0] if tags else None
 
     def _after_poll(self, result: PollResult) -> None:
         self._health.poll_finished(result.ok)
         with self._lock:  # several polls may hit the wrong key at once: log it once
+            self._cooling.pop(result.tag, None)  # recorded: its schedule is the database's
             was_paused = self._auth_paused_until is not None
             if result.outcome == "auth_error":
                 self._auth_paused_until = self._clock() + AUTH_RETRY

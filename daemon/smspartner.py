@@ -573,7 +573,7 @@ class SmsPartnerClient:
             # one field read as an integer, a phone number, has at most 15 digits.)
             try:
                 body = json.loads(content)
-            except ValueError:  # includes JSONDecodeError and UnicodeDecodeError
+            except (ValueError, RecursionError):  # RecursionError: nested ~1,000 deep
                 return None
         return body if isinstance(body, dict) else None
 

@@ -111,10 +111,46 @@ def status_advances(new: Report, old: Report) -> bool:
     )
 
 
+#: At an equal date, which of two reports of the same kind (both provider-final, or both
+#: pending) one answer keeps: the higher rank. :func:`status_advances` leaves these ties
+#: to "keep what is stored", which inside one answer would mean "the first item wins";
+#: the provider sends no order we could trust, so a fixed rule decides instead. A
+#: delivery receipt beats a failure report (the handset confirmed it), and the
+#: operator's "not delivered" beats the platform's "ko" (it says more).
+_TIE_RANK = {
+    Status.DELIVERED: 3,
+    Status.NOT_DELIVERED: 2,
+    Status.FAILED: 1,
+    Status.UNKNOWN: 1,
+    Status.WAITING: 0,
+    Status.EXPIRED: 0,
+}
+
+
+def _wins_tie(new: Report, old: Report) -> bool:
+    """Between two reports neither of which advances the other: the higher status rank,
+    then the greater raw text (``Delivered`` vs ``delivered``), so nothing depends on
+    which came first."""
+    return (_TIE_RANK[new.status], new.provider_status) > (
+        _TIE_RANK[old.status],
+        old.provider_status,
+    )
+
+
 def merge(new: Report, old: Report) -> Report:
-    """The report to keep when the same number is seen twice (in one poll or across)."""
-    advances = status_advances(new, old)
-    base = new if advances else old
+    """The report to keep when one answer holds the same number twice.
+
+    :func:`status_advances` decides; when neither report advances the other (an equal
+    date, or two final reports without a date), :func:`_wins_tie` does. The result
+    does not depend on the order of the two (nor, folded, of any number of them):
+    ``stop_sms`` is on when either has it.
+    """
+    if status_advances(new, old):
+        base = new
+    elif status_advances(old, new):
+        base = old
+    else:
+        base = new if _wins_tie(new, old) else old
     return Report(
         phone_number=old.phone_number,
         status=base.status,
@@ -125,7 +161,8 @@ def merge(new: Report, old: Report) -> Report:
 
 
 def merge_reports(reports: Sequence[Report]) -> dict[str, Report]:
-    """Collapse reports to one per number, each with its most advanced status."""
+    """Collapse reports to one per number, each with its most advanced status, whatever
+    their order (see :func:`merge`)."""
     merged = {report.phone_number: report for report in reports}
     if len(merged) == len(reports):
         return merged  # no number twice, the usual case: nothing to decide
@@ -134,6 +171,19 @@ def merge_reports(reports: Sequence[Report]) -> dict[str, Report]:
         seen = merged.get(report.phone_number)
         merged[report.phone_number] = report if seen is None else merge(report, seen)
     return merged
+
+
+#: Provider dates before this are not delivery reports of ours (a zero, a typo).
+EARLIEST_REPORT_DATE = datetime(2000, 1, 1, tzinfo=UTC)
+#: How far ahead of our clock a provider date may be (clock skew, time zones) before it
+#: is treated as unknown: a date in the year 5138 would otherwise win every comparison
+#: with the correctly dated reports that follow it.
+MAX_REPORT_AHEAD = timedelta(days=1)
+
+
+def plausible_report_date(reported_at: datetime, now: datetime) -> bool:
+    """Whether a parsed provider date can be a real report's: from 2000 to a day ahead."""
+    return EARLIEST_REPORT_DATE <= reported_at <= now + MAX_REPORT_AHEAD
 
 
 def parse_provider_date(raw: object) -> datetime | None:
@@ -146,7 +196,7 @@ def parse_provider_date(raw: object) -> datetime | None:
         return None
     try:
         seconds = float(raw.strip()) if isinstance(raw, str) else float(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a 400-digit integer
         return None
     if not 0 < seconds < 253_402_300_800:  # 9999-12-31
         return None

@@ -20,6 +20,7 @@ from daemon.status import (
     parse_duration,
     parse_provider_date,
     parse_sent_at,
+    plausible_report_date,
     supersedes,
     tag_problem,
     tag_warnings,
@@ -97,6 +98,53 @@ def test_duplicates_in_one_poll_keep_the_most_advanced_status_in_any_order() -> 
 
 
 @pytest.mark.parametrize(
+    ("first", "second", "kept"),
+    [
+        (Status.NOT_DELIVERED, Status.DELIVERED, Status.DELIVERED),
+        (Status.FAILED, Status.DELIVERED, Status.DELIVERED),
+        (Status.FAILED, Status.NOT_DELIVERED, Status.NOT_DELIVERED),
+        (Status.WAITING, Status.UNKNOWN, Status.UNKNOWN),
+    ],
+)
+@pytest.mark.parametrize("minute", [5, None], ids=["same date", "both undated"])
+def test_one_answer_with_two_reports_at_one_date_keeps_the_same_one_in_either_order(
+    first: Status, second: Status, kept: Status, minute: int | None
+) -> None:
+    a, b = r(first, minute), r(second, minute)
+    assert merge_reports([a, b])["+1"].status is kept
+    assert merge_reports([b, a])["+1"].status is kept
+
+
+def test_the_same_status_spelled_twice_keeps_one_spelling_in_either_order() -> None:
+    a = Report("+1", Status.DELIVERED, "Delivered", False, T0)
+    b = Report("+1", Status.DELIVERED, "delivered", True, T0)
+    assert merge_reports([a, b]) == merge_reports([b, a])
+    assert merge_reports([a, b])["+1"].stop_sms is True
+
+
+def test_across_polls_an_equal_date_still_keeps_what_is_stored() -> None:
+    # The in-answer tie-break is not the store's rule (design.md): equal dates keep it.
+    assert not supersedes(r(Status.DELIVERED, 5), r(Status.NOT_DELIVERED, 5))
+
+
+@pytest.mark.parametrize(
+    ("when", "plausible"),
+    [
+        (datetime(1999, 12, 31, 23, 59, 59, tzinfo=UTC), False),
+        (datetime(2000, 1, 1, tzinfo=UTC), True),
+        (T0, True),
+        (T0 + timedelta(days=1), True),
+        (T0 + timedelta(days=1, seconds=1), False),
+        (datetime(5138, 11, 16, tzinfo=UTC), False),
+    ],
+)
+def test_provider_dates_from_2000_to_a_day_ahead_are_plausible(
+    when: datetime, plausible: bool
+) -> None:
+    assert plausible_report_date(when, T0) is plausible
+
+
+@pytest.mark.parametrize(
     ("raw", "expected"),
     [
         ("1517989111", datetime(2018, 2, 7, 7, 38, 31, tzinfo=UTC)),
@@ -109,6 +157,8 @@ def test_duplicates_in_one_poll_keep_the_most_advanced_status_in_any_order() -> 
         ("-5", None),
         ("1e30", None),
         ([], None),
+        (10**400, None),  # float() overflows
+        ("\ud800", None),
     ],
 )
 def test_provider_dates_parse_or_become_none(raw: object, expected: datetime | None) -> None:

@@ -29,8 +29,8 @@ from typing import Any, Final
 
 from sqlalchemy.engine import RowMapping
 
+from daemon.diff import Tally
 from daemon.status import Report
-from daemon.store import Tally
 
 #: Below this many numbers a tag is not remembered: reading it back costs less than
 #: the check that an entry still holds.

@@ -63,8 +63,8 @@ def track_many(
 ) -> None:
     """:func:`track` for many distinct ``(tag, sent_at, window_ends_at)`` at once.
 
-    One statement run with the driver's executemany: building the upsert per tag cost
-    ~1.3 ms, which made a 10,000-tag ``track --from-file`` take 14 s.
+    One statement run with the driver's executemany, so that a large
+    ``track --from-file`` does not build the upsert once per tag.
 
     Every caller that tracks (the CLI, ``POST /tags``, a tag file) passes here, so the
     rule on ``sent_at`` is checked here, before anything is written.
@@ -185,8 +185,8 @@ def claim_due(
     rows are locked with ``FOR UPDATE SKIP LOCKED``, so replicas claiming at the same
     moment get disjoint sets instead of waiting on each other; on SQLite the lease is
     taken by a conditional UPDATE, so concurrent claimers in one process never get the
-    same tag either. Both statements are fixed and run through the driver: at 10,000
-    tags a claim runs once per poll.
+    same tag either. Both statements are fixed and run through the driver, as a claim
+    runs once per poll.
     """
     exclude = set(exclude)
     params = {"now": now, "owner": owner}

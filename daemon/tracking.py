@@ -251,12 +251,13 @@ def finish_poll(
     conn: Connection, tag: str, *, now: datetime, decision: Decision, error: str | None = None
 ) -> None:
     """Write a poll's :class:`~daemon.status.Decision` on its tag (state, next due time,
-    failure count), count the poll, and release the lease; ``error`` None means success.
+    failure count), count the poll, release the lease, and keep ``error`` (None after a
+    success, which the decision's zero failures tell).
 
     Call after :func:`lock_tag` in the same transaction: the decision was made from the
     locked row, so writing its failure count is the same as incrementing it.
     """
-    ok = decision.consecutive_failures == 0
+    ok = decision.consecutive_failures == 0  # decide() resets them on success only
     sql.execute(
         conn,
         f"finish_{ok}",

@@ -1,10 +1,10 @@
 """What the daemon remembers of each large active tag's last answer, so that a re-poll
 merges, diffs and reads back only the numbers whose report changed.
 
-The provider sends every number of a tag on every poll. A 100,000-number tag re-polled
-where 1 % changed used to merge and diff 100,000 reports and read 100,000 stored rows
-back, to write 1,000. A report the store has already applied cannot change anything:
-statuses only move forward, so the stored row holds that report's effect or a later one.
+The provider sends every number of a tag on every poll, so a large tag's re-poll would
+otherwise merge, diff and read back every number to write the few that changed. A
+report the store has already applied cannot change anything: statuses only move
+forward, so the stored row holds that report's effect or a later one.
 After each committed poll of a large active tag, the poller therefore keeps each
 number's last report (the merged dict the poll built anyway) and the tag's counts; the
 next poll's parser leaves out the items that read as those reports, and the store reads
@@ -29,8 +29,8 @@ from typing import Any, Final
 
 from sqlalchemy.engine import RowMapping
 
+from daemon.diff import Tally
 from daemon.status import Report
-from daemon.store import Tally
 
 #: Below this many numbers a tag is not remembered: reading it back costs less than
 #: the check that an entry still holds.

@@ -27,7 +27,7 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from daemon import backfill, migrate, retention, store, tracking
+from daemon import backfill, migrate, queries, retention, tracking
 from daemon.db import create_engine, release_run_lock, sqlite_run_lock
 from daemon.errors import ConfigError, InputError, StoreError
 from daemon.health import (
@@ -226,7 +226,7 @@ def cmd_untrack(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_tags(ctx: Context, args: argparse.Namespace) -> int:
     """List tracked tags."""
     with ctx.engine.connect() as conn:
-        rows = [dict(r) for r in tracking.list_tags(conn)]
+        rows = [dict(r) for r in queries.list_tags(conn)]
     if args.json:
         print_json([{c: r[c] for c in TAG_COLUMNS} for r in rows])
     else:
@@ -243,7 +243,7 @@ def _summary_line(result: PollResult) -> str:
     )
     if result.skipped:
         text += f", {result.skipped} malformed item(s) skipped"
-    state = result.state
+    state: str = result.state
     if state == "untracked":
         state += f" (polled once; `smspartner-status track {result.tag}` resumes polling)"
     return f"{text}\n  statuses: {counts}\n  tag state: {state}"
@@ -280,10 +280,10 @@ def cmd_poll(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_report(ctx: Context, args: argparse.Namespace) -> int:
     """Print one tag's summary (and optionally every number)."""
     with ctx.engine.connect() as conn:
-        summary = store.tag_summary(conn, args.tag)
+        summary = queries.tag_summary(conn, args.tag)
         if not summary:
             raise InputError(f"tag {args.tag!r} is not tracked")
-        numbers = [dict(r) for r in store.numbers(conn, args.tag)] if args.numbers else []
+        numbers = [dict(r) for r in queries.numbers(conn, args.tag)] if args.numbers else []
     row = dict(summary[0])
     if args.json:
         data: dict[str, Any] = {"summary": {c: row[c] for c in SUMMARY_COLUMNS}}
@@ -317,7 +317,7 @@ def cmd_report(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_optouts(ctx: Context, args: argparse.Namespace) -> int:
     """List STOP opt-outs."""
     with ctx.engine.connect() as conn:
-        rows = [dict(r) for r in store.optouts(conn)]
+        rows = [dict(r) for r in queries.optouts(conn)]
     columns = ("phone_number", "tag", "reported_at", "first_seen_at")
     if args.json:
         print_json([{c: r[c] for c in columns} for r in rows])

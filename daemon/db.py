@@ -29,7 +29,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from daemon.errors import ConfigError, DatabaseBusyError
-from daemon.status import Status
+from daemon.status import PollOutcome, Status, TagState
 
 
 def sqlite_text(value: datetime) -> str:
@@ -112,8 +112,8 @@ def _utcnow_default(element: utcnow, compiler: SQLCompiler, **kw: Any) -> str:
 #: to a constraint violation, which is a bug): retried by the schedule, fail readiness.
 UNAVAILABLE_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError)
 
-TAG_STATES = ("active", "completed", "expired", "untracked")
-POLL_OUTCOMES = ("ok", "api_error", "transient_error", "auth_error")
+TAG_STATES = tuple(s.value for s in TagState)
+POLL_OUTCOMES = tuple(o.value for o in PollOutcome)
 _STATUSES = tuple(s.value for s in Status)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy.engine import Engine
 
-from daemon import migrate, store, tracking
+from daemon import migrate, queries, tracking
 from daemon.db import create_engine
 from daemon.errors import InputError
 from daemon.health import Health
@@ -160,7 +160,7 @@ def _watch(
     while time.monotonic() < deadline:
         time.sleep(0.5)
         with engine.connect() as conn:
-            rows = store.tag_summary(conn)
+            rows = queries.tag_summary(conn)
             counts: dict[str, int] = {}
             for row in rows:
                 for key in ("delivered", "not_delivered", "failed", "expired", "stop_sms"):
@@ -188,8 +188,8 @@ def _watch(
 
 def _final_report(engine: Engine, polls: int, failures: int, db: Path) -> None:
     with engine.connect() as conn:
-        summary = [dict(r) for r in store.tag_summary(conn)]
-        optouts = [dict(r) for r in store.optouts(conn)]
+        summary = [dict(r) for r in queries.tag_summary(conn)]
+        optouts = [dict(r) for r in queries.optouts(conn)]
     print(f"\n{polls} polls ({failures} failed and retried later by the schedule)\n")
     print("tag_summary")
     print(table(summary, SUMMARY_COLUMNS[:11]))

@@ -41,7 +41,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Engine, RowMapping
 
-from daemon import tracking
+from daemon import queries, tracking
 from daemon.errors import ConfigError, InputError
 from daemon.health import Health
 from daemon.http_protocol import (
@@ -311,7 +311,7 @@ class HttpServer:
         """
         limit, after = parse_page_query(query)
         with self._engine.connect() as conn:
-            rows = tracking.list_tags_page(conn, after=after, limit=limit + 1)
+            rows = queries.list_tags_page(conn, after=after, limit=limit + 1)
         more, rows = len(rows) > limit, rows[:limit]
         tags = [_listed(row) for row in rows]
         if not more:
@@ -484,7 +484,7 @@ def _public(row: RowMapping) -> dict[str, Any]:
 
 
 def _listed(row: RowMapping) -> dict[str, Any]:
-    """A row of :func:`tracking.list_tags_page` as ``GET /tags`` shows it."""
+    """A row of :func:`queries.list_tags_page` as ``GET /tags`` shows it."""
     listed = _public(row)
     error = listed.get("last_error")
     if isinstance(error, str) and len(error) > _MAX_ERROR_CHARS:

@@ -30,7 +30,7 @@ from prometheus_client import (
 from sqlalchemy.engine import Connection
 
 from daemon.db import POLL_OUTCOMES, TAG_STATES, delivery_statuses, tracked_tags
-from daemon.status import PENDING
+from daemon.status import PENDING, TagState
 
 if TYPE_CHECKING:
     from daemon.poller import PollResult
@@ -160,7 +160,7 @@ class Metrics:
         waiting_query = (
             sa.select(sa.func.count(), sa.func.min(ds.first_seen_at))
             .select_from(delivery_statuses.join(tracked_tags, tt.tag == ds.tag))
-            .where(tt.state == "active", ds.status.in_(pending))
+            .where(tt.state == TagState.ACTIVE.value, ds.status.in_(pending))
         )
         waiting, oldest = conn.execute(waiting_query).one()
         states = conn.execute(sa.select(tt.state, sa.func.count()).group_by(tt.state))

@@ -25,14 +25,14 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import structlog
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from daemon import answers, store, tracking
+from daemon import answers, queries, store, tracking
 from daemon.answers import Answer, Answers
 from daemon.db import UNAVAILABLE_ERRORS, write_transaction
 from daemon.errors import (
@@ -48,25 +48,25 @@ from daemon.redaction import redact
 from daemon.settings import Settings
 from daemon.smspartner import FetchResult, SmsPartnerClient
 from daemon.status import (
+    AUTH_RETRY,
     PENDING,
+    Decision,
+    Lifecycle,
+    PollOutcome,
     Report,
-    Status,
-    is_complete,
+    TagNow,
+    TagState,
+    decide,
     merge_reports,
-    next_poll_at,
     plausible_report_date,
-    window_closed,
     window_end,
 )
 from daemon.store import Tally
 
+__all__ = ["AUTH_RETRY", "GC_THRESHOLD", "MAX_ERROR_CHARS", "PollResult", "Poller", "tune_gc"]
+
 log = structlog.get_logger(__name__)
 
-#: After the window closes, a failing last poll is retried this long before the tag
-#: expires anyway (design.md: "for up to one more hour").
-EXPIRY_GRACE = timedelta(hours=1)
-#: How long codes 1/10 pause a tag (and, in the daemon, all polling).
-AUTH_RETRY = timedelta(minutes=5)
 #: The longest error text kept in ``poll_runs.error`` and ``tracked_tags.last_error``.
 MAX_ERROR_CHARS = 300
 #: The garbage collector's first threshold (CPython's default is 700 allocations).
@@ -76,11 +76,9 @@ GC_THRESHOLD = 50_000
 def tune_gc() -> None:
     """Make the cyclic garbage collector run less often; the composition root calls it.
 
-    A 100,000-number poll keeps ~250,000 new objects alive until it commits (its
-    reports and rows), and they all survive every collection. At the default threshold
-    the collector ran ~350 times during such a poll, twice over the whole heap, and took
-    0.35 s of it; at 50,000 it runs 4 times and takes 0.1 s. Reference counting still
-    frees everything else at once; only cycles wait a little longer.
+    A large poll keeps its reports and rows alive until it commits, and the default
+    threshold rescans them over and over (figures in docs/performance.md); reference
+    counting still frees everything else at once, only cycles wait a little longer.
     """
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
@@ -102,8 +100,8 @@ class PollResult:
     """What one poll did, for the CLI summary, the scheduler and metrics."""
 
     tag: str
-    outcome: str  # ok | api_error | transient_error | auth_error (poll_runs.outcome)
-    state: str
+    outcome: PollOutcome
+    state: TagState
     pages: int = 0
     numbers_seen: int = 0
     changed: int = 0
@@ -121,7 +119,7 @@ class PollResult:
     @property
     def ok(self) -> bool:
         """Whether the poll succeeded (code 4, "no messages yet", is a success)."""
-        return self.outcome == "ok"
+        return self.outcome is PollOutcome.OK
 
 
 class Poller:
@@ -139,7 +137,7 @@ class Poller:
         self._engine = engine
         self._client = client
         self._settings = settings
-        self._cadence = settings.cadence
+        self._lifecycle = Lifecycle(cadence=settings.cadence, settle=settings.settle)
         self._clock = clock
         self._answers = Answers() if answers is None else answers
 
@@ -187,7 +185,8 @@ class Poller:
         return answer
 
     def _poll(self, tag: str, answer: Answer | None, now: datetime) -> PollResult:
-        fetched, error, outcome = FetchResult([], 0, 0, 0, "empty_page"), None, "ok"
+        fetched, error = FetchResult([], 0, 0, 0, "empty_page"), None
+        outcome = PollOutcome.OK
         no_messages = False
         merged: dict[str, Report] = {}
         try:
@@ -196,14 +195,14 @@ class Poller:
         except NoMessagesError:
             no_messages = True
         except AuthError as exc:
-            outcome, error = "auth_error", self._storable(str(exc))
+            outcome, error = PollOutcome.AUTH_ERROR, self._storable(str(exc))
         except ApiError as exc:
-            outcome = "transient_error" if exc.transient else "api_error"
+            outcome = PollOutcome.TRANSIENT_ERROR if exc.transient else PollOutcome.API_ERROR
             error = self._storable(str(exc))
         except PollAbandoned:
             raise
         except Exception as exc:  # an answer nothing foresaw, or a bug: a failed poll
-            outcome, error = "transient_error", self._crash_error(tag, exc)
+            outcome, error = PollOutcome.TRANSIENT_ERROR, self._crash_error(tag, exc)
             fetched, merged = FetchResult([], fetched.pages, 0, 0, "crashed"), {}
 
         try:
@@ -221,7 +220,7 @@ class Poller:
                 )
         except UNAVAILABLE_ERRORS as exc:
             raise DatabaseUnavailableError(f"database error: {exc.orig}") from exc
-        if result.ok and result.state == "active":
+        if result.ok and result.state is TagState.ACTIVE:
             reports = {**answer.reports, **merged} if answer else merged
             tally = Tally(applied.counts, applied.stop_sms)
             remembered = Answer((row["poll_count"] + 1, now), reports, tally)
@@ -276,42 +275,36 @@ class Poller:
 
     def _record_crash(self, tag: str, now: datetime, error: str) -> PollResult:
         """Record a poll whose transaction failed as a transient failure, in a
-        transaction of its own: a ``poll_runs`` row, the failure counters, and a next
-        due time backed off like any failure's (never at once: a tag whose poll keeps
-        crashing must not starve the others).
+        transaction of its own: a ``poll_runs`` row and what :func:`~daemon.status.decide`
+        makes of a failure (its counters, a next due time backed off like any failure's,
+        never at once, so a tag whose poll keeps crashing does not starve the others; past
+        the window's grace period, its expiry).
 
         Raises:
             StoreError: even this could not be written (the scheduler cools the tag
                 down in memory instead); :class:`DatabaseUnavailableError` when the
                 database could not be reached.
         """
+        outcome = PollOutcome.TRANSIENT_ERROR
         try:
             with write_transaction(self._engine) as conn:
                 row = tracking.lock_tag(conn, tag)
                 if row is None:
                     raise StoreError(f"poll of {tag!r} failed: {error}")
-                state: str = row["state"]
-                due: datetime | None = row["next_poll_at"]
-                if state == "active":
-                    due = next_poll_at(
-                        sent_at=row["sent_at"],
-                        window_ends_at=self._window_ends_at(row),
-                        now=now,
-                        cadence=self._cadence,
-                        consecutive_failures=row["consecutive_failures"] + 1,
-                    )
+                tag_now = self._tag_now(row)
+                decision = decide(tag_now, outcome, {}, now=now, lifecycle=self._lifecycle)
+                expired, counts = self._expire(conn, tag, decision, now)
                 finished = self._clock()
                 store.record_poll_run(
                     conn,
                     tag,
                     started_at=now,
                     finished_at=finished,
-                    outcome="transient_error",
+                    outcome=outcome,
+                    numbers_changed=expired,
                     error=error,
                 )
-                tracking.finish_poll(
-                    conn, tag, now=now, ok=False, state=state, next_poll_at=due, error=error
-                )
+                tracking.finish_poll(conn, tag, now=now, decision=decision, error=error)
         except StoreError:
             raise
         except Exception as exc:
@@ -323,9 +316,13 @@ class Poller:
             raise StoreError(message) from exc
         result = PollResult(
             tag=tag,
-            outcome="transient_error",
-            state=state,
+            outcome=outcome,
+            state=decision.state,
+            changed=expired,
+            events=expired,
+            expired=expired,
             error=error,
+            counts=counts,
             seconds=(finished - now).total_seconds(),
         )
         self._log(result)
@@ -338,52 +335,23 @@ class Poller:
         now: datetime,
         fetched: FetchResult,
         merged: dict[str, Report],
-        outcome: str,
+        outcome: PollOutcome,
         error: str | None,
         no_messages: bool,
         tally: Tally | None,
     ) -> tuple[PollResult, store.Applied]:
-        """Write the poll's effects; returns its result and what it applied."""
+        """Write the poll's effects, as :func:`~daemon.status.decide` rules them;
+        returns its result and what it applied."""
         tag: str = row["tag"]
         sent_at: datetime = row["sent_at"]
-        window_ends_at = self._window_ends_at(row)
-        ok = outcome == "ok"
+        ok = outcome is PollOutcome.OK
         applied = store.Applied()
+        counts: dict[str, int] = {}
         if ok:
             applied = store.apply_reports(conn, tag, merged, now=now, tally=tally)
-
-        untracked = row["state"] == "untracked"
-        expired = 0
-        closed = window_closed(window_ends_at, now)
-        expire = (
-            not untracked and closed and (ok or window_closed(window_ends_at + EXPIRY_GRACE, now))
-        )
-        if expire:
-            expired = store.expire_pending(conn, tag, now=now)
-        # A successful poll's diff knows the counts; after an expiry or a failure they
-        # are read back from the tag's counts row.
-        counts = applied.counts if ok and not expired else store.status_counts(conn, tag)
-        # Numbers we expired are unresolved too: a tag whose last poll resolved them all
-        # completes even past its window, and one that has any expired number does not.
-        unresolved = sum(counts.get(s.value, 0) for s in (*PENDING, Status.EXPIRED))
-        complete = ok and is_complete(
-            total=sum(counts.values()),
-            pending=unresolved,
-            sent_at=sent_at,
-            now=now,
-            settle=self._settings.settle,
-        )
-        due: datetime | None = None
-        if untracked:
-            # Untracked while this poll was under way (or polled by hand): what it
-            # fetched is kept, but only `track` puts the tag back on the schedule.
-            state = "untracked"
-        elif complete:
-            state = "completed"
-        elif expire:
-            state = "expired"
-        else:
-            state, due = "active", self._next_due(row, now, ok, outcome)
+            counts = applied.counts
+        decision = decide(self._tag_now(row), outcome, counts, now=now, lifecycle=self._lifecycle)
+        expired, counts = self._expire(conn, tag, decision, now, counts if ok else None)
         finished = self._clock()
         store.record_poll_run(
             conn,
@@ -396,11 +364,11 @@ class Poller:
             numbers_changed=applied.changed + expired,
             error=error,
         )
-        tracking.finish_poll(conn, tag, now=now, ok=ok, state=state, next_poll_at=due, error=error)
+        tracking.finish_poll(conn, tag, now=now, decision=decision, error=error)
         result = PollResult(
             tag=tag,
             outcome=outcome,
-            state=state,
+            state=decision.state,
             pages=fetched.pages,
             numbers_seen=fetched.numbers,
             changed=applied.changed + expired,
@@ -418,28 +386,35 @@ class Poller:
         )
         return result, applied
 
+    @staticmethod
+    def _expire(
+        conn: Connection,
+        tag: str,
+        decision: Decision,
+        now: datetime,
+        counts: dict[str, int] | None = None,
+    ) -> tuple[int, dict[str, int]]:
+        """Expire the tag's pending numbers if the decision says so; returns how many,
+        and the tag's counts after it (``counts`` when nothing moved, else read back from
+        the tag's counts row)."""
+        expired = store.expire_pending(conn, tag, now=now) if decision.expire_pending else 0
+        if counts is None or expired:
+            counts = queries.status_counts(conn, tag)
+        return expired, counts
+
+    def _tag_now(self, row: Mapping[str, Any]) -> TagNow:
+        """What :func:`~daemon.status.decide` needs of the tag's locked row."""
+        return TagNow(
+            state=TagState(row["state"]),
+            sent_at=row["sent_at"],
+            window_ends_at=self._window_ends_at(row),
+            consecutive_failures=row["consecutive_failures"],
+        )
+
     def _window_ends_at(self, row: Mapping[str, Any]) -> datetime:
         """The tag's window end; a row another program inserted may not have one yet."""
         ends: datetime | None = row["window_ends_at"]
         return ends or window_end(row["sent_at"], self._settings.report_window)
-
-    def _next_due(self, row: Mapping[str, Any], now: datetime, ok: bool, outcome: str) -> datetime:
-        if outcome == "auth_error":
-            return now + AUTH_RETRY
-        sent_at: datetime = row["sent_at"]
-        window_ends_at = self._window_ends_at(row)
-        failures = 0 if ok else row["consecutive_failures"] + 1
-        due = next_poll_at(
-            sent_at=sent_at,
-            window_ends_at=window_ends_at,
-            now=now,
-            cadence=self._cadence,
-            consecutive_failures=failures,
-        )
-        if not ok and window_closed(window_ends_at, now):
-            # The last poll failed after the window closed: retry within the grace hour.
-            due = min(due, window_ends_at + EXPIRY_GRACE)
-        return due
 
     @staticmethod
     def _log(result: PollResult) -> None:

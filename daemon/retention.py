@@ -15,8 +15,7 @@ Each batch is ``DELETE … WHERE id IN (SELECT id … ORDER BY id LIMIT n)`` com
 its own, over the ids between the previous batch's last one and the last matching id
 when the prune began; on SQLite the next batch waits as long as this one held the
 write lock. So the daemon's polls never wait
-long for a lock (``tests/benchmarks/prune_20m.py``), and an interrupted prune keeps what
-it already did.
+long for a lock, and an interrupted prune keeps what it already did.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from daemon.db import (
 )
 from daemon.output import iso
 from daemon.settings import Settings
+from daemon.status import TagState
 
 log = structlog.get_logger(__name__)
 
@@ -59,12 +59,11 @@ PROGRESS_EVERY = 5.0
 # with ``DELETE … WHERE id IN (SELECT id … ORDER BY id LIMIT n)`` (both engines accept
 # it); the caller commits after each batch, so no lock is held for long, and passes the
 # batch's last id as the next ``after``. ``upto`` is the last matching id when the prune
-# began: rows written since are newer than any cutoff. Without the two bounds, a batch
-# re-read every row the cutoff keeps in front of the ones it deletes, and the last batch
-# every kept row behind them: on 20 million events, seconds under SQLite's write lock.
+# began: rows written since are newer than any cutoff. The two bounds keep each batch from
+# re-reading the rows the cutoff keeps, which on a large table held SQLite's write lock.
 
 #: Tag states whose numbers are no longer polled; only their statuses may be pruned.
-RETIRED_STATES = ("completed", "expired", "untracked")
+RETIRED_STATES = tuple(s.value for s in (TagState.COMPLETED, TagState.EXPIRED, TagState.UNTRACKED))
 _ds, _ev, _tt = delivery_statuses.c, delivery_status_events.c, tracked_tags.c
 
 
@@ -307,10 +306,9 @@ def _delete_all(
 def _make_way(engine: Engine, held: float) -> None:
     """On SQLite, between two batches: let other writers in, and checkpoint the WAL.
 
-    SQLite has one writer, and a writer waiting in its busy handler retries only every
-    100 ms or so: a prune that began its next batch at once kept a poll waiting 10 s
-    (``tests/benchmarks/prune_20m.py``). So the lock stays free for longer than that
-    interval, and longer than the batch held it. The passive checkpoint moves the
+    SQLite has one writer, and one waiting in its busy handler retries only every 100 ms
+    or so, so the lock stays free for longer than that interval (and than the batch held
+    it) or a poll could wait behind batch after batch. The passive checkpoint moves the
     deleted pages into the database file here, instead of in a poll's commit.
     """
     with engine.connect() as conn:

@@ -49,6 +49,7 @@ from daemon.db import UNAVAILABLE_ERRORS, write_transaction
 from daemon.errors import DatabaseUnavailableError, PollAbandoned, StoreError
 from daemon.health import Health, Notifier, remove_heartbeat, write_heartbeat
 from daemon.poller import AUTH_RETRY, PollResult
+from daemon.status import PollOutcome
 
 log = structlog.get_logger(__name__)
 
@@ -341,11 +342,11 @@ class Daemon:
         with self._lock:  # several polls may hit the wrong key at once: log it once
             self._cooling.pop(result.tag, None)  # recorded: its schedule is the database's
             was_paused = self._auth_paused_until is not None
-            if result.outcome == "auth_error":
+            if result.outcome is PollOutcome.AUTH_ERROR:
                 self._auth_paused_until = self._clock() + AUTH_RETRY
             elif result.ok:
                 self._auth_paused_until = None
-        if result.outcome == "auth_error":
+        if result.outcome is PollOutcome.AUTH_ERROR:
             self._health.auth(result.error)
             if not was_paused:
                 log.error(

@@ -1,12 +1,12 @@
 """SQL handed straight to the driver, for the statements every poll runs.
 
-SQLAlchemy Core builds, caches and binds a statement in ~0.3 ms; at 10,000 small tags
-that was most of the daemon's own work per poll, and on a 100,000-number tag its
-per-row parameter processing (~20 µs a row) outweighed the database's work. So the
-fixed statements are compiled once per dialect (:func:`compiled`) and run with the
-driver's own parameters (:func:`execute`); bulk rows go 100 to a statement on SQLite
-(:func:`bulk`) and by COPY on PostgreSQL (:func:`copy_rows`). Values handed over must
-already be in the driver's form: :func:`db_time` converts datetimes.
+SQLAlchemy Core's statement building and per-row parameter processing outweighed the
+database's own work, on many small tags and on one large one alike (figures in
+docs/performance.md). So the fixed statements are compiled once per dialect
+(:func:`compiled`) and run with the driver's own parameters (:func:`execute`); bulk
+rows go 100 to a statement on SQLite (:func:`bulk`) and by COPY on PostgreSQL
+(:func:`copy_rows`). Values handed over must already be in the driver's form:
+:func:`db_time` converts datetimes.
 
 :mod:`daemon.store` and :mod:`daemon.tracking` build their statements with these.
 """
@@ -47,9 +47,8 @@ _COMPILED: dict[tuple[Any, ...], Any] = {}
 def compiled(conn: Connection, name: str, build: Callable[[], Any]) -> Any:
     """``build()`` compiled for the connection's dialect, once per process and dialect.
 
-    SQL handed to the driver directly skips SQLAlchemy's compiled cache: building and
-    compiling the forward-only upsert on every poll cost ~5 ms, more than all the other
-    database work of a poll of a small tag (``tests/benchmarks/tags_10k.py``).
+    SQL handed to the driver directly skips SQLAlchemy's compiled cache, and building
+    the forward-only upsert anew costs a small tag's poll more than its database work.
     """
     dialect = conn.dialect
     key = (name, type(dialect), dialect.paramstyle, dialect.server_version_info)
@@ -74,12 +73,11 @@ def bulk(
     """SQLite: run ``build(values)`` (an INSERT taking ``.values(values)``) for many
     rows, given as one flat list of their values, row after row in ``keys`` order.
 
-    The rows go 100 to a statement: executed once per row, the upsert re-opened the
-    table's and its four indexes' cursors every time and took twice as long. The values
-    skip SQLAlchemy's processors (~20 µs a row), so they must already be in the driver's
-    form (see ``db_time``). They come flat, not as a tuple per row, because 100,000 row
-    tuples cost a poll ~25 ms to build and a garbage collection while they live.
-    PostgreSQL COPYs instead (:func:`copy_rows`).
+    The rows go 100 to a statement, since a statement per row re-opens the table's and
+    its indexes' cursors each time. The values skip SQLAlchemy's processors, so they must
+    already be in the driver's form (see ``db_time``); they come flat, since a tuple per
+    row is costly to build and to keep alive on a large poll. PostgreSQL COPYs instead
+    (:func:`copy_rows`).
     """
     width = len(keys)
     step = SQLITE_ROWS_PER_STATEMENT * width
@@ -116,10 +114,10 @@ def _run_values(
 def execute(conn: Connection, name: str, build: Callable[[], Any], **params: Any) -> Any:
     """Run a fixed statement with named bind parameters through the driver.
 
-    For the statements every poll runs: SQLAlchemy's statement building, cache-key
-    generation and parameter processing cost ~0.3 ms each, which at 10,000 small tags
-    was most of the daemon's own work per poll. Datetimes are converted here (the only
-    bound type that needs it); rows come back in the driver's form.
+    For the statements every poll runs, where SQLAlchemy's statement building, cache-key
+    generation and parameter processing would be most of the daemon's own work on small
+    tags. Datetimes are converted here (the only bound type that needs it); rows come
+    back in the driver's form.
     """
     statement = compiled(conn, name, build)
     to_db = db_time(conn)

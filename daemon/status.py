@@ -1,4 +1,5 @@
-"""The pure core: what a provider status means, which report wins, when a tag is due.
+"""The pure core: what a provider status means, which report wins, when a tag is due,
+and what a poll's outcome does to its tag (:func:`decide`).
 
 Nothing here does I/O or reads a clock: every function that depends on time takes
 ``now``. The store's upsert statement encodes the same forward-only rule as
@@ -10,10 +11,28 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
+
+
+class TagState(enum.StrEnum):
+    """A tag's place in its lifecycle, as stored in ``tracked_tags.state``."""
+
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    UNTRACKED = "untracked"
+
+
+class PollOutcome(enum.StrEnum):
+    """How one poll of a tag ended, as stored in ``poll_runs.outcome``."""
+
+    OK = "ok"
+    API_ERROR = "api_error"
+    TRANSIENT_ERROR = "transient_error"
+    AUTH_ERROR = "auth_error"
 
 
 class Status(enum.StrEnum):
@@ -389,3 +408,108 @@ def is_complete(
     and those the daemon marked ``expired`` when the window closed.
     """
     return total > 0 and pending == 0 and now - sent_at >= settle
+
+
+#: After the window closes, a failing last poll is retried this long before the tag
+#: expires anyway (design.md: "for up to one more hour").
+EXPIRY_GRACE = timedelta(hours=1)
+#: How long codes 1/10 pause a tag (and, in the daemon, all polling).
+AUTH_RETRY = timedelta(minutes=5)
+
+
+@dataclass(frozen=True, slots=True)
+class Lifecycle:
+    """The settings a lifecycle decision depends on."""
+
+    cadence: Sequence[CadenceStep]
+    #: How long after ``sent_at`` a tag with every number final may complete.
+    settle: timedelta
+    grace: timedelta = EXPIRY_GRACE
+    auth_retry: timedelta = AUTH_RETRY
+
+
+@dataclass(frozen=True, slots=True)
+class TagNow:
+    """What a decision needs of a tag's row, as the poll's transaction read it."""
+
+    state: TagState
+    sent_at: datetime
+    window_ends_at: datetime
+    consecutive_failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What one poll's outcome does to its tag; the poller writes it as it is."""
+
+    state: TagState
+    #: None when the tag leaves the schedule (completed, expired, untracked).
+    next_poll_at: datetime | None
+    consecutive_failures: int
+    #: The window is over: every still-pending number becomes ``expired`` now.
+    expire_pending: bool
+    #: Codes 1/10: the key is refused, so polling pauses until :attr:`next_poll_at`.
+    auth_paused: bool
+
+
+def decide(
+    tag: TagNow,
+    outcome: PollOutcome,
+    counts: Mapping[str, int],
+    *,
+    now: datetime,
+    lifecycle: Lifecycle,
+) -> Decision:
+    """The lifecycle rule of design.md for one poll of ``tag`` that ended in ``outcome``.
+
+    ``counts`` are the tag's numbers per status once the poll's reports are applied (only
+    a successful poll can complete a tag, so a failed one may pass what it likes).
+
+    * A successful poll completes the tag when it has numbers, none unresolved (pending,
+      or expired by us: a late report may still resolve those) and ``sent_at`` is older
+      than the settle period.
+    * Once the window has closed, a successful poll (code 4 included) expires the tag and
+      its pending numbers; a failing one is retried on its backoff for the grace period,
+      after which the tag expires anyway.
+    * Otherwise the tag stays active, due again on its cadence; each failure doubles the
+      wait (capped by the cadence, and within the grace period after the window), and a
+      refused key (codes 1/10) pauses the tag for :attr:`Lifecycle.auth_retry`.
+    * An untracked tag stays untracked: what a poll fetched is kept, but only ``track``
+      puts the tag back on the schedule.
+    """
+    ok = outcome is PollOutcome.OK
+    failures = 0 if ok else tag.consecutive_failures + 1
+    auth = outcome is PollOutcome.AUTH_ERROR
+    if tag.state is TagState.UNTRACKED:
+        return Decision(TagState.UNTRACKED, None, failures, False, auth)
+    ends = tag.window_ends_at
+    expire = window_closed(ends, now) and (ok or window_closed(ends + lifecycle.grace, now))
+    unresolved = sum(counts.get(s, 0) for s in _UNRESOLVED)
+    if ok and is_complete(
+        total=sum(counts.values()),
+        pending=unresolved,
+        sent_at=tag.sent_at,
+        now=now,
+        settle=lifecycle.settle,
+    ):
+        # Nothing is pending, so the expiry that may also be due changes no number.
+        return Decision(TagState.COMPLETED, None, failures, expire, False)
+    if expire:
+        return Decision(TagState.EXPIRED, None, failures, True, auth)
+    if auth:
+        due = now + lifecycle.auth_retry
+    else:
+        due = next_poll_at(
+            sent_at=tag.sent_at,
+            window_ends_at=ends,
+            now=now,
+            cadence=lifecycle.cadence,
+            consecutive_failures=failures,
+        )
+        if not ok and window_closed(ends, now):
+            due = min(due, ends + lifecycle.grace)  # the last poll's retries, within grace
+    return Decision(TagState.ACTIVE, due, failures, False, auth)
+
+
+#: What keeps a tag from completing: numbers the provider has not resolved.
+_UNRESOLVED = (*PENDING, Status.EXPIRED)

@@ -1,29 +1,27 @@
-"""The statements on numbers: the poll's diff and forward-only upsert, status events,
-opt-outs, expiry, the tag's counts row, ``poll_runs``, and the reads behind ``report``
-and ``optouts``.
+"""The write path on numbers: one poll's forward-only upsert, status events, opt-outs,
+expiry, the tag's counts row and its ``poll_runs`` row.
 
 Functions take an open :class:`~sqlalchemy.engine.Connection` and never commit: the
 caller owns the transaction (one per poll of a tag). Upserts are single
 ``INSERT … ON CONFLICT … DO UPDATE … WHERE <forward-only>`` statements, so the rule
 of :func:`daemon.status.supersedes` holds in the database itself, even when two
-processes write the same row. Before writing, a poll diffs against what is stored and
-sends only the numbers that would change, so a re-poll of an unchanged tag writes
-nothing. The tag's own row is :mod:`daemon.tracking`'s; retention's deletes are
-:mod:`daemon.retention`'s.
+processes write the same row. Before writing, a poll diffs against what is stored
+(:func:`daemon.diff.diff_reports`, pure) and sends only the numbers that would change,
+so a re-poll of an unchanged tag writes nothing. The tag's own row is
+:mod:`daemon.tracking`'s; the reads for people are :mod:`daemon.queries`'; retention's
+deletes are :mod:`daemon.retention`'s.
 """
 
 from __future__ import annotations
 
 import functools
-import operator
-from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.engine import Connection
 
 from daemon import sql
 from daemon.db import (
@@ -35,25 +33,12 @@ from daemon.db import (
     stop_sms_optouts,
     tag_counts,
 )
-from daemon.status import (
-    FINAL,
-    PENDING,
-    PROVIDER_FINAL,
-    Report,
-    Status,
-    status_advances,
-    supersedes,
-)
+from daemon.diff import EVENT_KEYS, STATUS_KEYS, Diff, StoredState, Tally, diff_reports
+from daemon.status import PENDING, PROVIDER_FINAL, PollOutcome, Report, Status
 
-# Dict lookups are several times cheaper than Status(text) and .value on 100,000 rows.
-_STATUS_BY_VALUE = {s.value: s for s in Status}
-_VALUE_OF = {s: s.value for s in Status}
+__all__ = ["Applied", "Tally", "apply_reports", "expire_pending", "record_poll_run"]
+
 _ds = delivery_statuses.c
-_STATUS_KEYS = (
-    "tag", "phone_number", "status", "provider_status", "stop_sms", "reported_at",
-    "first_seen_at", "resolved_at", "updated_at",
-)  # fmt: skip
-_EVENT_KEYS = ("tag", "phone_number", "old_status", "new_status", "reported_at", "observed_at")
 
 
 def _literal(status: Status) -> Any:
@@ -64,14 +49,6 @@ def _literal(status: Status) -> Any:
 
 def _values(statuses: Iterable[Status]) -> list[Any]:
     return [_literal(s) for s in sorted(statuses)]
-
-
-@dataclass(frozen=True, slots=True)
-class Tally:
-    """A tag's numbers per status, and how many answered STOP."""
-
-    counts: Mapping[str, int]
-    stop_sms: int
 
 
 @dataclass(slots=True)
@@ -125,24 +102,20 @@ def _forward_only(stmt: Any) -> tuple[Any, Any]:
 _incoming = sa.Table(
     "incoming_statuses",
     sa.MetaData(),
-    *(sa.Column(c.name, c.type) for c in delivery_statuses.c if c.name in _STATUS_KEYS),
+    *(sa.Column(c.name, c.type) for c in delivery_statuses.c if c.name in STATUS_KEYS),
     prefixes=["TEMPORARY"],
     postgresql_on_commit="delete_rows",
 )
 
 
 def _copy_upsert_statuses(conn: Connection, rows: list[Any]) -> None:
-    """PostgreSQL: COPY the rows into a temporary table, then one upsert from it.
-
-    Row-by-row upserts into a table with a foreign key cost PostgreSQL ~150 µs each (a
-    foreign-key check per row on the speculative-insert path): 100,000 numbers took 15 s.
-    COPY plus a single ``INSERT … SELECT … ON CONFLICT`` does the same work in ~4 s, and
-    the forward-only WHERE is the same expression.
-    """
+    """PostgreSQL: COPY the rows into a temporary table, then one upsert from it,
+    with the same forward-only WHERE: row-by-row upserts pay a foreign-key check each
+    (figures in docs/performance.md)."""
     conn.exec_driver_sql(
         str(sa.schema.CreateTable(_incoming, if_not_exists=True).compile(dialect=conn.dialect))
     )
-    sql.copy_rows(conn, _incoming.name, _STATUS_KEYS, rows)
+    sql.copy_rows(conn, _incoming.name, STATUS_KEYS, rows)
     conn.execute(_upsert_statuses(conn, source=_incoming))
 
 
@@ -158,7 +131,7 @@ def _upsert_statuses(
     if values is not None:
         stmt = stmt.values(values)
     if source is not None:
-        stmt = stmt.from_select(list(_STATUS_KEYS), sa.select(*(source.c[k] for k in _STATUS_KEYS)))
+        stmt = stmt.from_select(list(STATUS_KEYS), sa.select(*(source.c[k] for k in STATUS_KEYS)))
     old, new = _ds, stmt.excluded
     advances, stop_turns_on = _forward_only(stmt)
     became_final = sa.and_(
@@ -186,7 +159,7 @@ def _first_seen_events(conn: Connection, tag: str, now: datetime) -> None:
     """Events (old status NULL) for the numbers this poll inserted (first seen now).
 
     For a tag with nothing stored yet, where that is every row of the tag: the
-    database copies its own rows, instead of 100,000 rows sent back in.
+    database copies its own rows rather than have them all sent again.
     """
 
     def build() -> Any:
@@ -196,7 +169,7 @@ def _first_seen_events(conn: Connection, tag: str, now: datetime) -> None:
             _ds.tag == sa.bindparam("tag"),
             _ds.first_seen_at == sa.bindparam("now", type_=UtcDateTime()),
         )
-        return sa.insert(delivery_status_events).from_select(list(_EVENT_KEYS), new_rows)
+        return sa.insert(delivery_status_events).from_select(list(EVENT_KEYS), new_rows)
 
     sql.execute(conn, "first_seen_events", build, tag=tag, now=now)
 
@@ -208,13 +181,12 @@ _STATE_COLUMNS = (_ds.phone_number, _ds.status, _ds.stop_sms, _ds.reported_at)
 
 def _stored_states(
     conn: Connection, tag: str, only: Collection[str] | None = None
-) -> dict[str, tuple[Any, ...]]:
+) -> dict[str, StoredState]:
     """What is stored for a tag (or for the numbers ``only`` of it): number →
     ``(number, status, stop_sms, reported_at)``, the driver's own tuple.
 
-    A re-poll of a 100,000-number tag reads every row back, so this skips SQLAlchemy's
-    row objects and every conversion: :func:`apply_reports` compares the tuples as they
-    are and builds a :class:`Report` only for a number whose values differ.
+    The driver's tuples, without SQLAlchemy's rows or conversions: a cold re-poll of a
+    large tag reads every row back, and the diff compares them as they are.
     """
     if only is None:
         return _fetch_states(
@@ -243,12 +215,14 @@ def _stored_states(
 
 def _fetch_states(
     conn: Connection, name: str, build: Callable[[], Any], **params: Any
-) -> dict[str, tuple[Any, ...]]:
+) -> dict[str, StoredState]:
+    """Run a read of stored states through the driver (see :func:`daemon.sql.execute`);
+    a driver error is raised as SQLAlchemy would raise it, for the callers' handlers."""
     result = sql.execute(conn, name, build, **params)
     dbapi_error = conn.dialect.loaded_dbapi.Error
     try:
         rows = result.cursor.fetchall()
-    except dbapi_error as exc:  # raised as SQLAlchemy would, for the callers' handlers
+    except dbapi_error as exc:
         raise sa.exc.DBAPIError.instance(None, None, exc, dbapi_error) from exc
     finally:
         result.close()
@@ -266,103 +240,63 @@ def apply_reports(
     """Upsert one poll's merged reports; write an event per real status change and an
     opt-out row per new STOP.
 
-    Call after :func:`daemon.tracking.lock_tag` in the same transaction: the diff against what is
-    stored decides which rows to send and which events to write, and the upsert's WHERE
-    re-applies the forward-only rule in the database as a safety net.
+    Call after :func:`daemon.tracking.lock_tag` in the same transaction: the diff against
+    what is stored decides which rows to send and which events to write, and the upsert's
+    WHERE re-applies the forward-only rule in the database as a safety net.
 
     ``tally``: the tag's counts as they stand, when the caller knows them (it stored
     them itself, and nothing else wrote since). Then only the numbers in ``reports``
     are read back, instead of the whole tag.
     """
-    if tally is None:
-        stored = _stored_states(conn, tag)
-        counts = Counter(map(operator.itemgetter(1), stored.values()))
-        stop_sms = sum(map(operator.itemgetter(2), stored.values()))
-        new_tag = not stored
-    else:
-        stored = _stored_states(conn, tag, reports.keys())
-        counts, stop_sms, new_tag = Counter(tally.counts), tally.stop_sms, False
-    to_db, from_db = sql.db_time(conn), sql.from_db_time(conn)
-    now_db = to_db(now)
-    value, by_value = _VALUE_OF, _STATUS_BY_VALUE
-    # A campaign's reports share few distinct seconds: convert each once.
-    dates = {when: to_db(when) for when in {new.reported_at for new in reports.values()}}
-    resolved = {status: now_db if status in FINAL else None for status in Status}
-    fresh: list[Report] = []  # numbers seen for the first time
-    changed: list[tuple[Report, Report]] = []  # (new, old) where new supersedes old
-    if not stored:  # a tag's first poll, or only new numbers: nothing to compare
-        fresh = list(reports.values())
-    else:
-        for phone, new in reports.items():
-            row = stored.get(phone)
-            if row is None:
-                fresh.append(new)
-            elif row != (phone, value[new.status], new.stop_sms, dates[new.reported_at]):
-                # Equal values can never supersede; only a difference needs the full rule.
-                old = Report(phone, by_value[row[1]], "", bool(row[2]), from_db(row[3]))
-                if supersedes(new, old):
-                    changed.append((new, old))
-
-    written = fresh + [new for new, _ in changed]
-    moved = [(new, old) for new, old in changed if status_advances(new, old)]
-    # Flat lists of values, row after row (see sql.bulk): no tuple kept per row.
-    rows: list[Any] = []
-    add_row = rows.extend
-    for phone, status, provider, stop, reported in written:
-        add_row((tag, phone, value[status], provider, stop, dates[reported], now_db,
-                 resolved[status], now_db))  # fmt: skip
-    # A new tag's first sightings are copied by the database (_first_seen_events); on a
-    # re-poll the few new numbers are sent along, rather than scanning the whole tag.
-    events: list[Any] = []
-    add_event = events.extend
-    for phone, status, _, _, reported in [] if new_tag else fresh:
-        add_event((tag, phone, None, value[status], dates[reported], now_db))
-    for new, old in moved:
-        if new.status is not old.status:
-            add_event((tag, new.phone_number, value[old.status], value[new.status],
-                       dates[new.reported_at], now_db))  # fmt: skip
-    counts.update(value[new.status] for new in fresh)
-    counts.subtract(value[old.status] for _, old in moved)
-    counts.update(value[new.status] for new, _ in moved)
-    stops = [
-        {"phone_number": new.phone_number, "tag": tag, "reported_at": new.reported_at,
-         "first_seen_at": now}
-        for new in fresh + [new for new, old in changed if not old.stop_sms]
-        if new.stop_sms
-    ]  # fmt: skip
-    applied = Applied(
-        changed=len(written),
-        events=len(events) // len(_EVENT_KEYS) + (len(fresh) if new_tag else 0),
-        newly_final=[new.reported_at for new in fresh if new.status in PROVIDER_FINAL]
-        + [
-            new.reported_at
-            for new, old in moved
-            if new.status in PROVIDER_FINAL and old.status not in PROVIDER_FINAL
-        ],
-        counts={status: n for status, n in counts.items() if n},
-        stop_sms=stop_sms + len(stops),
+    stored = _stored_states(conn, tag, None if tally is None else reports.keys())
+    diff = diff_reports(
+        tag,
+        reports,
+        stored,
+        tally=tally,
+        now=now,
+        to_db=sql.db_time(conn),
+        from_db=sql.from_db_time(conn),
     )
-    if conn.dialect.name == "postgresql":
-        if events:
-            sql.copy_rows(conn, delivery_status_events.name, _EVENT_KEYS, events)
-        if rows:
-            _copy_upsert_statuses(conn, rows)
-    else:
-        sql.bulk(conn, "insert_events", _insert_events, _EVENT_KEYS, events)
-        upsert = functools.partial(_upsert_statuses, conn, None)
-        sql.bulk(conn, "upsert_statuses", upsert, _STATUS_KEYS, rows)
-    if fresh and new_tag:
+    _write(conn, diff)
+    if diff.copy_first_sightings:
         _first_seen_events(conn, tag, now)
-    if rows:
-        _save_counts_row(conn, tag, applied.counts, applied.stop_sms, now=now)
-    if stops:
-        stmt = (
-            sql.dialect_insert(conn, stop_sms_optouts)
-            .on_conflict_do_nothing(index_elements=["phone_number", "tag"])
-            .returning(stop_sms_optouts.c.phone_number, stop_sms_optouts.c.reported_at)
-        )
-        applied.optouts = [(p, r) for p, r in conn.execute(stmt, stops).all()]
-    return applied
+    if diff.rows:
+        _save_counts_row(conn, tag, diff.tally.counts, diff.tally.stop_sms, now=now)
+    return Applied(
+        changed=diff.changed,
+        events=diff.event_count,
+        optouts=_insert_optouts(conn, diff.optouts) if diff.optouts else [],
+        newly_final=diff.newly_final,
+        counts=dict(diff.tally.counts),
+        stop_sms=diff.tally.stop_sms,
+    )
+
+
+def _write(conn: Connection, diff: Diff) -> None:
+    """Write the diff's events and rows: by COPY on PostgreSQL, 100 rows to a statement
+    on SQLite (:mod:`daemon.sql`)."""
+    if conn.dialect.name == "postgresql":
+        if diff.events:
+            sql.copy_rows(conn, delivery_status_events.name, EVENT_KEYS, diff.events)
+        if diff.rows:
+            _copy_upsert_statuses(conn, diff.rows)
+    else:
+        sql.bulk(conn, "insert_events", _insert_events, EVENT_KEYS, diff.events)
+        upsert = functools.partial(_upsert_statuses, conn, None)
+        sql.bulk(conn, "upsert_statuses", upsert, STATUS_KEYS, diff.rows)
+
+
+def _insert_optouts(
+    conn: Connection, rows: list[dict[str, Any]]
+) -> list[tuple[str, datetime | None]]:
+    """Insert opt-out rows; returns ``(number, reported_at)`` of those that were new."""
+    stmt = (
+        sql.dialect_insert(conn, stop_sms_optouts)
+        .on_conflict_do_nothing(index_elements=["phone_number", "tag"])
+        .returning(stop_sms_optouts.c.phone_number, stop_sms_optouts.c.reported_at)
+    )
+    return [(phone, reported) for phone, reported in conn.execute(stmt, rows).all()]
 
 
 def expire_pending(conn: Connection, tag: str, *, now: datetime) -> int:
@@ -400,12 +334,6 @@ def expire_pending(conn: Connection, tag: str, *, now: datetime) -> int:
     return result.rowcount
 
 
-def status_counts(conn: Connection, tag: str) -> dict[str, int]:
-    """A tag's numbers per status, from its ``tag_counts`` row."""
-    row = conn.execute(sa.select(tag_counts).where(tag_counts.c.tag == tag)).mappings().first()
-    return {status: row[status] for status in COUNTED if row[status]} if row else {}
-
-
 def _save_counts(conn: Connection) -> Any:
     stmt = sql.dialect_insert(conn, tag_counts).values(
         {c.name: sa.bindparam(c.name, type_=c.type) for c in tag_counts.c}
@@ -439,7 +367,7 @@ def record_poll_run(
     *,
     started_at: datetime,
     finished_at: datetime,
-    outcome: str,
+    outcome: PollOutcome,
     pages: int = 0,
     numbers_seen: int = 0,
     numbers_changed: int = 0,
@@ -455,48 +383,9 @@ def record_poll_run(
         tag=tag,
         started_at=started_at,
         finished_at=finished_at,
-        outcome=outcome,
+        outcome=outcome.value,
         pages=pages,
         numbers_seen=numbers_seen,
         numbers_changed=numbers_changed,
         error=error,
     )
-
-
-# --- reports for people ------------------------------------------------------------------
-
-
-def tag_summary(conn: Connection, tag: str | None = None) -> list[RowMapping]:
-    """Rows of the ``tag_summary`` view (all tags, or one), newest send first."""
-    where = " WHERE tag = :tag" if tag else ""
-    query = sa.text(f"SELECT * FROM tag_summary{where} ORDER BY sent_at DESC, tag").columns(
-        sent_at=UtcDateTime(), window_ends_at=UtcDateTime(), last_polled_at=UtcDateTime()
-    )
-    params = {"tag": tag} if tag else {}
-    return list(conn.execute(query, params).mappings())
-
-
-def numbers(conn: Connection, tag: str) -> Sequence[RowMapping]:
-    """Every number of a tag with its current status."""
-    query = (
-        sa.select(
-            _ds.phone_number,
-            _ds.status,
-            _ds.provider_status,
-            _ds.stop_sms,
-            _ds.reported_at,
-            _ds.first_seen_at,
-            _ds.resolved_at,
-        )
-        .where(_ds.tag == tag)
-        .order_by(_ds.phone_number)
-    )
-    return conn.execute(query).mappings().all()
-
-
-def optouts(conn: Connection) -> Sequence[RowMapping]:
-    """Every STOP opt-out, oldest first."""
-    query = sa.select(stop_sms_optouts).order_by(
-        stop_sms_optouts.c.first_seen_at, stop_sms_optouts.c.id
-    )
-    return conn.execute(query).mappings().all()

@@ -1,5 +1,6 @@
 """The statements on ``tracked_tags``: track and untrack, claims and leases, and the
-tag's side of a poll (its row lock, then its counters, state and next due time).
+tag's side of a poll (its row lock, then its counters, state and next due time). The
+listings for people are :mod:`daemon.queries`'.
 
 Functions take an open :class:`~sqlalchemy.engine.Connection` and never commit: the
 caller owns the transaction. The statements the daemon runs for every poll or claim
@@ -16,75 +17,20 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
 from daemon import sql
-from daemon.db import UtcDateTime, tag_counts, tracked_tags
+from daemon.db import UtcDateTime, tracked_tags
 from daemon.errors import InputError
-from daemon.status import window_end
+from daemon.status import Decision, TagState, window_end
 
 #: How far ahead of now a ``sent_at`` may be: clocks differ a little, campaigns are not
 #: sent from the future (a typo such as 9998-12-31 made a tag polled every minute forever).
 SENT_AT_MAX_AHEAD = timedelta(days=1)
 
 _tt = tracked_tags.c
-_tc = tag_counts.c
-
-#: The counts of the ``tag_summary`` view that a page of :func:`list_tags_page` carries.
-SUMMARY_COUNTS = (
-    "total",
-    "waiting",
-    "delivered",
-    "not_delivered",
-    "failed",
-    "expired",
-    "unknown",
-    "stop_sms",
-    "delivery_rate",
-)
 
 
 def get_tag(conn: Connection, tag: str) -> RowMapping | None:
     """One ``tracked_tags`` row, or None."""
     return conn.execute(sa.select(tracked_tags).where(_tt.tag == tag)).mappings().first()
-
-
-def list_tags(conn: Connection) -> list[RowMapping]:
-    """Every tracked tag, newest send first."""
-    query = sa.select(tracked_tags).order_by(_tt.sent_at.desc(), _tt.tag)
-    return list(conn.execute(query).mappings())
-
-
-def list_tags_page(conn: Connection, *, after: str | None, limit: int) -> list[RowMapping]:
-    """One page of tracked tags, ordered by tag, each with the counts of ``tag_summary``.
-
-    Keyset pagination: the page holds the first ``limit`` tags greater than ``after``
-    (the last tag of the previous page; None for the first page). Each page is one range
-    scan of the primary key, so its cost and size do not grow with the table, and tags
-    tracked or untracked between two pages never make another tag skipped or repeated,
-    as an OFFSET would. Ordering and comparison both use the column's collation, so the
-    pages agree with each other on either database.
-
-    The counts are computed as the view computes them, from ``tag_counts``, rather than
-    by joining the view: SQLite cannot merge a view that is itself a join into the right
-    side of a LEFT JOIN, so it would build the whole view for every page (0.9 s at
-    200,000 tags).
-    """
-    counts = [sa.func.coalesce(_tc[name], 0).label(name) for name in SUMMARY_COUNTS[:-1]]
-    rate = sa.case(
-        (sa.func.coalesce(_tc.total, 0) == 0, None),
-        else_=sa.cast(_tc.delivered, sa.Float()) / _tc.total,
-    ).label("delivery_rate")
-    joined, where = _tc.tag == _tt.tag, []
-    if after is not None:
-        # Repeated on tag_counts, so that a merge join scans both primary keys from the
-        # cursor on, not tag_counts from its first row (PostgreSQL picks one at times).
-        joined, where = sa.and_(joined, _tc.tag > after), [_tt.tag > after]
-    query = (
-        sa.select(tracked_tags, *counts, rate)
-        .select_from(tracked_tags.outerjoin(tag_counts, joined))
-        .where(*where)
-        .order_by(_tt.tag)
-        .limit(limit)
-    )
-    return list(conn.execute(query).mappings())
 
 
 def sent_at_problem(sent_at: datetime, now: datetime) -> str | None:
@@ -117,8 +63,8 @@ def track_many(
 ) -> None:
     """:func:`track` for many distinct ``(tag, sent_at, window_ends_at)`` at once.
 
-    One statement run with the driver's executemany: building the upsert per tag cost
-    ~1.3 ms, which made a 10,000-tag ``track --from-file`` take 14 s.
+    One statement run with the driver's executemany, so that a large
+    ``track --from-file`` does not build the upsert once per tag.
 
     Every caller that tracks (the CLI, ``POST /tags``, a tag file) passes here, so the
     rule on ``sent_at`` is checked here, before anything is written.
@@ -134,7 +80,7 @@ def track_many(
         tag=sa.bindparam("tag", type_=_tt.tag.type),
         sent_at=sa.bindparam("sent_at", type_=UtcDateTime()),
         window_ends_at=sa.bindparam("window_ends_at", type_=UtcDateTime()),
-        state="active",
+        state=TagState.ACTIVE.value,
         next_poll_at=now,
         created_at=now,
         updated_at=now,
@@ -143,7 +89,7 @@ def track_many(
     stmt = stmt.on_conflict_do_update(
         index_elements=[_tt.tag],
         set_={
-            "state": "active",
+            "state": TagState.ACTIVE.value,
             "sent_at": sa.case((later, stmt.excluded.sent_at), else_=_tt.sent_at),
             "window_ends_at": sa.case(
                 (later, stmt.excluded.window_ends_at), else_=_tt.window_ends_at
@@ -163,7 +109,7 @@ def untrack(conn: Connection, tag: str, *, now: datetime) -> bool:
     result = conn.execute(
         sa.update(tracked_tags)
         .where(_tt.tag == tag)
-        .values(state="untracked", next_poll_at=None, updated_at=now)
+        .values(state=TagState.UNTRACKED.value, next_poll_at=None, updated_at=now)
     )
     return result.rowcount > 0
 
@@ -194,7 +140,7 @@ def _due(now: Any, owner: Any) -> tuple[Any, ...]:
     are polling, so any other lease of theirs is stale (a poll cut off by a database
     error could not release it)."""
     return (
-        _tt.state == "active",
+        _tt.state == TagState.ACTIVE.value,
         sa.or_(_tt.next_poll_at.is_(None), _tt.next_poll_at <= now),
         sa.or_(
             _tt.lease_expires_at.is_(None), _tt.lease_expires_at <= now, _tt.lease_owner == owner
@@ -239,8 +185,8 @@ def claim_due(
     rows are locked with ``FOR UPDATE SKIP LOCKED``, so replicas claiming at the same
     moment get disjoint sets instead of waiting on each other; on SQLite the lease is
     taken by a conditional UPDATE, so concurrent claimers in one process never get the
-    same tag either. Both statements are fixed and run through the driver: at 10,000
-    tags a claim runs once per poll.
+    same tag either. Both statements are fixed and run through the driver, as a claim
+    runs once per poll.
     """
     exclude = set(exclude)
     params = {"now": now, "owner": owner}
@@ -282,11 +228,7 @@ def release_leases(conn: Connection, *, owner: str) -> None:
 
 def _finish(ok: bool) -> Any:
     now = sa.bindparam("now", type_=UtcDateTime())
-    counters = (
-        {"last_success_at": now, "consecutive_failures": 0}
-        if ok
-        else {"consecutive_failures": _tt.consecutive_failures + 1}
-    )
+    success = {"last_success_at": now} if ok else {}
     return (
         sa.update(tracked_tags)
         .where(_tt.tag == sa.bindparam("tag"))
@@ -295,34 +237,36 @@ def _finish(ok: bool) -> Any:
             poll_count=_tt.poll_count + 1,
             state=sa.bindparam("state"),
             next_poll_at=sa.bindparam("next_poll_at", type_=UtcDateTime()),
+            consecutive_failures=sa.bindparam("failures", type_=sa.Integer()),
             last_error=sa.bindparam("error"),
             lease_owner=None,
             lease_expires_at=None,
             updated_at=now,
-            **counters,
+            **success,
         )
     )
 
 
 def finish_poll(
-    conn: Connection,
-    tag: str,
-    *,
-    now: datetime,
-    ok: bool,
-    state: str,
-    next_poll_at: datetime | None,
-    error: str | None = None,
+    conn: Connection, tag: str, *, now: datetime, decision: Decision, error: str | None = None
 ) -> None:
-    """Record a poll's effect on its tag: counters, state, next due time, lease released."""
+    """Write a poll's :class:`~daemon.status.Decision` on its tag (state, next due time,
+    failure count), count the poll, release the lease, and keep ``error`` (None after a
+    success, which the decision's zero failures tell).
+
+    Call after :func:`lock_tag` in the same transaction: the decision was made from the
+    locked row, so writing its failure count is the same as incrementing it.
+    """
+    ok = decision.consecutive_failures == 0  # decide() resets them on success only
     sql.execute(
         conn,
         f"finish_{ok}",
         lambda: _finish(ok),
         tag=tag,
         now=now,
-        state=state,
-        next_poll_at=next_poll_at,
+        state=decision.state.value,
+        next_poll_at=decision.next_poll_at,
+        failures=decision.consecutive_failures,
         error=error,
     )
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from daemon import migrate, tracking
+from daemon import migrate, queries, tracking
 from daemon.db import create_engine
 from daemon.health import Health
 from daemon.log import configure_logging
@@ -190,7 +190,7 @@ def daemon_pass(
         elapsed = time.perf_counter() - start
     assert stats.failures == 0, [r.error for r in stats.results if not r.ok][:3]
     with engine.connect() as conn:
-        states = {r["state"] for r in tracking.list_tags(conn)}
+        states = {r["state"] for r in queries.list_tags(conn)}
     assert states == {"completed"}, states
     engine.dispose()
     if profile and profiles and main_profile:

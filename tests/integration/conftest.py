@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from daemon import migrate, store, tracking
+from daemon import migrate, queries, tracking
 from daemon.answers import Answers
 from daemon.db import create_engine
 from daemon.poller import Poller
@@ -59,7 +59,7 @@ class Rig:
 
     def rows(self, tag: str) -> dict[str, dict[str, Any]]:
         with self.engine.connect() as conn:
-            return {r["phone_number"]: dict(r) for r in store.numbers(conn, tag)}
+            return {r["phone_number"]: dict(r) for r in queries.numbers(conn, tag)}
 
     def count(self, table: sa.Table) -> int:
         with self.engine.connect() as conn:

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from structlog.testing import capture_logs
 
-from daemon import store, tracking
+from daemon import queries, tracking
 from daemon.db import delivery_status_events, delivery_statuses, stop_sms_optouts
 from daemon.poller import PollResult
 from tests.integration.conftest import NOW, Rig
@@ -87,7 +87,7 @@ def stored(r: Rig, tag: str) -> dict[str, Any]:
                 stop_sms_optouts.c.tag == tag
             )
         ).all()
-        summary = dict(store.tag_summary(conn, tag)[0])
+        summary = dict(queries.tag_summary(conn, tag)[0])
     del summary["tag"]
     return {
         "rows": r.rows(tag),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from daemon import backfill, migrate, tracking
+from daemon import backfill, migrate, queries, tracking
 from daemon.db import create_engine, tracked_tags
 from daemon.errors import InputError
 from tests.conftest import CliResult, run_cli
@@ -201,7 +201,7 @@ def test_track_all_on_both_engines_keeps_the_latest_sent_at(db_url: str) -> None
             )
         assert (done.tags, done.new) == (2, 1)
         with engine.connect() as conn:
-            rows = {r["tag"]: r for r in tracking.list_tags(conn)}
+            rows = {r["tag"]: r for r in queries.list_tags(conn)}
         assert rows["old"]["state"] == "active"
         assert rows["old"]["sent_at"] == t0 + timedelta(days=1)  # later: the window moves
         assert rows["new"]["sent_at"] == t0  # the later of its two lines

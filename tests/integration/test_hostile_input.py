@@ -27,7 +27,7 @@ import pytest
 import sqlalchemy as sa
 import structlog
 
-from daemon import migrate, tracking
+from daemon import migrate, queries, tracking
 from daemon.cli import main
 from daemon.db import create_engine, release_run_lock, sqlite_run_lock
 from daemon.errors import DatabaseBusyError, InputError
@@ -383,7 +383,7 @@ def test_post_tags_answers_400_to_a_sent_at_more_than_a_day_ahead(tmp_path: Path
     finally:
         server.stop()
     with engine.connect() as conn:
-        assert [r["tag"] for r in tracking.list_tags(conn)] == ["ok"]
+        assert [r["tag"] for r in queries.list_tags(conn)] == ["ok"]
     engine.dispose()
 
 

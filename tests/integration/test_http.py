@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import Engine
 from structlog.testing import capture_logs
 
-from daemon import migrate, store, tracking
+from daemon import migrate, queries, store, tracking
 from daemon.db import create_engine, tracked_tags
 from daemon.errors import ConfigError
 from daemon.health import Health
@@ -741,14 +741,14 @@ def test_each_page_carries_the_counts_of_tag_summary(
         for tag, found in reports.items():
             store.apply_reports(conn, tag, {r.phone_number: r for r in found}, now=T0)
     with app.engine.connect() as conn:
-        view = {row["tag"]: row for row in store.tag_summary(conn)}
+        view = {row["tag"]: row for row in queries.tag_summary(conn)}
 
     listed = [t for page in walk_rows(app, "/tags?limit=2") for t in page]
 
     assert [t["tag"] for t in listed] == ["a", "b", "c"]
     for tag in listed:
-        assert {n: tag[n] for n in tracking.SUMMARY_COUNTS} == pytest.approx(
-            {n: view[tag["tag"]][n] for n in tracking.SUMMARY_COUNTS}
+        assert {n: tag[n] for n in queries.SUMMARY_COUNTS} == pytest.approx(
+            {n: view[tag["tag"]][n] for n in queries.SUMMARY_COUNTS}
         )
     assert (listed[1]["total"], listed[1]["delivery_rate"]) == (3, pytest.approx(1 / 3))
     assert (listed[2]["total"], listed[2]["delivery_rate"]) == (0, None)

@@ -286,6 +286,28 @@ def test_a_crashing_poll_is_recorded_as_a_failure_and_backed_off(rig: Callable[.
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["poll.crashed"]
 
 
+def test_a_poll_still_crashing_after_the_grace_hour_expires_the_tag_like_any_failure(
+    rig: Callable[..., Rig],
+) -> None:
+    r = rig()
+    r.track("crash", sent_at=NOW - timedelta(hours=47))  # the window ends at NOW + 1 h
+    r.sim.set_number("crash", "+331", "Waiting", date=unix(NOW - timedelta(hours=47)))
+    assert r.poller.poll("crash").state == "active"
+    poison(r, "delivery_statuses", "crash")
+    r.sim.set_number("crash", "+332", "Waiting", date=unix(NOW))  # a new row: refused
+    r.clock.now = NOW + timedelta(minutes=90)  # within the grace hour: retried
+    within = r.poller.poll("crash")
+    assert (within.outcome, within.state, within.expired) == ("transient_error", "active", 0)
+    assert tag_row(r, "crash")["next_poll_at"] == r.clock.now + timedelta(seconds=30)
+    r.clock.now = NOW + timedelta(hours=2)  # the grace hour is over
+    result = r.poller.poll("crash")
+    assert (result.outcome, result.state, result.expired) == ("transient_error", "expired", 1)
+    assert [o for o, _ in runs(r, "crash")] == ["ok", "transient_error", "transient_error"]
+    row = tag_row(r, "crash")
+    assert (row["state"], row["next_poll_at"], row["consecutive_failures"]) == ("expired", None, 2)
+    assert {p: n["status"] for p, n in r.rows("crash").items()} == {"+331": "expired"}
+
+
 # --- the daemon, stepped with the rig's clock ------------------------------------------
 
 

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from structlog.testing import capture_logs
 
-from daemon import store, tracking
+from daemon import queries, tracking
 from daemon.db import (
     TAG_SUMMARY_SQL_0001,
     delivery_status_events,
@@ -320,7 +320,7 @@ def test_tag_summary_always_equals_a_recount_of_the_numbers(rig: Callable[..., R
 
     def summary() -> dict[str, object]:
         with r.engine.connect() as conn:
-            return dict(store.tag_summary(conn, "mix")[0])
+            return dict(queries.tag_summary(conn, "mix")[0])
 
     def poll_and_compare() -> dict[str, object]:
         r.poller.poll("mix")

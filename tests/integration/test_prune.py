@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from daemon import migrate, retention, store
+from daemon import migrate, queries, retention
 from daemon.db import (
     TAG_COUNTS_FROM_STATUSES_SQL,
     UtcDateTime,
@@ -164,12 +164,12 @@ def test_a_tags_summary_outlives_the_pruning_of_its_numbers(engine: Engine) -> N
     now = sa.bindparam("now", NOW, type_=UtcDateTime())
     with engine.begin() as conn:  # the counts the polls would have kept
         conn.execute(sa.text(TAG_COUNTS_FROM_STATUSES_SQL).bindparams(now))
-        before = {r["tag"]: r["total"] for r in store.tag_summary(conn)}
+        before = {r["tag"]: r["total"] for r in queries.tag_summary(conn)}
     assert before == dict.fromkeys(TAGS, 2)
     prune(engine, statuses=timedelta(days=30))
     with engine.connect() as conn:
-        assert {r["tag"]: r["total"] for r in store.tag_summary(conn)} == before
-        assert store.numbers(conn, "old-done") == []
+        assert {r["tag"]: r["total"] for r in queries.tag_summary(conn)} == before
+        assert queries.numbers(conn, "old-done") == []
 
 
 def test_opt_outs_go_only_with_their_own_option(engine: Engine) -> None:

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from daemon import migrate, store, tracking
+from daemon import migrate, queries, store, tracking
 from daemon.db import create_engine, delivery_status_events, delivery_statuses, stop_sms_optouts
 from daemon.status import Report, Status
 
@@ -240,7 +240,7 @@ def test_tag_summary_counts_and_rate(engine: Engine) -> None:
     )
     with engine.begin() as conn:
         tracking.track(conn, "empty", sent_at=T0, window_ends_at=T0 + timedelta(hours=48), now=T0)
-        rows = {r["tag"]: dict(r) for r in store.tag_summary(conn)}
+        rows = {r["tag"]: dict(r) for r in queries.tag_summary(conn)}
     spring = rows["spring"]
     assert (
         spring["total"],

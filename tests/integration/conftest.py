@@ -9,18 +9,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from daemon import migrate, store, tracking
+from daemon import store, tracking
 from daemon.answers import Answers
-from daemon.db import create_engine
+from daemon.app import App
 from daemon.poller import Poller
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
-from daemon.smspartner import SmsPartnerClient
 from tests.conftest import API_KEY
 from tests.integration.test_daemon import Running
 
@@ -39,12 +37,13 @@ class Clock:
 
 @dataclass
 class Rig:
-    """A poller wired to the simulator and a fresh database."""
+    """A poller wired to the simulator and a fresh database, built by ``app``."""
 
     engine: Engine
     poller: Poller
     clock: Clock
     sim: Simulator
+    app: App
 
     def track(self, tag: str, sent_at: datetime | None = None) -> None:
         sent = sent_at or self.clock.now
@@ -68,8 +67,7 @@ class Rig:
 
 @pytest.fixture
 def rig(db_url: str, simulator: Simulator) -> Iterator[Callable[..., Rig]]:
-    engines: list[Engine] = []
-    clients: list[httpx.Client] = []
+    apps: list[App] = []
 
     def build(*, remember: bool = True, **overrides: Any) -> Rig:
         """A rig with these settings; ``remember=False`` re-polls every number in full."""
@@ -82,36 +80,17 @@ def rig(db_url: str, simulator: Simulator) -> Iterator[Callable[..., Rig]]:
             max_retries=4,
         )
         values.update(overrides)
-        settings = load_settings({}, **values)
-        engine = create_engine(db_url)
-        migrate.upgrade(engine)
-        http = httpx.Client(timeout=settings.http_timeout_seconds)
-        engines.append(engine)
-        clients.append(http)
-        assert settings.api_key is not None
-        client = SmsPartnerClient(
-            http,
-            api_key=settings.api_key.get_secret_value(),
-            base_url=settings.base_url,
-            max_retries=settings.max_retries,
-            retry_backoff=settings.retry_backoff_seconds,
-            rate_limit_per_second=0,
-            max_pages=settings.max_pages,
-        )
         clock = Clock()
         # Every tag's answer is remembered, however small: each re-poll in these tests
         # takes the path a large tag takes in the daemon (see daemon/answers.py).
         answers = Answers(min_numbers=1 if remember else sys.maxsize)
-        poller = Poller(
-            engine=engine, client=client, settings=settings, clock=clock, answers=answers
-        )
-        return Rig(engine, poller, clock, simulator)
+        app = App(load_settings({}, **values), clock=clock, answers=answers)
+        apps.append(app)
+        return Rig(app.engine, app.poller, clock, simulator, app)
 
     yield build
-    for http in clients:
-        http.close()
-    for engine in engines:
-        engine.dispose()
+    for app in apps:
+        app.close()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ heavy modules are imported by the property that needs them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,7 +57,9 @@ class App:
         transport: an httpx transport for the API client (tests inject faults with
             ``httpx.MockTransport``); None is a real network connection.
         answers: the poller's memory of large tags' answers (tests choose its size).
+        health: what the daemon reports (tests read one they made); None makes one.
         dispatch_interval: seconds between two dispatches of the daemon.
+        lease: how long the daemon's claims last unrenewed (None: the scheduler's).
     """
 
     def __init__(
@@ -69,7 +71,9 @@ class App:
         service: bool = False,
         transport: httpx.BaseTransport | None = None,
         answers: Answers | None = None,
+        health: Health | None = None,
         dispatch_interval: float = 2.0,
+        lease: timedelta | None = None,
     ) -> None:
         self._settings = settings
         self.clock = clock
@@ -78,13 +82,14 @@ class App:
         self._transport = transport
         self._answers = answers
         self._dispatch_interval = dispatch_interval
+        self._lease = lease
         self._engine: Engine | None = None
         self._migrated = False
         self._http: httpx.Client | None = None
         self._client: SmsPartnerClient | None = None
         self._poller: Poller | None = None
         self._daemon: Daemon | None = None
-        self._health: Health | None = None
+        self._health = health
         self._metrics: Metrics | None = None
         self._server: HttpServer | None = None
         self._server_built = False
@@ -195,9 +200,18 @@ class App:
                 client=client,
                 settings=self.settings,
                 clock=self.clock,
-                answers=self._answers,
+                answers=self.answers,
             )
         return self._poller
+
+    @property
+    def answers(self) -> Answers:
+        """The poller's memory of large tags' answers (shared by every poll)."""
+        if self._answers is None:
+            from daemon.answers import Answers
+
+            self._answers = Answers()
+        return self._answers
 
     # --- the daemon ------------------------------------------------------------------------
 
@@ -232,7 +246,7 @@ class App:
         if self._daemon is None:
             from daemon import retention
             from daemon.health import Notifier
-            from daemon.scheduler import Daemon
+            from daemon.scheduler import LEASE, Daemon
 
             settings, poller = self.settings, self.poller
             self._daemon = Daemon(
@@ -252,6 +266,7 @@ class App:
                     self.clock,
                     should_stop=lambda: self.shutdown.stopping,
                 ),
+                lease=self._lease or LEASE,
                 shutdown=self.shutdown,
             )
         return self._daemon

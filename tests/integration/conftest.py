@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,9 @@ from sqlalchemy.engine import Engine
 from daemon import store, tracking
 from daemon.answers import Answers
 from daemon.app import App
+from daemon.health import Health
 from daemon.poller import Poller
+from daemon.scheduler import Daemon
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
 from tests.conftest import API_KEY
@@ -44,6 +46,20 @@ class Rig:
     clock: Clock
     sim: Simulator
     app: App
+    #: Apps of the daemons this rig made, closed with the rig's own.
+    made: list[App] = field(default_factory=list)
+
+    def daemon(self, health: Health | None = None, concurrency: int = 1) -> Daemon:
+        """A new daemon on this rig's settings, clock and answers (each call a new one,
+        as a restarted process would be); ``health`` to read what it reports."""
+        app = App(
+            self.app.settings.model_copy(update={"concurrency": concurrency}),
+            clock=self.clock,
+            answers=self.app.answers,
+            health=health,
+        )
+        self.made.append(app)
+        return app.daemon
 
     def track(self, tag: str, sent_at: datetime | None = None) -> None:
         sent = sent_at or self.clock.now
@@ -67,7 +83,7 @@ class Rig:
 
 @pytest.fixture
 def rig(db_url: str, simulator: Simulator) -> Iterator[Callable[..., Rig]]:
-    apps: list[App] = []
+    rigs: list[Rig] = []
 
     def build(*, remember: bool = True, **overrides: Any) -> Rig:
         """A rig with these settings; ``remember=False`` re-polls every number in full."""
@@ -85,12 +101,13 @@ def rig(db_url: str, simulator: Simulator) -> Iterator[Callable[..., Rig]]:
         # takes the path a large tag takes in the daemon (see daemon/answers.py).
         answers = Answers(min_numbers=1 if remember else sys.maxsize)
         app = App(load_settings({}, **values), clock=clock, answers=answers)
-        apps.append(app)
-        return Rig(app.engine, app.poller, clock, simulator, app)
+        rigs.append(Rig(app.engine, app.poller, clock, simulator, app))
+        return rigs[-1]
 
     yield build
-    for app in apps:
-        app.close()
+    for rig in rigs:
+        for app in (*rig.made, rig.app):
+            app.close()
 
 
 @pytest.fixture

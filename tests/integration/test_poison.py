@@ -290,14 +290,7 @@ def test_a_crashing_poll_is_recorded_as_a_failure_and_backed_off(rig: Callable[.
 
 
 def daemon_for(r: Rig, health: Health | None = None) -> Daemon:
-    return Daemon(
-        engine=r.engine,
-        poll=r.poller.poll,
-        clock=r.clock,
-        health=health or Health(r.clock),
-        concurrency=1,
-        report_window=timedelta(hours=48),
-    )
+    return r.daemon(health, concurrency=1)
 
 
 def step(daemon: Daemon) -> None:

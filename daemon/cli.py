@@ -1,27 +1,30 @@
-"""The ``smspartner-status`` command line and the composition root.
+"""The ``smspartner-status`` command line.
 
 This module owns the parser (every verb, option, help text and argument type) and
 ``main()``, which parses arguments, builds the settings once, configures logging, then
-builds the Context (engine, HTTP client, SMS Partner client and poller, each made when a
-verb first asks) and hands it to the verb. What the verbs do lives in
+hands the verb an :class:`~daemon.app.App`, the composition root that builds the
+engine, clients, poller and daemon when the verb first asks. What the verbs do lives in
 ``daemon.commands``. Every expected error (our exception tree, and a database failing
 a verb's statement) becomes one ``error: …`` line on stderr and a non-zero exit: 2 for
 bad input or configuration, 1 for a failure at run time. Only the entry points
 (``daemon.__main__`` and the console script) import this module.
+
+``--help``, a bad argument and ``check`` import only the standard library and our light
+modules; the settings, logging and everything heavy are imported once a verb needs them
+(tests/integration/test_light_start.py keeps it so).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from daemon import retention
 from daemon.commands import (
-    Context,
     cmd_check,
     cmd_db_upgrade,
     cmd_demo,
@@ -34,15 +37,13 @@ from daemon.commands import (
     cmd_tags,
     cmd_track,
     cmd_untrack,
-    utcnow,
 )
-from daemon.db import UNAVAILABLE_ERRORS
 from daemon.errors import ConfigError, InputError, SmsPartnerStatusError
-from daemon.log import configure_logging
 from daemon.output import print_error
-from daemon.poller import tune_gc
-from daemon.settings import load_settings
 from daemon.status import parse_duration, parse_sent_at, tag_problem
+
+if TYPE_CHECKING:
+    from daemon.app import App
 
 EXAMPLES = """\
 examples:
@@ -59,6 +60,14 @@ Configuration comes from SMSPARTNER_* environment variables or a .env file
 
 #: The longest ``--…-older-than`` age: a century, as for SMSPARTNER_PRUNE_*_DAYS.
 MAX_AGE = timedelta(days=36500)
+#: ``prune --batch-size`` unless given: ``daemon.retention.DEFAULT_BATCH_SIZE``, which
+#: ``--help`` must not import SQLAlchemy to read (a test keeps them equal).
+PRUNE_BATCH_SIZE = 5000
+#: The collector's first threshold while a verb starts: importing SQLAlchemy, pydantic
+#: and httpx allocates about a million objects that live as long as the process; at
+#: the default (700) the collector ran 175 times over them, a tenth of the start,
+#: and freed nothing. The poller keeps it as high (``daemon.poller.tune_gc``).
+START_GC_THRESHOLD = 50_000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -216,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size",
         type=_batch_size,
-        default=retention.DEFAULT_BATCH_SIZE,
+        default=PRUNE_BATCH_SIZE,
         metavar="N",
         help="rows deleted per transaction (default: %(default)s)",
     )
@@ -244,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="poll every due tag once, close windows that ended, and exit (non-zero if a "
         "poll failed) — for cron and Kubernetes CronJobs",
     )
-    p.set_defaults(func=cmd_run, log_to_stdout=True)
+    p.set_defaults(func=cmd_run, log_to_stdout=True, service=True)
 
     p = verbs.add_parser(
         "check",
@@ -252,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exit 0 when the `run` daemon using this database beat in the last "
         "minute (for a Docker HEALTHCHECK), 1 otherwise.",
     )
-    p.set_defaults(func=cmd_check)
+    p.set_defaults(func=cmd_check, standalone=True)
 
     p = verbs.add_parser(
         "demo",
@@ -283,11 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``smspartner-status`` and ``python -m daemon``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    ctx: Context | None = None
+    app: App | None = None
     try:
-        if getattr(args, "standalone", False):  # demo, simulator: no settings, no Context
+        if getattr(args, "standalone", False):  # check, demo, simulator: no settings
             return int(args.func(None, args))
-        tune_gc()
+        gc.set_threshold(START_GC_THRESHOLD, *gc.get_threshold()[1:])
+        from daemon.app import App
+        from daemon.log import configure_logging
+        from daemon.settings import load_settings
+
         settings = load_settings()
         configure_logging(
             level=settings.log_level,
@@ -295,28 +308,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             secrets=settings.secrets(),
             stream=sys.stdout if getattr(args, "log_to_stdout", False) else sys.stderr,
         )
-        ctx = Context(settings=settings, clock=utcnow)
-        return int(args.func(ctx, args))
+        app = App(settings, service=getattr(args, "service", False))
+        return int(args.func(app, args))
     except (ConfigError, InputError) as exc:
         print_error(str(exc))
         return 2
     except SmsPartnerStatusError as exc:
         print_error(str(exc))
         return 1
-    except UNAVAILABLE_ERRORS as exc:
-        # A verb's own statement failed: a read-only SQLite file, a server that went
-        # away mid-command. Only the driver's message: the SQL and its parameters are
-        # noise here, and the URL is shown with its password masked.
-        where = ctx.settings.safe_database_url if ctx is not None else "database"
-        print_error(f"database {where}: {getattr(exc, 'orig', None) or exc}")
-        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return _reader_gone()
+    except Exception as exc:
+        if not _database_unavailable(exc):
+            raise
+        # A verb's own statement failed: a read-only SQLite file, a server that went
+        # away mid-command. Only the driver's message: the SQL and its parameters are
+        # noise here, and the URL is shown with its password masked.
+        where = app.settings.safe_database_url if app is not None else "database"
+        print_error(f"database {where}: {getattr(exc, 'orig', None) or exc}")
+        return 1
     finally:
-        if ctx is not None:
-            ctx.close()
+        if app is not None:
+            app.close()
+
+
+def _database_unavailable(exc: Exception) -> bool:
+    """Whether ``exc`` is a database failing a statement (:data:`daemon.db.UNAVAILABLE_ERRORS`).
+
+    Without SQLAlchemy imported, no database was opened and it cannot be one.
+    """
+    if "sqlalchemy" not in sys.modules:
+        return False
+    from daemon.db import UNAVAILABLE_ERRORS
+
+    return isinstance(exc, UNAVAILABLE_ERRORS)
 
 
 def _reader_gone() -> int:

@@ -1,15 +1,15 @@
-"""What each ``smspartner-status`` verb does, and the Context it does it with.
+"""What each ``smspartner-status`` verb does.
 
 A verb is ``cmd_<name>(ctx, args) -> int``: it reads the parsed arguments, works through
-the Context (the settings, the clock, the database opened and migrated on first use, a
-poller with its own HTTP client), prints its answer and returns the exit code. Expected
-failures are raised from our exception tree; ``daemon.cli.main`` turns them into one
-``error: …`` line and exit 2 or 1. The standalone verbs (``demo``, ``simulator``) get no
-Context: they need no settings or database.
+``ctx``, the :class:`~daemon.app.App` (the settings, the clock, the database opened and
+migrated on first use, the poller, the daemon), prints its answer and returns the exit
+code. Expected failures are raised from our exception tree; ``daemon.cli.main`` turns
+them into one ``error: …`` line and exit 2 or 1. The standalone verbs (``check``,
+``demo``, ``simulator``) get no App: they need no settings object.
 
-The verbs live apart from the parser so that ``cli.py`` stays the composition root
-(arguments, settings, logging, exit codes) and a verb reads without the argparse around
-it. This module imports nothing from ``cli.py``; the dependency runs one way.
+A verb imports what it uses, inside its function: ``check`` must not pay for SQLAlchemy
+and ``poll`` not for APScheduler (see docs/performance.md, "Start-up"). This module
+imports nothing from ``cli.py``; the dependency runs one way.
 """
 
 from __future__ import annotations
@@ -17,118 +17,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
-import sqlalchemy as sa
-from sqlalchemy.engine import Engine
-
-from daemon import backfill, migrate, queries, retention, tracking
-from daemon.db import create_engine, release_run_lock, sqlite_run_lock
 from daemon.errors import ConfigError, InputError, StoreError
-from daemon.health import (
-    LIVENESS_TIMEOUT,
-    Health,
-    HeartbeatDirError,
-    Notifier,
-    heartbeat_age,
-    heartbeat_path,
-    prepare_heartbeat,
-)
-from daemon.http import HttpServer
-from daemon.metrics import Metrics
+from daemon.health import LIVENESS_TIMEOUT, HeartbeatDirError, heartbeat_age, heartbeat_path
 from daemon.output import SUMMARY_COLUMNS, TAG_COLUMNS, iso, print_error, print_json, table
-from daemon.poller import Poller, PollResult
-from daemon.scheduler import Daemon
-from daemon.settings import Settings
-from daemon.smspartner import SmsPartnerClient
 from daemon.status import tag_warnings, window_end
 
-
-def utcnow() -> datetime:
-    """The one real clock; everything else receives ``now`` or a clock."""
-    return datetime.now(UTC)
-
-
-# --- composition ----------------------------------------------------------------------
-
-
-@dataclass
-class Context:
-    """What a verb needs, built once in ``main()``."""
-
-    settings: Settings
-    clock: Callable[[], datetime]
-    _engine: Engine | None = None
-
-    @property
-    def engine(self) -> Engine:
-        """The database, migrated to head on first use (unless auto-migrate is off)."""
-        if self._engine is None:
-            engine = create_engine(self.settings.database_url.get_secret_value())
-            try:
-                migrate.ensure_schema(engine, auto_migrate=self.settings.auto_migrate)
-            except sa.exc.SQLAlchemyError as exc:
-                engine.dispose()
-                raise StoreError(
-                    f"cannot open database {self.settings.safe_database_url}: "
-                    f"{getattr(exc, 'orig', None) or exc}"
-                ) from exc
-            self._engine = engine
-        return self._engine
-
-    @contextmanager
-    def poller(
-        self,
-        *,
-        sleep: Callable[[float], None] = time.sleep,
-        deadline: Callable[[], float | None] | None = None,
-        event_hooks: dict[str, list[Callable[..., Any]]] | None = None,
-        on_total_mismatch: Callable[[], None] | None = None,
-    ) -> Iterator[Poller]:
-        """A poller with its own HTTP client, closed afterwards.
-
-        Args:
-            sleep: what retries and the rate limit wait with (the daemon's returns early
-                when shutdown begins).
-            deadline: when a poll must be over, once the daemon is stopping (see
-                ``Daemon.shutdown_deadline``); none by default.
-            event_hooks: httpx hooks (the daemon times API requests for its metrics).
-            on_total_mismatch: called when a fetch disagrees with the provider's total.
-        """
-        if self.settings.api_key is None:
-            raise ConfigError(
-                "SMSPARTNER_API_KEY: not set (also read from SMSPARTNER_API_KEY_FILE "
-                "or $CREDENTIALS_DIRECTORY/api_key)"
-            )
-        with httpx.Client(
-            timeout=self.settings.http_timeout_seconds, event_hooks=event_hooks
-        ) as http:
-            client = SmsPartnerClient(
-                http,
-                api_key=self.settings.api_key.get_secret_value(),
-                base_url=self.settings.base_url,
-                max_retries=self.settings.max_retries,
-                retry_backoff=self.settings.retry_backoff_seconds,
-                rate_limit_per_second=self.settings.rate_limit_per_second,
-                max_pages=self.settings.max_pages,
-                sleep=sleep,
-                deadline=deadline,
-                on_total_mismatch=on_total_mismatch,
-            )
-            yield Poller(
-                engine=self.engine, client=client, settings=self.settings, clock=self.clock
-            )
-
-    def close(self) -> None:
-        """Release the database (closes every pooled connection; safe to call twice)."""
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
+if TYPE_CHECKING:
+    from daemon.app import App
+    from daemon.poller import PollResult
+    from daemon.scheduler import Daemon
 
 
 # --- verbs ---------------------------------------------------------------------------------
@@ -139,7 +39,7 @@ def _warn_tag(tag: str) -> None:
         print(f"warning: tag {tag!r}: {warning}", file=sys.stderr)
 
 
-def cmd_track(ctx: Context, args: argparse.Namespace) -> int:
+def cmd_track(ctx: App, args: argparse.Namespace) -> int:
     """Track a tag (or re-activate it), or every tag of a file."""
     if args.from_file is not None:
         if args.tag is not None:
@@ -147,6 +47,8 @@ def cmd_track(ctx: Context, args: argparse.Namespace) -> int:
         return _track_from_file(ctx, args.from_file, args.sent_at)
     if args.tag is None:
         raise InputError("TAG is required (or --from-file FILE)")
+    from daemon import tracking
+
     now = ctx.clock()
     sent_at = args.sent_at or now
     if problem := tracking.sent_at_problem(sent_at, now):
@@ -175,7 +77,9 @@ def cmd_track(ctx: Context, args: argparse.Namespace) -> int:
 WARNED_TAGS_SHOWN = 10
 
 
-def _track_from_file(ctx: Context, path: str, sent_at: datetime | None) -> int:
+def _track_from_file(ctx: App, path: str, sent_at: datetime | None) -> int:
+    from daemon import backfill, tracking
+
     source = "<stdin>" if path == "-" else path
     now = ctx.clock()
     if sent_at is not None and (problem := tracking.sent_at_problem(sent_at, now)):
@@ -213,8 +117,10 @@ def _track_from_file(ctx: Context, path: str, sent_at: datetime | None) -> int:
     return 0
 
 
-def cmd_untrack(ctx: Context, args: argparse.Namespace) -> int:
+def cmd_untrack(ctx: App, args: argparse.Namespace) -> int:
     """Stop polling a tag; its data stays."""
+    from daemon import tracking
+
     with ctx.engine.begin() as conn:
         found = tracking.untrack(conn, args.tag, now=ctx.clock())
     if not found:
@@ -223,8 +129,10 @@ def cmd_untrack(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tags(ctx: Context, args: argparse.Namespace) -> int:
+def cmd_tags(ctx: App, args: argparse.Namespace) -> int:
     """List tracked tags."""
+    from daemon import queries
+
     with ctx.engine.connect() as conn:
         rows = [dict(r) for r in queries.list_tags(conn)]
     if args.json:
@@ -249,24 +157,26 @@ def _summary_line(result: PollResult) -> str:
     return f"{text}\n  statuses: {counts}\n  tag state: {state}"
 
 
-def cmd_poll(ctx: Context, args: argparse.Namespace) -> int:
+def cmd_poll(ctx: App, args: argparse.Namespace) -> int:
     """Poll one tag now, tracking it first if needed."""
+    from daemon import tracking
+
     # The poller first: without an API key nothing is tracked (a command that fails
     # must not leave a new tag behind for the daemon).
-    with ctx.poller() as poller:
-        now = ctx.clock()
-        with ctx.engine.begin() as conn:
-            if tracking.get_tag(conn, args.tag) is None:
-                _warn_tag(args.tag)
-                tracking.track(
-                    conn,
-                    args.tag,
-                    sent_at=now,
-                    window_ends_at=window_end(now, ctx.settings.report_window),
-                    now=now,
-                )
-                print(f"tracking tag {args.tag!r} (sent at now)")
-        result = poller.poll(args.tag)
+    poller = ctx.poller
+    now = ctx.clock()
+    with ctx.engine.begin() as conn:
+        if tracking.get_tag(conn, args.tag) is None:
+            _warn_tag(args.tag)
+            tracking.track(
+                conn,
+                args.tag,
+                sent_at=now,
+                window_ends_at=window_end(now, ctx.settings.report_window),
+                now=now,
+            )
+            print(f"tracking tag {args.tag!r} (sent at now)")
+    result = poller.poll(args.tag)
     if not result.ok:
         print_error(f"poll of {args.tag!r} failed: {result.error}")
         return 1
@@ -277,8 +187,10 @@ def cmd_poll(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(ctx: Context, args: argparse.Namespace) -> int:
+def cmd_report(ctx: App, args: argparse.Namespace) -> int:
     """Print one tag's summary (and optionally every number)."""
+    from daemon import queries
+
     with ctx.engine.connect() as conn:
         summary = queries.tag_summary(conn, args.tag)
         if not summary:
@@ -314,8 +226,10 @@ def cmd_report(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_optouts(ctx: Context, args: argparse.Namespace) -> int:
+def cmd_optouts(ctx: App, args: argparse.Namespace) -> int:
     """List STOP opt-outs."""
+    from daemon import queries
+
     with ctx.engine.connect() as conn:
         rows = [dict(r) for r in queries.optouts(conn)]
     columns = ("phone_number", "tag", "reported_at", "first_seen_at")
@@ -326,8 +240,10 @@ def cmd_optouts(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
+def cmd_prune(ctx: App, args: argparse.Namespace) -> int:
     """Delete (or count) rows older than the given ages, in batches."""
+    from daemon import retention
+
     cutoffs = retention.Cutoffs.from_ages(
         ctx.clock(),
         events=args.events_older_than,
@@ -353,7 +269,7 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     results = retention.prune(
         ctx.engine,
         cutoffs,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or retention.DEFAULT_BATCH_SIZE,
         dry_run=args.dry_run,
         progress=progress,
     )
@@ -365,80 +281,46 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_db_upgrade(ctx: Context, args: argparse.Namespace) -> int:
+def cmd_db_upgrade(ctx: App, args: argparse.Namespace) -> int:
     """Migrate the schema to head."""
-    engine = create_engine(ctx.settings.database_url.get_secret_value())
+    import sqlalchemy as sa
+
+    from daemon import migrate
+
+    url = ctx.settings.safe_database_url
     try:
+        engine = ctx.raw_engine
         before = migrate.current_revision(engine)
         changed = migrate.upgrade(engine)
         after = migrate.current_revision(engine)
     except sa.exc.SQLAlchemyError as exc:
-        raise StoreError(
-            f"cannot migrate {ctx.settings.safe_database_url}: {getattr(exc, 'orig', None) or exc}"
-        ) from exc
-    finally:
-        engine.dispose()
+        raise StoreError(f"cannot migrate {url}: {getattr(exc, 'orig', None) or exc}") from exc
     if changed:
-        print(
-            f"database {ctx.settings.safe_database_url} upgraded from "
-            f"{before or 'empty'} to {after}"
-        )
+        print(f"database {url} upgraded from {before or 'empty'} to {after}")
     else:
-        print(f"database {ctx.settings.safe_database_url} already at {after} (head)")
+        print(f"database {url} already at {after} (head)")
     return 0
 
 
-def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
+def cmd_run(ctx: App, args: argparse.Namespace) -> int:
     """The daemon: poll every tracked tag on its cadence until stopped (or once)."""
-    settings = ctx.settings
-    run_lock = sqlite_run_lock(settings.database_url.get_secret_value())
-    heartbeat = heartbeat_path(settings.database_url.get_secret_value())
+    from daemon.db import release_run_lock, sqlite_run_lock
+    from daemon.health import prepare_heartbeat
+
+    run_lock = sqlite_run_lock(ctx.settings.database_url.get_secret_value())
     try:
-        prepare_heartbeat(heartbeat)
-        engine = ctx.engine
-        health, metrics = Health(ctx.clock), Metrics()
-        holder: list[Daemon] = []
-        with ctx.poller(
-            sleep=lambda seconds: holder[0].interruptible_sleep(seconds),
-            deadline=lambda: holder[0].shutdown_deadline(),
-            event_hooks=metrics.httpx_event_hooks(),
-            on_total_mismatch=metrics.observe_total_mismatch,
-        ) as poller:
-            daemon = Daemon(
-                engine=engine,
-                poll=poller.poll,
-                clock=ctx.clock,
-                health=health,
-                concurrency=settings.concurrency,
-                report_window=settings.report_window,
-                on_result=metrics.observe_poll,
-                notifier=Notifier(),
-                heartbeat=heartbeat,
-                maintenance=retention.scheduled_prune(
-                    engine, settings, ctx.clock, should_stop=lambda: holder[0].stopping
-                ),
-            )
-            holder.append(daemon)
-            if args.once:
-                return _run_once(daemon)
-            server = None
-            if settings.http_port:
-                server = HttpServer(
-                    host=settings.http_host,
-                    port=settings.http_port,
-                    engine=engine,
-                    health=health,
-                    metrics=metrics,
-                    settings=settings,
-                    clock=ctx.clock,
-                    wake=daemon.wake,
-                )
-                server.start()
-            try:
-                daemon.run_until_signal()
-            finally:
-                if server is not None:
-                    server.stop()
+        prepare_heartbeat(ctx.heartbeat)
+        daemon = ctx.daemon
+        if args.once:
+            return _run_once(daemon)
+        server = ctx.http_server
+        if server is not None:
+            server.start()
+        try:
+            daemon.run_until_signal()
+        finally:
+            if server is not None:
+                server.stop()
         return 0
     finally:
         # The engine first: closing the lock's descriptor drops every POSIX lock this
@@ -464,13 +346,22 @@ def _run_once(daemon: Daemon) -> int:
 HEARTBEAT_CLOCK_SLACK = timedelta(seconds=5)
 
 
-def cmd_check(ctx: Context, args: argparse.Namespace) -> int:
+def cmd_check(ctx: App | None, args: argparse.Namespace) -> int:
     """Exit 0 when the daemon on this database beat recently (container health).
 
     Every unhealthy answer exits 1, never 2: Docker reserves a HEALTHCHECK's exit 2.
+    Run at every health-check interval, it reads the database URL as the settings would
+    (:func:`daemon.sources.database_url`) without building them, and imports nothing
+    heavy.
     """
-    path = heartbeat_path(ctx.settings.database_url.get_secret_value())
-    now = utcnow()
+    from daemon import sources
+
+    now = datetime.now(UTC)
+    try:
+        path = heartbeat_path(sources.database_url())
+    except ConfigError as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
     try:
         age = heartbeat_age(path, now)
     except HeartbeatDirError as exc:
@@ -493,14 +384,14 @@ def cmd_check(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(ctx: Context | None, args: argparse.Namespace) -> int:
+def cmd_demo(ctx: App | None, args: argparse.Namespace) -> int:
     """Run everything against the bundled simulator in accelerated time."""
     from daemon.demo import run_demo
 
     return run_demo(args)
 
 
-def cmd_simulator(ctx: Context | None, args: argparse.Namespace) -> int:
+def cmd_simulator(ctx: App | None, args: argparse.Namespace) -> int:
     """Run the bundled fake SMS Partner API (needs no settings or database)."""
     from daemon.simulator_cli import run_cli
 

@@ -3,7 +3,9 @@
 The simulator runs in this process on a free loopback port with accelerated time; the
 daemon's clock *is* the simulator's clock, so cadence, settling and the 48-hour window
 all play out in about 30 real seconds. Nothing here is demo-only logic: the same
-Daemon, Poller, client and store as ``run`` do the work.
+composition root (:class:`~daemon.app.App`), hence the same Daemon, Poller, client and
+store as ``run``, do the work. ``--help`` imports this module for the options only:
+everything heavy is imported when the demo runs.
 """
 
 from __future__ import annotations
@@ -13,22 +15,17 @@ import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
-from sqlalchemy.engine import Engine
-
-from daemon import migrate, queries, tracking
-from daemon.db import create_engine
 from daemon.errors import InputError
-from daemon.health import Health
-from daemon.log import configure_logging
 from daemon.output import SUMMARY_COLUMNS, table
-from daemon.poller import Poller
-from daemon.scheduler import Daemon
-from daemon.settings import load_settings
-from daemon.simulator import Simulator
-from daemon.smspartner import SmsPartnerClient
 from daemon.status import PENDING, window_end
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from daemon.scheduler import Daemon
+    from daemon.simulator import Simulator
 
 DEMO_KEY = "demo-key"
 #: (tag, numbers, sent this long before the demo starts)
@@ -85,6 +82,12 @@ def run_demo(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise InputError(f"--database: cannot replace {old}: {exc.strerror}") from None
     scale = 48 * 3600 / args.seconds
+    from daemon import tracking
+    from daemon.app import App
+    from daemon.log import configure_logging
+    from daemon.settings import load_settings
+    from daemon.simulator import Simulator
+
     configure_logging(level="error", fmt="console", stream=sys.stderr)
 
     with Simulator(api_key=DEMO_KEY, seed=args.seed, time_scale=scale, fault_rate=0.01) as sim:
@@ -98,49 +101,34 @@ def run_demo(args: argparse.Namespace) -> int:
             http_port=0,
             auto_migrate=True,
         )
-        engine = create_engine(settings.database_url.get_secret_value())
-        migrate.upgrade(engine)
-        start = sim.now()
-        print(f"simulator on {sim.url}; 48 simulated hours take ~{args.seconds:.0f} s")
-        with engine.begin() as conn:
-            for tag, count, ago in CAMPAIGNS:
-                sent_at = start - ago
-                sim.add_tag(tag, count, sent_at=sent_at)
-                tracking.track(
-                    conn,
-                    tag,
-                    sent_at=sent_at,
-                    window_ends_at=window_end(sent_at, settings.report_window),
-                    now=start,
-                )
-                print(f"  tracking {tag!r}: {count:,} numbers, sent {_ago(ago)}")
+        # The daemon's clock is the simulator's; dispatching often keeps up with it.
+        app = App(settings, clock=sim.now, dispatch_interval=0.05)
+        try:
+            engine = app.engine  # created and migrated
+            start = sim.now()
+            print(f"simulator on {sim.url}; 48 simulated hours take ~{args.seconds:.0f} s")
+            with engine.begin() as conn:
+                for tag, count, ago in CAMPAIGNS:
+                    sent_at = start - ago
+                    sim.add_tag(tag, count, sent_at=sent_at)
+                    tracking.track(
+                        conn,
+                        tag,
+                        sent_at=sent_at,
+                        window_ends_at=window_end(sent_at, settings.report_window),
+                        now=start,
+                    )
+                    print(f"  tracking {tag!r}: {count:,} numbers, sent {_ago(ago)}")
 
-        with httpx.Client(timeout=10) as http:
-            client = SmsPartnerClient(
-                http,
-                api_key=DEMO_KEY,
-                base_url=sim.url,
-                rate_limit_per_second=0,
-                retry_backoff=0.05,
-            )
-            poller = Poller(engine=engine, client=client, settings=settings, clock=sim.now)
-            daemon = Daemon(
-                engine=engine,
-                poll=poller.poll,
-                clock=sim.now,
-                health=Health(sim.now),
-                concurrency=4,
-                report_window=settings.report_window,
-                dispatch_interval=0.05,
-            )
+            daemon = app.daemon
             daemon.start()
             try:
                 _watch(engine, daemon, sim, start, deadline=time.monotonic() + args.seconds * 2)
             finally:
                 daemon.stop()
-
-    _final_report(engine, daemon.stats.polls, daemon.stats.failures, db)
-    engine.dispose()
+            _final_report(engine, daemon.stats.polls, daemon.stats.failures, db)
+        finally:
+            app.close()
     return 0
 
 
@@ -155,6 +143,8 @@ def _watch(
     engine: Engine, daemon: Daemon, sim: Simulator, start: datetime, deadline: float
 ) -> None:
     """Print a progress line until every tag is completed or expired."""
+    from daemon import queries
+
     tty = sys.stdout.isatty()
     last = ""
     while time.monotonic() < deadline:
@@ -187,6 +177,8 @@ def _watch(
 
 
 def _final_report(engine: Engine, polls: int, failures: int, db: Path) -> None:
+    from daemon import queries
+
     with engine.connect() as conn:
         summary = [dict(r) for r in queries.tag_summary(conn)]
         optouts = [dict(r) for r in queries.optouts(conn)]

@@ -30,7 +30,6 @@ import os
 import signal
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -49,6 +48,8 @@ from daemon.db import UNAVAILABLE_ERRORS, write_transaction
 from daemon.errors import DatabaseUnavailableError, PollAbandoned, StoreError
 from daemon.health import Health, Notifier, remove_heartbeat, write_heartbeat
 from daemon.poller import AUTH_RETRY, PollResult
+from daemon.shutdown import SHUTDOWN_GRACE as SHUTDOWN_GRACE  # re-exported: tests read it
+from daemon.shutdown import Shutdown
 from daemon.status import PollOutcome
 
 log = structlog.get_logger(__name__)
@@ -57,12 +58,6 @@ log = structlog.get_logger(__name__)
 #: taken over after this). Renewed on every dispatch while the poll runs, and by
 #: ``run --once`` every third of it.
 LEASE = timedelta(seconds=60)
-#: How long polls in flight may go on after SIGTERM: the daemon must exit 0 within 10 s
-#: of the signal (design.md), and the 2 s left are for the last commits, releasing the
-#: leases and exiting. A poll that cannot end by then is abandoned between two pages,
-#: before a wait (rate limit, retry) that would cross it, or, when a request is still under
-#: way at it, by cutting that request's connection (see daemon/watchdog.py).
-SHUTDOWN_GRACE = 8.0
 #: How long a tag whose poll ended in an exception is not claimed again by this process,
 #: doubling with each such poll in a row up to :data:`MAX_COOL_DOWN`. Short at first: a
 #: database back from an outage should see the tags it cut off within a few dispatches;
@@ -108,6 +103,7 @@ class Daemon:
         owner: str | None = None,
         maintenance: Callable[[], None] | None = None,
         lease: timedelta = LEASE,
+        shutdown: Shutdown | None = None,
     ) -> None:
         self._engine = engine
         self._poll = poll
@@ -129,8 +125,8 @@ class Daemon:
         self._in_flight: dict[str, Future[None]] = {}
         #: Tags whose last poll here ended in an exception: (not before, how many in a row).
         self._cooling: dict[str, tuple[datetime, int]] = {}
-        self._stopping = threading.Event()
-        self._shutdown_deadline: float | None = None  # time.monotonic(), set by stop()
+        # Shared with the API client and the maintenance job (see daemon/app.py).
+        self.shutdown = shutdown or Shutdown()
         self._auth_paused_until: datetime | None = None
         self._scheduler: BackgroundScheduler | None = None
         # run --once: only tags due at the pass's start; a polled tag is due again later.
@@ -140,20 +136,12 @@ class Daemon:
     # --- the shutdown deadline, as the API client sees it ------------------------------
 
     def interruptible_sleep(self, seconds: float) -> None:
-        """The API client's ``sleep``: returns early when shutdown begins, once.
-
-        The client then checks whether its wait still ends before
-        :meth:`shutdown_deadline` and, if so, sleeps the rest (a plain sleep by then).
-        """
-        if self._stopping.is_set():
-            time.sleep(seconds)
-        else:
-            self._stopping.wait(seconds)
+        """The API client's ``sleep``: :meth:`Shutdown.sleep` of this daemon's stop."""
+        self.shutdown.sleep(seconds)
 
     def shutdown_deadline(self) -> float | None:
-        """The API client's ``deadline``: None until :meth:`stop`, then when polls in
-        flight must be over (``time.monotonic()``), :data:`SHUTDOWN_GRACE` after it."""
-        return self._shutdown_deadline
+        """The API client's ``deadline``: :meth:`Shutdown.deadline` of this daemon's stop."""
+        return self.shutdown.deadline()
 
     @property
     def polls_in_flight(self) -> int:
@@ -164,7 +152,7 @@ class Daemon:
     @property
     def stopping(self) -> bool:
         """True once shutdown began (long maintenance work checks it between batches)."""
-        return self._stopping.is_set()
+        return self.shutdown.stopping
 
     def _maintain(self) -> None:
         """The daily maintenance job; a failure is logged and retried the next day."""
@@ -194,7 +182,7 @@ class Daemon:
                     )
                 self._heartbeat_failing = True
         self._notifier.notify("WATCHDOG=1")
-        if self._stopping.is_set():
+        if self.shutdown.stopping:
             return 0
         try:
             started = self._claim_and_submit(now)
@@ -316,7 +304,7 @@ class Daemon:
         return claimed
 
     def _claim_one(self) -> str | None:
-        if self._stopping.is_set():
+        if self.shutdown.stopping:
             return None
         now = self._clock()
         with self._lock:
@@ -372,7 +360,7 @@ class Daemon:
 
     def wake(self) -> None:
         """Dispatch as soon as possible (a tag was just registered)."""
-        if self._scheduler is not None and not self._stopping.is_set():
+        if self._scheduler is not None and not self.shutdown.stopping:
             self._scheduler.modify_job("dispatch", next_run_time=datetime.now().astimezone())
 
     # --- lifecycles ----------------------------------------------------------------------
@@ -387,7 +375,7 @@ class Daemon:
         """
         self._once_cutoff = self._clock()
         with _signals_call(self._begin_stop):
-            while not self._stopping.is_set():
+            while not self.shutdown.stopping:
                 # Renews the leases of the polls in flight, and claims what the pool can
                 # take (nothing while a wrong key pauses polling: it would fail every
                 # tag alike).
@@ -438,7 +426,7 @@ class Daemon:
 
         Polls that cannot finish within :data:`SHUTDOWN_GRACE` are abandoned.
         """
-        if self._stopping.is_set():
+        if self.shutdown.stopping:
             return
         self._begin_stop()
         if self._scheduler is not None:
@@ -448,11 +436,8 @@ class Daemon:
     def _begin_stop(self) -> None:
         """Stop claiming and start the grace of the polls in flight (also from a signal
         handler: nothing here waits for a lock)."""
-        if self._stopping.is_set():
+        if not self.shutdown.begin():
             return
-        # Before the event: a sleeping poll woken by it must find the deadline set.
-        self._shutdown_deadline = time.monotonic() + SHUTDOWN_GRACE
-        self._stopping.set()
         self._notifier.notify("STOPPING=1")
         log.info("daemon.stopping", in_flight=len(self._in_flight))
 

@@ -4,9 +4,9 @@ Every value comes from ``SMSPARTNER_*`` environment variables or a ``.env`` file
 working directory. Secrets (the API key, the HTTP token, the database URL, which may
 hold a password) may also come from a file named by ``SMSPARTNER_<NAME>_FILE`` or from
 systemd's ``$CREDENTIALS_DIRECTORY/<name>`` (``LoadCredential=api_key:…``). The
-environment beats ``.env``, and in each a variable beats its ``_FILE`` (the order is
-spelled out in :func:`_secret_values`). A bad value fails fast with one line naming the
-variable.
+environment beats ``.env``, and in each a variable beats its ``_FILE`` (the order, and
+the reading, live in :mod:`daemon.sources`). A bad value fails fast with one line naming
+the variable.
 """
 
 from __future__ import annotations
@@ -15,27 +15,23 @@ import importlib.util
 import os
 from collections.abc import Mapping
 from datetime import timedelta
-from pathlib import Path
 from typing import Literal
 
-from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from daemon.errors import ConfigError
+from daemon.sources import DEFAULT_DATABASE_URL, DOTENV, ENV_PREFIX, SECRET_FIELDS, secret_values
+
+__all__ = ["ENV_PREFIX", "SECRET_FIELDS", "Settings", "load_settings"]
 from daemon.status import MAX_REPORT_WINDOW, CadenceStep, parse_cadence
 
-ENV_PREFIX = "SMSPARTNER_"
 #: The slowest client-side rate limit: one request every 1,000 s.
 MIN_RATE_LIMIT = 0.001
-#: Settings that may be read from files (``*_FILE`` or systemd credentials).
-SECRET_FIELDS = ("api_key", "http_token", "database_url")
 #: The shortest API key accepted.
 MIN_API_KEY_LENGTH = 8
-#: The most of a secret's file read: a key, a token or a URL, not a disk image.
-MAX_SECRET_FILE_BYTES = 64 * 1024
 #: ``drivername`` → (module that must be importable, how to get it). Only synchronous
 #: drivers the store was written for: :mod:`daemon.sql` talks to pysqlite and psycopg
 #: directly, and the whole daemon is one synchronous stack.
@@ -75,12 +71,12 @@ class Settings(BaseSettings):
 
     # allow_inf_nan=False: "inf" or "nan" is never a sensible number of seconds or hours.
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True, allow_inf_nan=False
+        env_prefix=ENV_PREFIX, env_file=DOTENV, extra="ignore", frozen=True, allow_inf_nan=False
     )
 
     api_key: SecretStr | None = None
     base_url: str = "https://api.smspartner.fr/v1"
-    database_url: SecretStr = SecretStr("sqlite:///smspartner-status.db")
+    database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
     report_window_hours: float = Field(48.0, gt=0)
     # Upper bounds far beyond any sensible value, so that no value crashes deep inside
     # (timedelta and socket timeouts overflow): an hour per request, a year to settle.
@@ -201,96 +197,6 @@ class Settings(BaseSettings):
         return [s for s in found if s]
 
 
-def _secret_values(environ: Mapping[str, str], dotenv: Mapping[str, str]) -> dict[str, str]:
-    """Secrets that files (and ``.env``) set, for those the environment does not set.
-
-    A secret comes from the first of these that is set (a blank value counts as unset):
-
-    1. ``SMSPARTNER_<NAME>`` in the environment;
-    2. the file named by ``SMSPARTNER_<NAME>_FILE`` in the environment;
-    3. ``$CREDENTIALS_DIRECTORY/<name>`` (systemd's ``LoadCredential=``);
-    4. ``SMSPARTNER_<NAME>`` in ``.env``;
-    5. the file named by ``SMSPARTNER_<NAME>_FILE`` in ``.env``.
-
-    That is: the environment beats ``.env`` (what the service manager or the shell says
-    for this run beats a file lying in the working directory), and in each the variable
-    beats its ``_FILE``. pydantic-settings reads 1 itself; what is returned here becomes
-    an init argument, which it ranks above the environment, so nothing is returned for a
-    secret that 1 sets.
-
-    Args:
-        environ: the process environment.
-        dotenv: the ``.env`` file's variables, names in upper case.
-
-    Raises:
-        ConfigError: a file named by one of these cannot be read.
-    """
-    found: dict[str, str] = {}
-    creds = environ.get("CREDENTIALS_DIRECTORY")
-    for name in SECRET_FIELDS:
-        env_name = ENV_PREFIX + name.upper()
-        file_name = env_name + "_FILE"
-        path: Path | None = None
-        source = file_name
-        if _is_set(environ, env_name):
-            continue
-        if _is_set(environ, file_name):
-            path = Path(environ[file_name])
-        elif creds and (Path(creds) / name).is_file():
-            path, source = Path(creds) / name, "$CREDENTIALS_DIRECTORY"
-        elif _is_set(dotenv, env_name):
-            # pydantic-settings would read it too, but an empty SMSPARTNER_<NAME> in the
-            # environment (compose's `${VAR:-}`) would beat it there.
-            found[name] = dotenv[env_name]
-            continue
-        elif _is_set(dotenv, file_name):
-            path, source = Path(dotenv[file_name]), f"{file_name} (in .env)"
-        if path is None:
-            continue
-        found[name] = _read_secret_file(path, source)
-    return found
-
-
-def _read_secret_file(path: Path, source: str) -> str:
-    """A secret's file as text: UTF-8, at most :data:`MAX_SECRET_FILE_BYTES`, stripped.
-
-    Raises:
-        ConfigError: naming ``source`` (the variable) when the file cannot be read, is
-            too large (``/dev/zero``), or is not text; never quoting its content.
-    """
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_SECRET_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read {path}: {exc.strerror}") from None
-    if len(data) > MAX_SECRET_FILE_BYTES:
-        raise ConfigError(
-            f"{source}: {path} is larger than {MAX_SECRET_FILE_BYTES // 1024} KiB; "
-            "it should hold the secret only"
-        )
-    try:
-        return data.decode("utf-8").strip()
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{source}: {path} is not UTF-8 text (byte {exc.start}); it should hold the "
-            "secret only, as text"
-        ) from None
-
-
-def _is_set(variables: Mapping[str, str | None], name: str) -> bool:
-    value = variables.get(name)
-    return value is not None and bool(value.strip())
-
-
-def _read_dotenv() -> dict[str, str]:
-    """The ``.env`` file pydantic-settings reads (names upper-cased, as it matches them
-    case-insensitively); empty when there is none."""
-    path = Path(str(Settings.model_config.get("env_file") or ".env"))
-    if not path.is_file():
-        return {}
-    return {k.upper(): v for k, v in dotenv_values(path).items() if v is not None}
-
-
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
     """Build the settings, or raise :class:`ConfigError` naming the bad variable.
 
@@ -300,7 +206,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
         overrides: values that win over the environment (CLI options, tests).
     """
     environ = os.environ if environ is None else environ
-    values: dict[str, object] = {**_secret_values(environ, _read_dotenv())}
+    values: dict[str, object] = {**secret_values(environ)}
     values.update(overrides)
     try:
         return Settings(**values)  # type: ignore[arg-type]

@@ -20,8 +20,6 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from daemon.simulator import FAULTS, Simulator
-
 
 def _tag_spec(text: str) -> tuple[str, int]:
     name, sep, count_text = text.rpartition(":")
@@ -46,6 +44,8 @@ def _fault_spec(text: str) -> tuple[str, str | None, dict[str, float]]:
     """``KIND[@TAG][,NAME=VALUE…]``, e.g. ``trickle@slow,interval=2,bytes=1``."""
     head, *pairs = text.split(",")
     kind, _, tag = head.partition("@")
+    from daemon.simulator import FAULTS  # here: every command's parser reaches this module
+
     if kind not in FAULTS:
         raise argparse.ArgumentTypeError(f"unknown fault {kind!r}; one of {', '.join(FAULTS)}")
     params: dict[str, float] = {}
@@ -158,6 +158,8 @@ def run_cli(args: argparse.Namespace) -> int:
     Returns:
         0 after a clean stop; 1 when the address cannot be bound.
     """
+    from daemon.simulator import Simulator
+
     simulator = Simulator(
         api_key=args.api_key,
         seed=args.seed,

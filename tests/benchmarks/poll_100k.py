@@ -57,11 +57,11 @@ from typing import Any
 import httpx
 
 from daemon import migrate, tracking
+from daemon.app import App
 from daemon.db import create_engine, sqlite_text
 from daemon.log import configure_logging
 from daemon.poller import GC_THRESHOLD, Poller, tune_gc
 from daemon.settings import load_settings
-from daemon.smspartner import SmsPartnerClient
 from tests.benchmarks.pageserver import KEY, SENT, TAG, PageServer
 
 #: The bare script: argv is base URL, key, tag, SQLite file; prints the rows stored.
@@ -258,27 +258,20 @@ def make_poller(
     server: PageServer, url: str, *, track: bool = True
 ) -> tuple[Poller, Callable[[], None]]:
     settings = load_settings(
-        {}, api_key=KEY, base_url=server.url, database_url=url, rate_limit_per_second=0
+        {},
+        api_key=KEY,
+        base_url=server.url,
+        database_url=url,
+        rate_limit_per_second=0,
+        http_timeout_seconds=30,
     )
-    engine = create_engine(url)
-    migrate.upgrade(engine)
+    app = App(settings, clock=lambda: SENT + timedelta(hours=1))
     if track:
-        with engine.begin() as conn:
+        with app.engine.begin() as conn:
             tracking.track(
                 conn, TAG, sent_at=SENT, window_ends_at=SENT + timedelta(hours=48), now=SENT
             )
-    http = httpx.Client(timeout=30)
-    client = SmsPartnerClient(
-        http, api_key=KEY, base_url=server.url, rate_limit_per_second=0, max_pages=1000
-    )
-    clock = [SENT + timedelta(hours=1)]
-    poller = Poller(engine=engine, client=client, settings=settings, clock=lambda: clock[0])
-
-    def close() -> None:
-        http.close()
-        engine.dispose()
-
-    return poller, close
+    return app.poller, app.close
 
 
 def baseline(server: PageServer, args: argparse.Namespace, sqlite_path: Path) -> float:

@@ -26,16 +26,14 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import sqlalchemy as sa
 
 from daemon import migrate, store, tracking
+from daemon.app import App
 from daemon.db import create_engine, sqlite_text
 from daemon.log import configure_logging
-from daemon.poller import Poller
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
-from daemon.smspartner import SmsPartnerClient
 from tests.benchmarks.bi_volume import postgres
 
 KEY = "bench-key"
@@ -139,13 +137,17 @@ def run(url: str, rows: int, *, fresh: bool) -> None:
     generate(engine, rows, now - timedelta(days=100), now - timedelta(hours=2))
     with engine.begin() as conn:
         tracking.track(conn, TAG, sent_at=sent, window_ends_at=sent + timedelta(hours=48), now=now)
-    settings = load_settings({}, api_key=KEY, database_url=url, rate_limit_per_second=0)
-
-    with Simulator(api_key=KEY, page_size=1000) as sim, httpx.Client(timeout=30) as http:
-        client = SmsPartnerClient(http, api_key=KEY, base_url=sim.url, rate_limit_per_second=0)
-        poller = Poller(
-            engine=engine, client=client, settings=settings, clock=lambda: datetime.now(UTC)
+    with Simulator(api_key=KEY, page_size=1000) as sim:
+        settings = load_settings(
+            {},
+            api_key=KEY,
+            base_url=sim.url,
+            database_url=url,
+            rate_limit_per_second=0,
+            http_timeout_seconds=30,
         )
+        app = App(settings)
+        client, poller = app.client, app.poller
         k = 0
         phases = Phases()
         phases.wrap(client, "fetch_tag", "fetch")
@@ -193,6 +195,7 @@ def run(url: str, rows: int, *, fresh: bool) -> None:
     assert prune.returncode == 0, output
     with engine.connect() as conn:
         total = conn.scalar(sa.text("SELECT count(*) FROM delivery_status_events"))
+    app.close()
     engine.dispose()
 
     base = statistics.median(baseline)

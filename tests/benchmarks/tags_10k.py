@@ -37,16 +37,11 @@ from typing import Any
 
 import httpx
 
-from daemon import migrate, queries, tracking
-from daemon.db import create_engine
-from daemon.health import Health
+from daemon import queries, tracking
+from daemon.app import App
 from daemon.log import configure_logging
-from daemon.metrics import Metrics
-from daemon.poller import Poller
-from daemon.scheduler import Daemon
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
-from daemon.smspartner import SmsPartnerClient
 
 KEY = "bench-key"
 CONCURRENCY = 4  # the default of SMSPARTNER_CONCURRENCY; --concurrency changes it
@@ -149,32 +144,25 @@ def daemon_pass(
         (seconds, polls, distinct tags polled).
     """
     settings = load_settings(
-        {}, api_key=KEY, base_url=sim.url, database_url=url, rate_limit_per_second=0
+        {},
+        api_key=KEY,
+        base_url=sim.url,
+        database_url=url,
+        rate_limit_per_second=0,
+        http_timeout_seconds=30,
+        concurrency=concurrency,
     )
-    engine = create_engine(url)
-    migrate.upgrade(engine)
+    # As `run --once` builds it: metrics count every request and poll.
+    app = App(settings, clock=lambda: datetime.now(UTC), service=True)
+    engine = app.engine
     sent = now - timedelta(hours=1)
     with engine.begin() as conn:
         for t in range(tags):
             tracking.track(
                 conn, tag_name(t), sent_at=sent, window_ends_at=sent + timedelta(hours=48), now=now
             )
-    metrics = Metrics()
-    clock = lambda: datetime.now(UTC)  # noqa: E731
-    with httpx.Client(timeout=30, event_hooks=metrics.httpx_event_hooks()) as http:
-        client = SmsPartnerClient(
-            http, api_key=KEY, base_url=sim.url, rate_limit_per_second=0, max_pages=1000
-        )
-        poller = Poller(engine=engine, client=client, settings=settings, clock=clock)
-        daemon = Daemon(
-            engine=engine,
-            poll=poller.poll,
-            clock=clock,
-            health=Health(clock),
-            concurrency=concurrency,
-            report_window=settings.report_window,
-            on_result=metrics.observe_poll,
-        )
+    with app:
+        daemon = app.daemon
         profiles = ThreadProfiles() if profile else None
         if profiles:
             # A worker polls a tag, then claims and polls the next one in the same call:
@@ -192,7 +180,7 @@ def daemon_pass(
     with engine.connect() as conn:
         states = {r["state"] for r in queries.list_tags(conn)}
     assert states == {"completed"}, states
-    engine.dispose()
+    app.close()
     if profile and profiles and main_profile:
         merged = pstats.Stats(main_profile, *profiles.profiles)
         merged.dump_stats(profile)

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from daemon import migrate, queries, tracking
+from daemon import queries, tracking
 from daemon.answers import Answers
-from daemon.db import create_engine
+from daemon.app import App
+from daemon.health import Health
 from daemon.poller import Poller
+from daemon.scheduler import Daemon
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
-from daemon.smspartner import SmsPartnerClient
 from tests.conftest import API_KEY
 from tests.integration.test_daemon import Running
 
@@ -39,12 +39,27 @@ class Clock:
 
 @dataclass
 class Rig:
-    """A poller wired to the simulator and a fresh database."""
+    """A poller wired to the simulator and a fresh database, built by ``app``."""
 
     engine: Engine
     poller: Poller
     clock: Clock
     sim: Simulator
+    app: App
+    #: Apps of the daemons this rig made, closed with the rig's own.
+    made: list[App] = field(default_factory=list)
+
+    def daemon(self, health: Health | None = None, concurrency: int = 1) -> Daemon:
+        """A new daemon on this rig's settings, clock and answers (each call a new one,
+        as a restarted process would be); ``health`` to read what it reports."""
+        app = App(
+            self.app.settings.model_copy(update={"concurrency": concurrency}),
+            clock=self.clock,
+            answers=self.app.answers,
+            health=health,
+        )
+        self.made.append(app)
+        return app.daemon
 
     def track(self, tag: str, sent_at: datetime | None = None) -> None:
         sent = sent_at or self.clock.now
@@ -68,8 +83,7 @@ class Rig:
 
 @pytest.fixture
 def rig(db_url: str, simulator: Simulator) -> Iterator[Callable[..., Rig]]:
-    engines: list[Engine] = []
-    clients: list[httpx.Client] = []
+    rigs: list[Rig] = []
 
     def build(*, remember: bool = True, **overrides: Any) -> Rig:
         """A rig with these settings; ``remember=False`` re-polls every number in full."""
@@ -82,36 +96,18 @@ def rig(db_url: str, simulator: Simulator) -> Iterator[Callable[..., Rig]]:
             max_retries=4,
         )
         values.update(overrides)
-        settings = load_settings({}, **values)
-        engine = create_engine(db_url)
-        migrate.upgrade(engine)
-        http = httpx.Client(timeout=settings.http_timeout_seconds)
-        engines.append(engine)
-        clients.append(http)
-        assert settings.api_key is not None
-        client = SmsPartnerClient(
-            http,
-            api_key=settings.api_key.get_secret_value(),
-            base_url=settings.base_url,
-            max_retries=settings.max_retries,
-            retry_backoff=settings.retry_backoff_seconds,
-            rate_limit_per_second=0,
-            max_pages=settings.max_pages,
-        )
         clock = Clock()
         # Every tag's answer is remembered, however small: each re-poll in these tests
         # takes the path a large tag takes in the daemon (see daemon/answers.py).
         answers = Answers(min_numbers=1 if remember else sys.maxsize)
-        poller = Poller(
-            engine=engine, client=client, settings=settings, clock=clock, answers=answers
-        )
-        return Rig(engine, poller, clock, simulator)
+        app = App(load_settings({}, **values), clock=clock, answers=answers)
+        rigs.append(Rig(app.engine, app.poller, clock, simulator, app))
+        return rigs[-1]
 
     yield build
-    for http in clients:
-        http.close()
-    for engine in engines:
-        engine.dispose()
+    for rig in rigs:
+        for app in (*rig.made, rig.app):
+            app.close()
 
 
 @pytest.fixture

@@ -21,12 +21,11 @@ import sqlalchemy as sa
 import structlog
 from structlog.testing import capture_logs
 
-from daemon import migrate, tracking
+from daemon import tracking
+from daemon.app import App
 from daemon.cli import main
 from daemon.db import create_engine, poll_runs, tracked_tags
 from daemon.errors import PollAbandoned, TransientApiError
-from daemon.health import Health
-from daemon.poller import Poller
 from daemon.scheduler import Daemon
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
@@ -117,32 +116,22 @@ def test_connection_refused_is_a_transient_failure(db_url: str) -> None:
             database_url=db_url,
             max_retries=1,
             retry_backoff_seconds=0.01,
+            http_timeout_seconds=2,
+            rate_limit_per_second=0,
         )
-        engine = create_engine(db_url)
-        migrate.upgrade(engine)
-        with engine.begin() as conn:
-            tracking.track(
-                conn, "t", sent_at=NOW, window_ends_at=NOW + timedelta(hours=48), now=NOW
-            )
-        with httpx.Client(timeout=2) as http:
-            client = SmsPartnerClient(
-                http,
-                api_key=API_KEY,
-                base_url=dead,
-                max_retries=1,
-                retry_backoff=0.01,
-                rate_limit_per_second=0,
-            )
-            poller = Poller(engine=engine, client=client, settings=settings, clock=lambda: NOW)
-            result = poller.poll("t")
-        engine.dispose()
+        with App(settings, clock=lambda: NOW) as app:
+            with app.engine.begin() as conn:
+                tracking.track(
+                    conn, "t", sent_at=NOW, window_ends_at=NOW + timedelta(hours=48), now=NOW
+                )
+            result = app.poller.poll("t")
     assert result.outcome == "transient_error"
     assert "ConnectError" in (result.error or "") and API_KEY not in (result.error or "")
 
 
 @pytest.fixture
 def live_daemon(tmp_path: Any, simulator: Simulator) -> Iterator[Callable[..., Daemon]]:
-    made: list[tuple[Daemon, httpx.Client]] = []
+    made: list[App] = []
 
     def build(**overrides: Any) -> Daemon:
         url = f"sqlite:///{tmp_path / 'live.db'}"
@@ -156,44 +145,16 @@ def live_daemon(tmp_path: Any, simulator: Simulator) -> Iterator[Callable[..., D
             retry_backoff_seconds=0.01,
             http_timeout_seconds=0.5,
             rate_limit_per_second=0,
+            concurrency=3,
             **overrides,
         )
-        engine = create_engine(url)
-        migrate.upgrade(engine)
-        http = httpx.Client(timeout=0.5)
-
-        def clock() -> datetime:
-            return datetime.now(UTC)
-
-        holder: list[Daemon] = []
-        client = SmsPartnerClient(
-            http,
-            api_key=API_KEY,
-            base_url=simulator.url,
-            max_retries=1,
-            retry_backoff=0.01,
-            rate_limit_per_second=0,
-            sleep=lambda s: holder[0].interruptible_sleep(s),
-            deadline=lambda: holder[0].shutdown_deadline(),
-        )
-        poller = Poller(engine=engine, client=client, settings=settings, clock=clock)
-        daemon = Daemon(
-            engine=engine,
-            poll=poller.poll,
-            clock=clock,
-            health=Health(clock),
-            concurrency=3,
-            report_window=settings.report_window,
-            dispatch_interval=0.2,
-        )
-        holder.append(daemon)
-        made.append((daemon, http))
-        return daemon
+        made.append(App(settings, dispatch_interval=0.2))
+        return made[-1].daemon
 
     yield build
-    for daemon, http in made:
-        daemon.stop()
-        http.close()
+    for app in made:
+        app.daemon.stop()
+        app.close()
 
 
 def test_healthy_tags_keep_their_cadence_while_one_tag_fails(

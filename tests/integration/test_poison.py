@@ -312,14 +312,7 @@ def test_a_poll_still_crashing_after_the_grace_hour_expires_the_tag_like_any_fai
 
 
 def daemon_for(r: Rig, health: Health | None = None) -> Daemon:
-    return Daemon(
-        engine=r.engine,
-        poll=r.poller.poll,
-        clock=r.clock,
-        health=health or Health(r.clock),
-        concurrency=1,
-        report_window=timedelta(hours=48),
-    )
+    return r.daemon(health, concurrency=1)
 
 
 def step(daemon: Daemon) -> None:

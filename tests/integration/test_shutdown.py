@@ -12,18 +12,15 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
 
 from daemon import migrate, tracking
+from daemon.app import App
 from daemon.db import create_engine
-from daemon.health import Health
-from daemon.poller import Poller
 from daemon.scheduler import Daemon
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
-from daemon.smspartner import SmsPartnerClient
 from tests.conftest import API_KEY, run_cli
 from tests.integration.test_daemon import Running, wait_for
 
@@ -231,34 +228,24 @@ def test_sigterm_while_the_provider_trickles_or_stalls_exits_within_10_s(
 @pytest.fixture
 def once_daemon(tmp_path: Any, simulator: Simulator) -> Iterator[Callable[..., Daemon]]:
     """A daemon for `run --once` on a SQLite file, with an injected lease length."""
-    closing: list[Callable[[], None]] = []
+    apps: list[App] = []
 
     def build(url: str, *, lease: timedelta, rate: float) -> Daemon:
-        settings = load_settings({}, api_key=API_KEY, base_url=simulator.url, database_url=url)
-        engine = create_engine(url)
-        http = httpx.Client(timeout=5)
-        closing.extend([http.close, engine.dispose])
-        client = SmsPartnerClient(
-            http, api_key=API_KEY, base_url=simulator.url, rate_limit_per_second=rate
-        )
-
-        def clock() -> datetime:
-            return datetime.now(UTC)
-
-        poller = Poller(engine=engine, client=client, settings=settings, clock=clock)
-        return Daemon(
-            engine=engine,
-            poll=poller.poll,
-            clock=clock,
-            health=Health(clock),
+        settings = load_settings(
+            {},
+            api_key=API_KEY,
+            base_url=simulator.url,
+            database_url=url,
+            http_timeout_seconds=5,
+            rate_limit_per_second=rate,
             concurrency=2,
-            report_window=settings.report_window,
-            lease=lease,
         )
+        apps.append(App(settings, lease=lease))
+        return apps[-1].daemon
 
     yield build
-    for close in closing:
-        close()
+    for app in apps:
+        app.close()
 
 
 def test_sigterm_stops_run_once_as_it_stops_run(

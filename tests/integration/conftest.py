@@ -21,8 +21,7 @@ from daemon.poller import Poller
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
 from daemon.smspartner import SmsPartnerClient
-from tests.conftest import API_KEY
-from tests.integration.test_daemon import Running
+from tests.helpers import API_KEY, Running
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from daemon import backfill, migrate, tracking
 from daemon.db import create_engine, tracked_tags
 from daemon.errors import InputError
-from tests.conftest import CliResult, run_cli
+from tests.helpers import CliResult, run_cli
 
 
 @pytest.fixture

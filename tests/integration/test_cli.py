@@ -1,5 +1,6 @@
-"""The CLI as a user runs it: a subprocess, the simulator over loopback, a SQLite file.
-Checks exit codes, what is printed, and that no secret and no traceback ever shows."""
+"""The CLI as a user runs it: verbs through ``main(argv)``, the simulator over loopback, a
+SQLite file. Checks exit codes, what is printed, and that no secret and no traceback ever
+shows. Runs as a service user (capabilities dropped) start a process of their own."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from daemon.simulator import Simulator
-from tests.conftest import API_KEY, as_service_user, permissions_apply, run_cli
-
-
-def assert_clean(*outputs: str) -> None:
-    for text in outputs:
-        assert "Traceback" not in text
-        assert API_KEY not in text
-        assert "k3y-Secret" not in text
+from tests.helpers import (
+    API_KEY,
+    as_service_user,
+    assert_clean,
+    permissions_apply,
+    run_cli,
+    run_cli_process,
+)
 
 
 def test_track_tags_report_untrack_round_trip(cli_env: dict[str, str]) -> None:
@@ -291,7 +292,7 @@ def test_a_database_directory_that_cannot_be_written_is_one_line_and_exit_2(
 ) -> None:
     for database in (read_only_dir / "x.db", read_only_dir / "sub" / "x.db"):
         env = {**cli_env, "SMSPARTNER_DATABASE_URL": f"sqlite:///{database}"}
-        res = run_cli(*args, env=env, preexec_fn=as_service_user)
+        res = run_cli_process(*args, env=env, preexec_fn=as_service_user)
         assert res.code == 2, (args, res.err)
         assert res.err.startswith("error: SMSPARTNER_DATABASE_URL: cannot ")
         if database.parent == read_only_dir:
@@ -315,11 +316,11 @@ def test_a_read_only_database_file_is_read_but_not_written(
         database.chmod(0o644)
         pytest.skip("file permissions cannot be made to apply to this user")
     try:
-        res = run_cli("tags", "--json", env=cli_env, preexec_fn=as_service_user)
+        res = run_cli_process("tags", "--json", env=cli_env, preexec_fn=as_service_user)
         assert res.code == 0, res.err
         assert [t["tag"] for t in json.loads(res.out)] == ["kept"]
         for args in (("track", "new"), ("poll", "promo"), ("run", "--once")):
-            res = run_cli(*args, env=cli_env, preexec_fn=as_service_user)
+            res = run_cli_process(*args, env=cli_env, preexec_fn=as_service_user)
             assert res.code == 1, (args, res.err)
             errors = [line for line in res.err.splitlines() if line.startswith("error:")]
             assert errors == [

@@ -7,8 +7,6 @@ import json
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -20,58 +18,7 @@ import sqlalchemy as sa
 
 from daemon.health import heartbeat_age, heartbeat_path, remove_heartbeat, write_heartbeat
 from daemon.simulator import Simulator
-from tests.conftest import API_KEY, run_cli
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-class Running:
-    """A `run` daemon in a subprocess, its log lines in a file."""
-
-    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
-        self.log = log
-        self._out = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run", *args],
-            env=env,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-        )
-
-    def lines(self) -> list[str]:
-        return self.log.read_text().splitlines()
-
-    def events(self) -> list[dict[str, object]]:
-        found = []
-        for line in self.lines():
-            try:
-                found.append(json.loads(line))
-            except ValueError:
-                continue
-        return found
-
-    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, float]:
-        start = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout=20)
-        finally:
-            self._out.close()
-        return code, time.monotonic() - start
+from tests.helpers import API_KEY, Running, free_port, run_cli, wait_for
 
 
 @pytest.fixture

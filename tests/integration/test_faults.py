@@ -31,7 +31,7 @@ from daemon.scheduler import Daemon
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
 from daemon.smspartner import SmsPartnerClient
-from tests.conftest import API_KEY, CliResult
+from tests.helpers import API_KEY, CliResult
 from tests.integration.conftest import NOW, Rig
 from tests.unit.test_redaction import assert_hidden
 

@@ -42,7 +42,7 @@ from daemon.health import (
 from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.settings import load_settings
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY
 
 # --- helpers ------------------------------------------------------------------------------
 

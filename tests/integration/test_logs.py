@@ -20,7 +20,7 @@ import structlog
 from daemon import cli
 from daemon.log import configure_logging
 from daemon.simulator import Simulator
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY
 
 #: When the provider says the STOP numbers answered: 2026-12-03T03:30:38Z.
 REPORTED = 1796268638

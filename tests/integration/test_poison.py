@@ -23,9 +23,8 @@ from daemon.cli import main
 from daemon.db import poll_runs
 from daemon.health import FAILING_TOLERANCE, Health
 from daemon.scheduler import Daemon
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY, unix
 from tests.integration.conftest import NOW, Rig
-from tests.integration.test_poll import unix
 
 GOOD = [
     {"phoneNumber": "+33600000001", "status": "Delivered", "stopSMS": False, "date": unix(NOW)},

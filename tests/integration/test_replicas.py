@@ -32,8 +32,8 @@ from daemon.db import create_engine
 from daemon.migrate import head_revision
 from daemon.simulator import Simulator
 from daemon.status import map_provider_status
-from tests.conftest import PgServer, pg_database, run_cli
-from tests.integration.test_daemon import Running, free_port, wait_for
+from tests.conftest import PgServer, pg_database
+from tests.helpers import Running, free_port, run_cli, wait_for
 
 pytestmark = pytest.mark.postgres
 

@@ -1,0 +1,262 @@
+"""Shared test helpers: the CLI in-process and as a process, the daemon as a process, the
+process-wide state ``main()`` changes, and small waits and clocks.
+
+Most tests run a verb through :func:`run_cli`, which calls ``daemon.cli.main(argv)`` in
+this interpreter: the exit code, stdout and stderr are what a user's shell would see,
+without paying Python's start and the verb's imports (~0.5 s) each time. A test whose
+subject is the process itself (signals, SIGKILL, rlimits, dropped capabilities, broken
+pipes, what a fresh interpreter imports) uses :func:`run_cli_process` or :class:`Running`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import structlog
+
+API_KEY = "k3y-Secret&/+é"  # needs URL encoding, and must never be printed
+
+
+@dataclass
+class CliResult:
+    """What a CLI run printed and returned."""
+
+    code: int
+    out: str
+    err: str
+
+
+def assert_clean(*outputs: str) -> None:
+    """No traceback and no spelling of the test key in any of ``outputs``."""
+    for text in outputs:
+        assert "Traceback" not in text
+        assert API_KEY not in text
+        assert "k3y-Secret" not in text
+
+
+# --- process-wide state ---------------------------------------------------------------------
+
+#: The stdlib loggers ``configure_logging`` sets a level on ("" is the root logger).
+_BRIDGED = ("", "httpx", "httpcore", "sqlalchemy", "alembic", "apscheduler")
+
+
+@contextlib.contextmanager
+def process_state_kept() -> Iterator[None]:
+    """Put back what ``main()`` configures for the whole process: structlog, the stdlib
+    loggers' levels and handlers (pointing at a stream that is gone after the call), and
+    the garbage collector's thresholds (``tune_gc``)."""
+    saved = structlog.get_config()
+    loggers = {name: logging.getLogger(name) for name in _BRIDGED}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    handlers = list(loggers[""].handlers)
+    threshold = gc.get_threshold()
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+        for name, logger in loggers.items():
+            logger.setLevel(levels[name])
+        loggers[""].handlers[:] = handlers
+        gc.set_threshold(*threshold)
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """Make ``os.environ`` exactly ``env`` for the block, as a child process would see it."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+# --- the CLI ----------------------------------------------------------------------------------
+
+
+def run_cli(*args: str, env: dict[str, str], stdin: str = "", timeout: float = 0) -> CliResult:
+    """Run ``smspartner-status ARGS`` in this interpreter through ``daemon.cli.main``.
+
+    ``env`` is the whole environment the verb sees (as for a child process); ``stdin`` is
+    what it reads there. argparse's exits (``--help``, a bad argument) become the code
+    they carry. Logging and gc are restored afterwards. ``timeout`` is accepted for the
+    callers written for :func:`run_cli_process`; pytest's per-test timeout covers it here.
+    """
+    from daemon.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        environment(env),
+        process_state_kept(),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        saved_stdin, sys.stdin = sys.stdin, io.StringIO(stdin)
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = _exit_code(exc)
+        finally:
+            sys.stdin = saved_stdin
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def _exit_code(exc: SystemExit) -> int:
+    """The status a process exiting with ``exc`` would have (as ``sys.exit`` maps it)."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def run_cli_process(
+    *args: str,
+    env: dict[str, str],
+    timeout: float = 60,
+    preexec_fn: Callable[[], None] | None = None,
+    stdin: str | None = None,
+) -> CliResult:
+    """Run ``python -m daemon ARGS`` as a separate process, and capture everything.
+
+    Only for tests whose subject is the process: ``preexec_fn`` runs in the child before
+    the CLI starts (see :func:`as_service_user`).
+    """
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon", *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        preexec_fn=preexec_fn,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+#: prctl(2) option and capabilities(7) numbers for :func:`as_service_user`.
+_PR_CAPBSET_DROP, _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 24, 1, 2
+
+
+def as_service_user() -> None:
+    """A ``preexec_fn`` that makes root obey file permissions, as a service user does.
+
+    Tests often run as root (containers, CI), and root writes anywhere: drop the
+    capabilities that bypass permission checks from the bounding set, so the CLI the
+    child execs has none of them. A no-op for other users.
+
+    Raises:
+        OSError: the capabilities cannot be dropped (see :func:`permissions_apply`).
+    """
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def permissions_apply(target: Path) -> bool:
+    """Whether a CLI run with :func:`as_service_user` is refused opening ``target`` for
+    writing (a file that exists, or a new one in a directory)."""
+    probe = [sys.executable, "-c", f"open({str(target)!r}, 'a')"]
+    try:
+        proc = subprocess.run(probe, preexec_fn=as_service_user, capture_output=True, check=False)
+    except subprocess.SubprocessError:  # the capabilities could not be dropped
+        return False
+    return proc.returncode != 0 and b"PermissionError" in proc.stderr
+
+
+# --- the daemon as a process ------------------------------------------------------------------
+
+
+class Running:
+    """A `run` daemon in a subprocess, its log lines in a file (signals, SIGKILL, the
+    single-writer lock between processes, sd_notify)."""
+
+    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
+        self.log = log
+        self._out = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", *args],
+            env=env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def lines(self) -> list[str]:
+        """The log lines written so far."""
+        return self.log.read_text().splitlines()
+
+    def events(self) -> list[dict[str, object]]:
+        """The JSON log events written so far (other lines skipped)."""
+        found = []
+        for line in self.lines():
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
+        return found
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, float]:
+        """Send ``sig``; the exit code and how long the process took to exit."""
+        start = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=20)
+        finally:
+            self._out.close()
+        return code, time.monotonic() - start
+
+    def close(self) -> None:
+        """Kill the process if it still runs, and close its log."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._out.close()
+
+
+# --- small things -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``condition`` every 0.05 s until it is true; fail naming ``what`` after
+    ``timeout`` seconds. For a process's doing only: in-process, step with a clock."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def unix(dt: datetime) -> str:
+    """A provider ``date``: Unix seconds as a string."""
+    return str(int(dt.timestamp()))

@@ -21,7 +21,12 @@ import sqlalchemy as sa
 import structlog
 
 from daemon.simulator import Simulator
-from tests.helpers import API_KEY, CliResult, run_cli  # noqa: F401  (older imports)
+from tests.helpers import (  # noqa: F401  (API_KEY, CliResult, run_cli: older imports)
+    API_KEY,
+    CliResult,
+    process_state_kept,
+    run_cli,
+)
 
 # Read before the environment is scrubbed: these configure the test run itself.
 _PG_URL = os.environ.get("SMSPARTNER_TEST_POSTGRES_URL")
@@ -182,6 +187,14 @@ def debug_logs() -> Iterator[None]:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
     yield
     structlog.configure(**saved)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For tests that call ``daemon.cli.main`` themselves: it configures logging and the
+    garbage collector for the whole process; put both back afterwards."""
+    with process_state_kept():
+        yield
 
 
 @pytest.fixture

@@ -24,10 +24,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import structlog
+
+if TYPE_CHECKING:
+    from daemon.health import Health
+    from daemon.scheduler import Daemon
+    from tests.integration.conftest import Rig
 
 API_KEY = "k3y-Secret&/+é"  # needs URL encoding, and must never be printed
 
@@ -184,6 +190,35 @@ def permissions_apply(target: Path) -> bool:
     except subprocess.SubprocessError:  # the capabilities could not be dropped
         return False
     return proc.returncode != 0 and b"PermissionError" in proc.stderr
+
+
+# --- the daemon in-process, stepped with the rig's clock -----------------------------------
+
+
+def daemon_for(r: Rig, health: Health | None = None, **options: Any) -> Daemon:
+    """A daemon on the rig's poller and clock; its dispatcher is never started: the test
+    calls :func:`step` after moving ``r.clock``. Stop it (the ``stopping`` fixture)."""
+    from daemon.health import Health
+    from daemon.scheduler import Daemon
+
+    values: dict[str, Any] = {"concurrency": 1, "report_window": timedelta(hours=48)}
+    values.update(options)
+    return Daemon(
+        engine=r.engine,
+        poll=r.poller.poll,
+        clock=r.clock,
+        health=health or Health(r.clock),
+        **values,
+    )
+
+
+def step(daemon: Daemon) -> None:
+    """One dispatch, and every poll it leads to (the worker claims what else is due)."""
+    daemon.dispatch()
+    deadline = time.monotonic() + 15
+    while daemon.polls_in_flight:
+        assert time.monotonic() < deadline, "the daemon kept polling: a tag is re-polled at once"
+        time.sleep(0.01)
 
 
 # --- the daemon as a process ------------------------------------------------------------------

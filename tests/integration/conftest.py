@@ -18,6 +18,7 @@ from daemon import migrate, store, tracking
 from daemon.answers import Answers
 from daemon.db import create_engine
 from daemon.poller import Poller
+from daemon.scheduler import Daemon
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
 from daemon.smspartner import SmsPartnerClient
@@ -128,3 +129,12 @@ def running(tmp_path: Path) -> Iterator[Callable[..., Running]]:
             proc.proc.kill()
             proc.proc.wait()
         proc._out.close()
+
+
+@pytest.fixture
+def stopping() -> Iterator[list[Daemon]]:
+    """Daemons the test appends here are stopped at its end (their pools shut down)."""
+    daemons: list[Daemon] = []
+    yield daemons
+    for daemon in daemons:
+        daemon.stop()

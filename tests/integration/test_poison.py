@@ -23,7 +23,7 @@ from daemon.cli import main
 from daemon.db import poll_runs
 from daemon.health import FAILING_TOLERANCE, Health
 from daemon.scheduler import Daemon
-from tests.helpers import API_KEY, unix
+from tests.helpers import API_KEY, daemon_for, step, unix
 from tests.integration.conftest import NOW, Rig
 
 GOOD = [
@@ -286,34 +286,6 @@ def test_a_crashing_poll_is_recorded_as_a_failure_and_backed_off(rig: Callable[.
 
 
 # --- the daemon, stepped with the rig's clock ------------------------------------------
-
-
-def daemon_for(r: Rig, health: Health | None = None) -> Daemon:
-    return Daemon(
-        engine=r.engine,
-        poll=r.poller.poll,
-        clock=r.clock,
-        health=health or Health(r.clock),
-        concurrency=1,
-        report_window=timedelta(hours=48),
-    )
-
-
-def step(daemon: Daemon) -> None:
-    """One dispatch, and every poll it leads to (the worker claims what else is due)."""
-    daemon.dispatch()
-    deadline = time.monotonic() + 15
-    while daemon.polls_in_flight:
-        assert time.monotonic() < deadline, "the daemon kept polling: a tag is re-polled at once"
-        time.sleep(0.01)
-
-
-@pytest.fixture
-def stopping() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    for daemon in daemons:
-        daemon.stop()
 
 
 def crashing_rig(rig: Callable[..., Rig], *, unrecordable: bool) -> Rig:

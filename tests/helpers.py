@@ -159,6 +159,35 @@ def run_cli_process(
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+#: The child of :func:`run_clis_as_service_user`: each run in-process, results as JSON.
+_SERVICE_USER_CHILD = """
+import json, sys
+from tests.helpers import run_cli
+runs = json.load(sys.stdin)
+print(json.dumps([vars(run_cli(*args, env=env)) for args, env in runs]))
+"""
+
+
+def run_clis_as_service_user(
+    runs: list[tuple[tuple[str, ...], dict[str, str]]], timeout: float = 60
+) -> list[CliResult]:
+    """Run each ``(args, env)`` as :func:`run_cli` does, in one child process that obeys
+    file permissions (:func:`as_service_user`): the process is the subject only in that
+    it lacks the capabilities, so one process serves every verb of a test."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", _SERVICE_USER_CHILD],
+        input=json.dumps(runs),
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+        preexec_fn=as_service_user,
+    )
+    return [CliResult(**result) for result in json.loads(proc.stdout)]
+
+
 #: prctl(2) option and capabilities(7) numbers for :func:`as_service_user`.
 _PR_CAPBSET_DROP, _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 24, 1, 2
 

@@ -300,6 +300,43 @@ class Running:
         self._out.close()
 
 
+class Dispatches:
+    """A `run` process's dispatcher passes, seen through sd_notify: the daemon sends
+    ``WATCHDOG=1`` at the start of each, to ``NOTIFY_SOCKET`` (:meth:`env`).
+
+    Lets a test wait for "one more look" by a daemon instead of sleeping through its
+    2-second dispatch interval.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+
+    def env(self) -> dict[str, str]:
+        """What the daemon's environment needs to report here."""
+        return {"NOTIFY_SOCKET": str(self.path)}
+
+    def wait_next(self, timeout: float = 10) -> None:
+        """Return once a pass that began after this call has claimed what was due.
+
+        A pass sends WATCHDOG=1 before it claims, and submits what it claimed at once;
+        0.2 s after the message, a tag it claimed is being fetched.
+        """
+        self._sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self._sock.recv(256)  # passes that began before this call
+        self._sock.settimeout(timeout)
+        while self._sock.recv(256) != b"WATCHDOG=1":
+            pass
+        time.sleep(0.2)
+
+    def close(self) -> None:
+        """Stop listening."""
+        self._sock.close()
+
+
 # --- small things -----------------------------------------------------------------------------
 
 

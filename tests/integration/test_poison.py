@@ -302,7 +302,9 @@ def crashing_rig(rig: Callable[..., Rig], *, unrecordable: bool) -> Rig:
 
 
 def requests(r: Rig) -> list[int]:
-    return [r.sim.request_count(t) for t in ("good1", "crash", "good2")]
+    """Polls of each tag so far: its page-1 requests (a poll also asks for the empty page
+    that ends a tag)."""
+    return [r.sim.request_count(t, page=1) for t in ("good1", "crash", "good2")]
 
 
 def test_a_crashing_tag_backs_off_and_the_healthy_ones_keep_their_cadence(
@@ -370,7 +372,7 @@ def test_run_once_polls_a_crashing_tag_once(rig: Callable[..., Rig]) -> None:
     assert done.wait(15), "run --once kept re-polling the crashing tag"
     once.join()
     assert (stats[0].polls, stats[0].failures) == (2, 1)
-    assert r.sim.request_count("crash") == 1 and len(r.rows("good")) == 5
+    assert r.sim.request_count("crash", page=1) == 1 and len(r.rows("good")) == 5
 
 
 def test_readiness_fails_while_polls_run_and_none_succeeds(

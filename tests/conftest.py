@@ -1,18 +1,17 @@
 """Shared fixtures: a clean environment, real databases (SQLite files and a throwaway
-PostgreSQL cluster), the simulator on loopback, and the CLI as a subprocess."""
+PostgreSQL cluster), the simulator on loopback, and the CLI's environment. Helpers that
+are not fixtures live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
 import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,16 @@ import sqlalchemy as sa
 import structlog
 
 from daemon.simulator import Simulator
+from tests.helpers import (  # noqa: F401  (API_KEY, CliResult, run_cli: older imports)
+    API_KEY,
+    CliResult,
+    process_state_kept,
+    run_cli,
+)
 
 # Read before the environment is scrubbed: these configure the test run itself.
 _PG_URL = os.environ.get("SMSPARTNER_TEST_POSTGRES_URL")
 _PG_REQUIRED = os.environ.get("SMSPARTNER_TEST_REQUIRE_POSTGRES") == "1"
-API_KEY = "k3y-Secret&/+é"  # needs URL encoding, and must never be printed
 
 
 @pytest.fixture(autouse=True)
@@ -186,19 +190,18 @@ def debug_logs() -> Iterator[None]:
 
 
 @pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For tests that call ``daemon.cli.main`` themselves: it configures logging and the
+    garbage collector for the whole process; put both back afterwards."""
+    with process_state_kept():
+        yield
+
+
+@pytest.fixture
 def simulator() -> Iterator[Simulator]:
     """The bundled fake SMS Partner API on a free loopback port, with our test key."""
     with Simulator(api_key=API_KEY, seed=7, page_size=500) as sim:
         yield sim
-
-
-@dataclass
-class CliResult:
-    """What a CLI run printed and returned."""
-
-    code: int
-    out: str
-    err: str
 
 
 @pytest.fixture
@@ -214,58 +217,3 @@ def cli_env(tmp_path: Path, simulator: Simulator) -> dict[str, str]:
         SMSPARTNER_LOG_FORMAT="json",
     )
     return env
-
-
-def run_cli(
-    *args: str,
-    env: dict[str, str],
-    timeout: float = 60,
-    preexec_fn: Callable[[], None] | None = None,
-) -> CliResult:
-    """Run ``python -m daemon ARGS`` as a user would, and capture everything.
-
-    ``preexec_fn`` runs in the child before the CLI starts (see :func:`as_service_user`).
-    """
-    proc = subprocess.run(
-        [sys.executable, "-m", "daemon", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        preexec_fn=preexec_fn,
-    )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
-
-
-#: prctl(2) option and capabilities(7) numbers for :func:`as_service_user`.
-_PR_CAPBSET_DROP, _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 24, 1, 2
-
-
-def as_service_user() -> None:
-    """A ``preexec_fn`` that makes root obey file permissions, as a service user does.
-
-    Tests often run as root (containers, CI), and root writes anywhere: drop the
-    capabilities that bypass permission checks from the bounding set, so the CLI the
-    child execs has none of them. A no-op for other users.
-
-    Raises:
-        OSError: the capabilities cannot be dropped (see :func:`permissions_apply`).
-    """
-    if os.geteuid() != 0:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
-        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
-def permissions_apply(target: Path) -> bool:
-    """Whether a CLI run with :func:`as_service_user` is refused opening ``target`` for
-    writing (a file that exists, or a new one in a directory)."""
-    probe = [sys.executable, "-c", f"open({str(target)!r}, 'a')"]
-    try:
-        proc = subprocess.run(probe, preexec_fn=as_service_user, capture_output=True, check=False)
-    except subprocess.SubprocessError:  # the capabilities could not be dropped
-        return False
-    return proc.returncode != 0 and b"PermissionError" in proc.stderr

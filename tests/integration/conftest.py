@@ -21,8 +21,7 @@ from daemon.poller import Poller
 from daemon.scheduler import Daemon
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
-from tests.conftest import API_KEY
-from tests.integration.test_daemon import Running
+from tests.helpers import API_KEY, Running
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -125,3 +124,12 @@ def running(tmp_path: Path) -> Iterator[Callable[..., Running]]:
             proc.proc.kill()
             proc.proc.wait()
         proc._out.close()
+
+
+@pytest.fixture
+def stopping() -> Iterator[list[Daemon]]:
+    """Daemons the test appends here are stopped at its end (their pools shut down)."""
+    daemons: list[Daemon] = []
+    yield daemons
+    for daemon in daemons:
+        daemon.stop()

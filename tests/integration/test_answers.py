@@ -17,8 +17,8 @@ from structlog.testing import capture_logs
 from daemon import queries, tracking
 from daemon.db import delivery_status_events, delivery_statuses, stop_sms_optouts
 from daemon.poller import PollResult
+from tests.helpers import unix
 from tests.integration.conftest import NOW, Rig
-from tests.integration.test_poll import unix
 
 
 def item(phone: str, status: str, date: datetime, stop: object = False) -> dict[str, object]:

@@ -4,8 +4,6 @@ checked first, so one bad line writes nothing."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import sqlalchemy as sa
 from daemon import backfill, migrate, queries, tracking
 from daemon.db import create_engine, tracked_tags
 from daemon.errors import InputError
-from tests.conftest import CliResult, run_cli
+from tests.helpers import CliResult, run_cli
 
 
 @pytest.fixture
@@ -136,18 +134,10 @@ def test_a_sent_at_too_far_in_the_future_writes_nothing(
 
 def test_stdin_and_warnings_once_per_tag_capped(env: dict[str, str]) -> None:
     tags = [f"Campaign-{i}" for i in range(12)] + ["fine", "Campaign-0"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "daemon", "track", "--from-file", "-"],
-        input="\n".join(tags) + "\n",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "tracking 13 tag(s) from <stdin>: 13 new" in proc.stdout
-    warnings = proc.stderr.splitlines()
+    res = run_cli("track", "--from-file", "-", env=env, stdin="\n".join(tags) + "\n")
+    assert res.code == 0, res.err
+    assert "tracking 13 tag(s) from <stdin>: 13 new" in res.out
+    warnings = res.err.splitlines()
     assert len(warnings) == 11 and warnings[0].startswith("warning: tag 'Campaign-0':")
     assert warnings[-1] == ("warning: 2 more tag(s) longer than 20 characters or not lowercase")
     assert len(stored(env)) == 13

@@ -1,5 +1,6 @@
-"""The CLI as a user runs it: a subprocess, the simulator over loopback, a SQLite file.
-Checks exit codes, what is printed, and that no secret and no traceback ever shows."""
+"""The CLI as a user runs it: verbs through ``main(argv)``, the simulator over loopback, a
+SQLite file. Checks exit codes, what is printed, and that no secret and no traceback ever
+shows. Runs as a service user (capabilities dropped) share one process of their own."""
 
 from __future__ import annotations
 
@@ -11,14 +12,13 @@ from pathlib import Path
 import pytest
 
 from daemon.simulator import Simulator
-from tests.conftest import API_KEY, as_service_user, permissions_apply, run_cli
-
-
-def assert_clean(*outputs: str) -> None:
-    for text in outputs:
-        assert "Traceback" not in text
-        assert API_KEY not in text
-        assert "k3y-Secret" not in text
+from tests.helpers import (
+    API_KEY,
+    assert_clean,
+    permissions_apply,
+    run_cli,
+    run_clis_as_service_user,
+)
 
 
 def test_track_tags_report_untrack_round_trip(cli_env: dict[str, str]) -> None:
@@ -277,25 +277,20 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
         directory.chmod(0o755)
 
 
-@pytest.mark.parametrize(
-    ("args", "what"),
-    [
-        (("tags",), "cannot create x.db in directory"),
-        (("db", "upgrade"), "cannot create x.db in directory"),
-        (("run", "--once"), "cannot create x.db in directory"),
-        (("run",), "cannot create x.db in directory"),
-    ],
-)
 def test_a_database_directory_that_cannot_be_written_is_one_line_and_exit_2(
-    cli_env: dict[str, str], read_only_dir: Path, args: tuple[str, ...], what: str
+    cli_env: dict[str, str], read_only_dir: Path
 ) -> None:
-    for database in (read_only_dir / "x.db", read_only_dir / "sub" / "x.db"):
-        env = {**cli_env, "SMSPARTNER_DATABASE_URL": f"sqlite:///{database}"}
-        res = run_cli(*args, env=env, preexec_fn=as_service_user)
+    verbs = [("tags",), ("db", "upgrade"), ("run", "--once"), ("run",)]
+    databases = (read_only_dir / "x.db", read_only_dir / "sub" / "x.db")
+    runs = [(args, database) for args in verbs for database in databases]
+    results = run_clis_as_service_user(
+        [(args, {**cli_env, "SMSPARTNER_DATABASE_URL": f"sqlite:///{db}"}) for args, db in runs]
+    )
+    for (args, database), res in zip(runs, results, strict=True):
         assert res.code == 2, (args, res.err)
         assert res.err.startswith("error: SMSPARTNER_DATABASE_URL: cannot ")
         if database.parent == read_only_dir:
-            assert what in res.err
+            assert "cannot create x.db in directory" in res.err
         else:
             assert f"cannot create directory {database.parent}" in res.err
         assert str(read_only_dir) in res.err and "Permission denied" in res.err
@@ -315,11 +310,13 @@ def test_a_read_only_database_file_is_read_but_not_written(
         database.chmod(0o644)
         pytest.skip("file permissions cannot be made to apply to this user")
     try:
-        res = run_cli("tags", "--json", env=cli_env, preexec_fn=as_service_user)
+        writes = [("track", "new"), ("poll", "promo"), ("run", "--once")]
+        res, *results = run_clis_as_service_user(
+            [(args, cli_env) for args in [("tags", "--json"), *writes]]
+        )
         assert res.code == 0, res.err
         assert [t["tag"] for t in json.loads(res.out)] == ["kept"]
-        for args in (("track", "new"), ("poll", "promo"), ("run", "--once")):
-            res = run_cli(*args, env=cli_env, preexec_fn=as_service_user)
+        for args, res in zip(writes, results, strict=True):
             assert res.code == 1, (args, res.err)
             errors = [line for line in res.err.splitlines() if line.startswith("error:")]
             assert errors == [

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from daemon.simulator import Simulator
 from daemon.status import map_provider_status
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 SENT = "1764140000"  # 2025-11-26T06:53:20Z
 

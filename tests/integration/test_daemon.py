@@ -1,5 +1,6 @@
-"""The daemon as users run it: `run` and `run --once` as subprocesses against the
-simulator, with the HTTP surface, sd_notify, signals and the single-writer lock."""
+"""The daemon as users run it: `run --once` through ``main(argv)``, `run` as a process
+where the process is the subject (the HTTP surface, sd_notify, signals, the
+single-writer lock), and the dispatcher stepped with the rig's clock for its schedule."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import json
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -17,61 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
+from structlog.testing import capture_logs
 
-from daemon.health import heartbeat_age, heartbeat_path, remove_heartbeat, write_heartbeat
+from daemon.health import Health, heartbeat_age, heartbeat_path, remove_heartbeat, write_heartbeat
+from daemon.scheduler import Daemon
 from daemon.simulator import Simulator
-from tests.conftest import API_KEY, run_cli
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-class Running:
-    """A `run` daemon in a subprocess, its log lines in a file."""
-
-    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
-        self.log = log
-        self._out = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run", *args],
-            env=env,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-        )
-
-    def lines(self) -> list[str]:
-        return self.log.read_text().splitlines()
-
-    def events(self) -> list[dict[str, object]]:
-        found = []
-        for line in self.lines():
-            try:
-                found.append(json.loads(line))
-            except ValueError:
-                continue
-        return found
-
-    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, float]:
-        start = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout=20)
-        finally:
-            self._out.close()
-        return code, time.monotonic() - start
+from tests.helpers import API_KEY, Running, daemon_for, free_port, run_cli, step, wait_for
+from tests.integration.conftest import NOW, Rig
 
 
 @pytest.fixture
@@ -161,31 +112,23 @@ def _get(http: httpx.Client, path: str) -> int:
         return 0
 
 
-def test_a_row_inserted_by_another_program_is_polled_within_5_seconds(
-    cli_env: dict[str, str], simulator: Simulator, running: Callable[..., Running]
+def test_a_row_inserted_by_another_program_is_adopted_and_polled_at_the_next_dispatch(
+    rig: Callable[..., Rig], stopping: list[Daemon]
 ) -> None:
-    simulator.add_tag("sidecar", 50)
-    env = {**cli_env, "SMSPARTNER_HTTP_PORT": "0"}
-    assert run_cli("db", "upgrade", env=env).code == 0
-    daemon = running(env)
-    wait_for(lambda: "daemon.started" in daemon.log.read_text(), 20, "start")
-    db = env["SMSPARTNER_DATABASE_URL"].removeprefix("sqlite:///")
-    with sqlite3.connect(db) as conn:
-        conn.execute("INSERT INTO tracked_tags (tag) VALUES ('sidecar')")
-    inserted = time.monotonic()
-
-    def stored() -> bool:
-        with sqlite3.connect(db) as conn:
-            return (
-                conn.execute(
-                    "SELECT count(*) FROM delivery_statuses WHERE tag = 'sidecar'"
-                ).fetchone()[0]
-                == 50
-            )
-
-    wait_for(stored, 5, "the inserted tag to be polled")
-    assert time.monotonic() - inserted < 5
-    assert daemon.stop()[0] == 0
+    """A sidecar registers a tag with a bare row (no window, no schedule): the next
+    dispatch (every 2 s in `run`; test_http_fds watches one in real time) fills its
+    window and polls it."""
+    r = rig()
+    r.sim.add_tag("sidecar", 50)
+    daemon = daemon_for(r)
+    stopping.append(daemon)
+    step(daemon)  # nothing tracked yet
+    with r.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO tracked_tags (tag) VALUES ('sidecar')"))
+    with capture_logs() as logs:
+        step(daemon)
+    assert len(r.rows("sidecar")) == 50
+    assert [e["tag"] for e in logs if e["event"] == "tag.adopted"] == ["sidecar"]
 
 
 def test_an_absurd_inserted_row_does_not_stop_the_other_tags(
@@ -277,28 +220,33 @@ def test_a_clean_stop_keeps_the_heartbeat_another_daemon_wrote(tmp_path: Path) -
 
 
 def test_wrong_key_pauses_polling_with_one_error_and_fails_readiness(
-    daemon_env: dict[str, str], simulator: Simulator, running: Callable[..., Running]
+    rig: Callable[..., Rig], stopping: list[Daemon]
 ) -> None:
+    """The provider rejects the key: one error, readiness fails, and no tag is polled
+    until 5 minutes have passed; then one probe poll, which fails again."""
+    r = rig(api_key="wrong-key-777")
     for tag in ("a", "b", "c"):
-        simulator.add_tag(tag, 5)
-        run_cli("track", tag, env=daemon_env)
-    env = {**daemon_env, "SMSPARTNER_API_KEY": "wrong-key-777", "SMSPARTNER_CONCURRENCY": "1"}
-    daemon = running(env)
-    base = f"http://127.0.0.1:{env['SMSPARTNER_HTTP_PORT']}"
-    with httpx.Client(base_url=base, timeout=5) as http:
-        wait_for(
-            lambda: _get(http, "/readyz") == 503 and "auth_paused" in daemon.log.read_text(),
-            20,
-            "readiness to fail",
-        )
-        problems = http.get("/readyz").json()["problems"]
-        assert any("API key" in p for p in problems)
-        time.sleep(4.5)  # two more dispatches: still paused, nothing more sent
-    assert simulator.request_count() == 1
-    events = [e["event"] for e in daemon.events()]
+        r.sim.add_tag(tag, 5)
+        r.track(tag)
+    health = Health(r.clock)
+    daemon = daemon_for(r, health, concurrency=1)
+    stopping.append(daemon)
+    with capture_logs() as logs:
+        step(daemon)
+        assert r.sim.request_count() == 1
+        problems = health.problems()
+        assert any("API key" in p for p in problems), problems
+        for seconds in (2, 4, 120, 299):  # more dispatches: still paused, nothing sent
+            r.clock.now = NOW + timedelta(seconds=seconds)
+            step(daemon)
+        assert r.sim.request_count() == 1
+        r.clock.now = NOW + timedelta(minutes=5, seconds=1)
+        step(daemon)
+        assert r.sim.request_count() == 2  # one probe, not every tag
+    events = [e["event"] for e in logs]
     assert events.count("daemon.auth_paused") == 1
-    assert daemon.stop()[0] == 0
-    assert "wrong-key-777" not in daemon.log.read_text()
+    assert "wrong-key-777" not in repr(logs)
+    assert any("API key" in p for p in health.problems())
 
 
 def test_sigint_also_stops_cleanly(
@@ -326,35 +274,45 @@ def test_leases_are_released_on_clean_stop(
     assert owners == [(None,)]
 
 
-def test_the_running_daemon_re_polls_a_large_tag_from_what_it_remembers(
-    cli_env: dict[str, str], simulator: Simulator, running: Callable[..., Running]
+@pytest.mark.usefixtures("debug_logs")
+def test_the_daemon_re_polls_a_large_tag_from_what_it_remembers(
+    rig: Callable[..., Rig], stopping: list[Daemon]
 ) -> None:
-    simulator.add_tag("big", 1_500)  # reports keep arriving while the daemon polls
-    env = {**cli_env, "SMSPARTNER_LOG_LEVEL": "debug", "SMSPARTNER_POLL_CADENCE": "48h=1s"}
-    assert run_cli("track", "big", env=env).code == 0
-    daemon = running(env)
-
-    def fetches() -> list[dict[str, object]]:
-        return [e for e in daemon.events() if e["event"] == "api.pagination_stopped"]
-
-    wait_for(lambda: len(fetches()) >= 3, 30, "three polls of the tag")
-    code, _ = daemon.stop()
-    assert code == 0
-    first, *later = fetches()
-    # Only the first poll merged every number; later ones left out what they had stored.
+    """A tag of 1,500 numbers (reports keep arriving meanwhile), polled by the daemon
+    every minute: only the first poll merges every number, later ones leave out what
+    they stored, and the counts they keep from memory still equal a recount."""
+    r = rig()
+    start = r.sim.now()  # the provider's dates are real times: so is the rig's clock here
+    r.sim.add_tag("big", 1_500, sent_at=start - timedelta(minutes=1))
+    r.clock.now = start
+    r.track("big")
+    daemon = daemon_for(r)
+    stopping.append(daemon)
+    with capture_logs() as logs:
+        for minute in range(3):
+            r.clock.now = start + timedelta(minutes=minute)
+            step(daemon)
+    fetches = [e for e in logs if e["event"] == "api.pagination_stopped"]
+    assert len(fetches) == 3
+    first, *later = fetches
     assert first["repeated"] == 0
-    assert all(0 < int(str(e["repeated"])) <= 1_500 for e in later)
-    # The counts the later polls kept from memory still equal a recount of the rows.
-    db = sqlite3.connect(env["SMSPARTNER_DATABASE_URL"].removeprefix("sqlite:///"))
-    with db:
-        summary = db.execute(
-            "SELECT total, waiting, delivered, not_delivered, failed, stop_sms "
-            "FROM tag_summary WHERE tag = 'big'"
-        ).fetchone()
-        recount = db.execute(
-            "SELECT count(*), sum(status = 'waiting'), sum(status = 'delivered'), "
-            "sum(status = 'not_delivered'), sum(status = 'failed'), sum(stop_sms) "
-            "FROM delivery_statuses WHERE tag = 'big'"
-        ).fetchone()
-    db.close()
-    assert summary == recount and summary[0] == 1_500
+    assert all(0 < int(e["repeated"]) <= 1_500 for e in later), later
+    with r.engine.connect() as conn:
+        summary = conn.execute(
+            sa.text(
+                "SELECT total, waiting, delivered, not_delivered, failed, stop_sms "
+                "FROM tag_summary WHERE tag = 'big'"
+            )
+        ).one()
+        recount = conn.execute(
+            sa.text(
+                "SELECT count(*), "
+                "sum(CASE WHEN status = 'waiting' THEN 1 ELSE 0 END), "
+                "sum(CASE WHEN status = 'delivered' THEN 1 ELSE 0 END), "
+                "sum(CASE WHEN status = 'not_delivered' THEN 1 ELSE 0 END), "
+                "sum(CASE WHEN status = 'failed' THEN 1 ELSE 0 END), "
+                "sum(CASE WHEN stop_sms THEN 1 ELSE 0 END) "
+                "FROM delivery_statuses WHERE tag = 'big'"
+            )
+        ).one()
+    assert tuple(summary) == tuple(recount) and summary[0] == 1_500

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from daemon.simulator import Simulator
-from tests.conftest import API_KEY, run_cli
+from tests.helpers import API_KEY, run_cli
 
 
 def count_rows(db: str) -> int:

@@ -30,7 +30,7 @@ import yaml
 from daemon.cli import build_parser
 from daemon.settings import ENV_PREFIX, SECRET_FIELDS, Settings, load_settings
 from daemon.simulator import Simulator
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -7,30 +7,27 @@ with one faulty tag keeps its other tags on cadence.
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
-import structlog
 from structlog.testing import capture_logs
 
 from daemon import tracking
 from daemon.app import App
-from daemon.cli import main
 from daemon.db import create_engine, poll_runs, tracked_tags
 from daemon.errors import PollAbandoned, TransientApiError
 from daemon.scheduler import Daemon
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
 from daemon.smspartner import SmsPartnerClient
-from tests.conftest import API_KEY, CliResult
+from tests.helpers import API_KEY, daemon_for, run_cli, step
 from tests.integration.conftest import NOW, Rig
 from tests.unit.test_redaction import assert_hidden
 
@@ -129,82 +126,41 @@ def test_connection_refused_is_a_transient_failure(db_url: str) -> None:
     assert "ConnectError" in (result.error or "") and API_KEY not in (result.error or "")
 
 
-@pytest.fixture
-def live_daemon(tmp_path: Any, simulator: Simulator) -> Iterator[Callable[..., Daemon]]:
-    made: list[App] = []
-
-    def build(**overrides: Any) -> Daemon:
-        url = f"sqlite:///{tmp_path / 'live.db'}"
-        settings = load_settings(
-            {},
-            api_key=API_KEY,
-            base_url=simulator.url,
-            database_url=url,
-            poll_cadence="48h=1s",
-            max_retries=1,
-            retry_backoff_seconds=0.01,
-            http_timeout_seconds=0.5,
-            rate_limit_per_second=0,
-            concurrency=3,
-            **overrides,
-        )
-        made.append(App(settings, dispatch_interval=0.2))
-        return made[-1].daemon
-
-    yield build
-    for app in made:
-        app.daemon.stop()
-        app.close()
-
-
 def test_healthy_tags_keep_their_cadence_while_one_tag_fails(
-    live_daemon: Callable[..., Daemon], simulator: Simulator
+    rig: Callable[..., Rig], stopping: list[Daemon]
 ) -> None:
-    daemon = live_daemon()
-    for tag in ("good1", "good2", "bad"):
-        simulator.add_tag(tag, 20)
-        with daemon._engine.begin() as conn:
-            now = datetime.now(UTC)
-            tracking.track(
-                conn, tag, sent_at=now, window_ends_at=now + timedelta(hours=48), now=now
-            )
-    simulator.inject("slow", tag="bad", times=None, seconds=2)  # every poll times out
-    daemon.start()
-    time.sleep(6)
-    daemon.stop()
-    with daemon._engine.connect() as conn:
+    """Every poll of one tag times out: it backs off, while the healthy tags are still
+    polled on their minute. Three workers, the daemon stepped with the rig's clock."""
+    r = rig(max_retries=1, http_timeout_seconds=0.1)
+    tags = ("good1", "good2", "bad")
+    for tag in tags:
+        r.track(tag)
+        r.sim.add_tag(tag, 20)
+    r.sim.inject("slow", tag="bad", times=None, seconds=2)  # every attempt times out
+    daemon = daemon_for(r, concurrency=3)
+    stopping.append(daemon)
+    seen = []
+    for seconds in (0, 30, 60, 90, 120, 150, 180):
+        r.clock.now = NOW + timedelta(seconds=seconds)
+        step(daemon)
+        seen.append([r.sim.request_count(t, page=1) for t in tags])
+    # bad: 2 attempts a poll; retried after 30 s, then 60 s (its cadence caps the backoff)
+    assert seen == [
+        [1, 1, 2],
+        [1, 1, 4],
+        [2, 2, 4],
+        [2, 2, 6],
+        [3, 3, 6],
+        [3, 3, 8],
+        [4, 4, 8],
+    ]
+    with r.engine.connect() as conn:
         runs = conn.execute(sa.select(poll_runs.c.tag, poll_runs.c.outcome)).all()
-    good = [t for t, o in runs if t.startswith("good") and o == "ok"]
-    bad = [o for t, o in runs if t == "bad"]
-    assert good.count("good1") >= 4 and good.count("good2") >= 4  # every ~1 s, undisturbed
-    assert bad and set(bad) == {"transient_error"}
-    assert all(o == "ok" for t, o in runs if t != "bad")
+    assert sorted(o for t, o in runs if t != "bad") == ["ok"] * 8
+    assert [o for t, o in runs if t == "bad"] == ["transient_error"] * 4
 
 
 # --- hostile providers: trickling, echoing the key, lying about total ------------------
-
-
-@pytest.fixture
-def in_process(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], cli_env: dict[str, str]
-) -> Iterator[Callable[..., CliResult]]:
-    """Run a CLI verb through ``daemon.cli.main(argv)`` with the CLI environment, as a
-    user would, and capture what it prints; the logging set-up is restored afterwards."""
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-
-    def run(*argv: str, **env: str) -> CliResult:
-        for name, value in {**cli_env, **env}.items():
-            if name.startswith("SMSPARTNER_"):
-                monkeypatch.setenv(name, value)
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return CliResult(code, out, err)
-
-    yield run
-    structlog.configure(**saved)
-    root.handlers[:], root.level = handlers, level
 
 
 def stored_errors(env: dict[str, str]) -> list[str]:
@@ -220,16 +176,15 @@ def stored_errors(env: dict[str, str]) -> list[str]:
 
 
 def test_poll_against_a_trickling_provider_ends_by_its_deadline(
-    in_process: Callable[..., CliResult], simulator: Simulator, cli_env: dict[str, str]
+    simulator: Simulator, cli_env: dict[str, str]
 ) -> None:
     """One byte every 0.2 s: each read succeeds, so only a whole-request deadline ends it
     (the answer alone would take over a minute)."""
     simulator.add_tag("slowly", 5)
     simulator.inject("trickle", tag="slowly", times=None, interval=0.2, bytes=1)
     started = time.monotonic()
-    result = in_process(
-        "poll", "slowly", SMSPARTNER_HTTP_TIMEOUT_SECONDS="1", SMSPARTNER_MAX_RETRIES="1"
-    )
+    env = {**cli_env, "SMSPARTNER_HTTP_TIMEOUT_SECONDS": "1", "SMSPARTNER_MAX_RETRIES": "1"}
+    result = run_cli("poll", "slowly", env=env)
     took = time.monotonic() - started
     assert result.code == 1 and took < 5, (took, result)
     assert "no complete answer within 1 s (the whole-request deadline)" in result.err
@@ -244,7 +199,6 @@ def test_poll_against_a_trickling_provider_ends_by_its_deadline(
 
 @pytest.mark.parametrize("fault", ["echo_key", "echo_key_html"])
 def test_a_key_echoed_escaped_appears_nowhere(
-    in_process: Callable[..., CliResult],
     simulator: Simulator,
     cli_env: dict[str, str],
     fault: str,
@@ -254,7 +208,8 @@ def test_a_key_echoed_escaped_appears_nowhere(
     so not ``GET /tags``, which shows ``last_error``)."""
     simulator.add_tag("echo", 3)
     simulator.inject(fault, tag="echo", times=None)
-    result = in_process("poll", "echo", SMSPARTNER_LOG_LEVEL="debug", SMSPARTNER_LOG_FORMAT="json")
+    env = {**cli_env, "SMSPARTNER_LOG_LEVEL": "debug", "SMSPARTNER_LOG_FORMAT": "json"}
+    result = run_cli("poll", "echo", env=env)
     assert result.code == 1
     errors = stored_errors(cli_env)
     assert errors  # the failure was recorded, redacted
@@ -337,14 +292,13 @@ def test_a_request_under_way_at_the_shutdown_deadline_is_cut_short(
 
 
 def test_a_password_in_the_base_url_is_never_logged(
-    in_process: Callable[..., CliResult], simulator: Simulator
+    simulator: Simulator, cli_env: dict[str, str]
 ) -> None:
     """httpx logs every request URL at debug level; the userinfo goes before it does."""
     simulator.add_tag("t", 3)
     with_password = simulator.url.replace("http://", "http://bob:pa55-w0rd@")
-    result = in_process(
-        "poll", "t", SMSPARTNER_BASE_URL=with_password, SMSPARTNER_LOG_LEVEL="debug"
-    )
+    env = {**cli_env, "SMSPARTNER_BASE_URL": with_password, "SMSPARTNER_LOG_LEVEL": "debug"}
+    result = run_cli("poll", "t", env=env)
     assert result.code == 0, result
     assert "HTTP Request: GET http://127.0.0.1:" in result.err  # httpx's own line, kept
     assert "pa55-w0rd" not in result.out + result.err and "bob:" not in result.err

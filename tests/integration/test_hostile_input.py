@@ -9,9 +9,7 @@ second process is the subject (SQLite's locks are per process).
 
 from __future__ import annotations
 
-import gc
 import json
-import logging
 import os
 import re
 import sqlite3
@@ -25,7 +23,6 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-import structlog
 
 from daemon import migrate, queries, tracking
 from daemon.cli import main
@@ -42,28 +39,11 @@ from daemon.health import (
 from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.settings import load_settings
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY
 
 # --- helpers ------------------------------------------------------------------------------
 
-_BRIDGED = ("", "httpx", "httpcore", "sqlalchemy", "alembic", "apscheduler")
-
-
-@pytest.fixture(autouse=True)
-def _restore_process_state() -> Iterator[None]:
-    """``main()`` configures logging for the process (to the stream capsys swaps in, which
-    is closed after the test) and tunes the garbage collector: put all of it back."""
-    saved = structlog.get_config()
-    loggers = {name: logging.getLogger(name) for name in _BRIDGED}
-    levels = {name: logger.level for name, logger in loggers.items()}
-    handlers = list(loggers[""].handlers)
-    threshold = gc.get_threshold()
-    yield
-    structlog.configure(**saved)
-    for name, logger in loggers.items():
-        logger.setLevel(levels[name])
-    loggers[""].handlers[:] = handlers
-    gc.set_threshold(*threshold)
+pytestmark = pytest.mark.usefixtures("restore_logging")  # verbs call main() here
 
 
 @pytest.fixture

@@ -18,8 +18,7 @@ from pathlib import Path
 import httpx
 
 from daemon.simulator import Simulator
-from tests.conftest import API_KEY, run_cli
-from tests.integration.test_daemon import free_port, wait_for
+from tests.helpers import API_KEY, free_port, run_cli, wait_for
 
 #: The daemon's descriptor limit: room for its own ~25 and the 64 connections it serves.
 NOFILE = 128

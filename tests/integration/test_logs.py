@@ -3,11 +3,8 @@ JSON values, datetimes as ISO-8601 text; the console format prints them as reada
 
 from __future__ import annotations
 
-import gc
 import io
 import json
-import logging
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import Enum
@@ -20,28 +17,11 @@ import structlog
 from daemon import cli
 from daemon.log import configure_logging
 from daemon.simulator import Simulator
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY
 
 #: When the provider says the STOP numbers answered: 2026-12-03T03:30:38Z.
 REPORTED = 1796268638
 STOPPED = ("+33711111111", "+33722222222")  # not among add_tag's +3361… numbers
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """``main()`` configures logging for the whole process: put it back afterwards."""
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    names = ("httpx", "httpcore", "sqlalchemy", "alembic", "apscheduler")
-    levels = {name: logging.getLogger(name).level for name in names}
-    threshold = gc.get_threshold()
-    yield
-    structlog.configure(**saved)
-    root.handlers[:], root.level = handlers, level
-    for name, old in levels.items():
-        logging.getLogger(name).setLevel(old)
-    gc.set_threshold(*threshold)
 
 
 def _poll_with_stops(

@@ -23,9 +23,8 @@ from daemon.cli import main
 from daemon.db import poll_runs
 from daemon.health import FAILING_TOLERANCE, Health
 from daemon.scheduler import Daemon
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY, daemon_for, step, unix
 from tests.integration.conftest import NOW, Rig
-from tests.integration.test_poll import unix
 
 GOOD = [
     {"phoneNumber": "+33600000001", "status": "Delivered", "stopSMS": False, "date": unix(NOW)},
@@ -311,27 +310,6 @@ def test_a_poll_still_crashing_after_the_grace_hour_expires_the_tag_like_any_fai
 # --- the daemon, stepped with the rig's clock ------------------------------------------
 
 
-def daemon_for(r: Rig, health: Health | None = None) -> Daemon:
-    return r.daemon(health, concurrency=1)
-
-
-def step(daemon: Daemon) -> None:
-    """One dispatch, and every poll it leads to (the worker claims what else is due)."""
-    daemon.dispatch()
-    deadline = time.monotonic() + 15
-    while daemon.polls_in_flight:
-        assert time.monotonic() < deadline, "the daemon kept polling: a tag is re-polled at once"
-        time.sleep(0.01)
-
-
-@pytest.fixture
-def stopping() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    for daemon in daemons:
-        daemon.stop()
-
-
 def crashing_rig(rig: Callable[..., Rig], *, unrecordable: bool) -> Rig:
     """Tags good1, crash, good2, all due; the database refuses the rows of ``crash``
     (and, when ``unrecordable``, even its ``poll_runs`` row)."""
@@ -346,7 +324,8 @@ def crashing_rig(rig: Callable[..., Rig], *, unrecordable: bool) -> Rig:
 
 
 def requests(r: Rig) -> list[int]:
-    """Polls of each tag so far: a poll's first page, whatever pages follow it."""
+    """Polls of each tag so far: its page-1 requests (a poll also asks for the empty page
+    that ends a tag)."""
     return [r.sim.request_count(t, page=1) for t in ("good1", "crash", "good2")]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -21,12 +21,8 @@ from daemon.db import (
     stop_sms_optouts,
 )
 from daemon.errors import StoreError
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY, unix
 from tests.integration.conftest import NOW, Rig
-
-
-def unix(dt: datetime) -> str:
-    return str(int(dt.timestamp()))
 
 
 def test_waiting_becomes_delivered_and_final_never_regresses(rig: Callable[..., Rig]) -> None:

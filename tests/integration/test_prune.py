@@ -29,7 +29,7 @@ from daemon.db import (
     tracked_tags,
 )
 from daemon.settings import load_settings
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 

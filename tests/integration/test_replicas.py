@@ -2,7 +2,7 @@
 work shared through row leases, a killed replica's tag taken over, concurrent
 auto-migration, a server restart under a running daemon, and the SQL of docs/bi.md.
 
-Every daemon here is a real subprocess (the `Running` helper of test_daemon.py) talking
+Every daemon here is a real subprocess (the `Running` helper of tests/helpers.py) talking
 to the simulator over loopback and to the throwaway PostgreSQL cluster of conftest.py.
 """
 
@@ -32,15 +32,12 @@ from daemon.db import create_engine
 from daemon.migrate import head_revision
 from daemon.simulator import Simulator
 from daemon.status import map_provider_status
-from tests.conftest import PgServer, pg_database, run_cli
-from tests.integration.test_daemon import Running, free_port, wait_for
+from tests.conftest import PgServer, pg_database
+from tests.helpers import Dispatches, Running, free_port, run_cli, wait_for
 
 pytestmark = pytest.mark.postgres
 
 BI_GUIDE = Path(__file__).resolve().parents[2] / "docs" / "bi.md"
-#: The daemon's dispatcher runs every 2 s (``Daemon.dispatch_interval``); waiting a bit
-#: longer than that lets every replica take one more look at the table.
-DISPATCH = 2.5
 
 
 # --- fixtures ---------------------------------------------------------------------------
@@ -76,6 +73,20 @@ def env(cli_env: dict[str, str], pg_url: str) -> dict[str, str]:
 def replicas(running: Callable[..., Running]) -> Callable[..., Running]:
     """Start `run` replicas, each with its own log file (killed at the end if left)."""
     return running
+
+
+@pytest.fixture
+def dispatches(tmp_path: Path) -> Iterator[Callable[[], Dispatches]]:
+    """Listeners for replicas' dispatcher passes (one per replica: its NOTIFY_SOCKET)."""
+    made: list[Dispatches] = []
+
+    def make() -> Dispatches:
+        made.append(Dispatches(tmp_path / f"notify{len(made)}.sock"))
+        return made[-1]
+
+    yield make
+    for listener in made:
+        listener.close()
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -164,6 +175,7 @@ def test_three_replicas_share_the_work_and_never_poll_a_tag_twice(
     db: sa.Engine,
     simulator: Simulator,
     replicas: Callable[..., Running],
+    dispatches: Callable[[], Dispatches],
 ) -> None:
     """24 due tags, three replicas of two workers each, a provider answering in 0.3 s:
     every tag is polled exactly once in its first cadence period (1 minute), by one
@@ -172,7 +184,8 @@ def test_three_replicas_share_the_work_and_never_poll_a_tag_twice(
     for tag in tags:
         simulator.add_tag(tag, 4)
         simulator.inject("slow", tag=tag, times=None, seconds=0.3)
-    running = [replicas(env) for _ in range(3)]  # all three migrate the empty database
+    passes = [dispatches() for _ in range(3)]
+    running = [replicas({**env, **p.env()}) for p in passes]  # all three migrate the database
     wait_for(lambda: all(_started(r) for r in running), 30, "three replicas to start")
 
     sent_at = datetime.now(UTC)
@@ -180,7 +193,8 @@ def test_three_replicas_share_the_work_and_never_poll_a_tag_twice(
     began = time.monotonic()
     wait_for(lambda: len(_ok_runs(db)) == len(tags), 40, "every tag to be polled")
     took = time.monotonic() - began
-    time.sleep(DISPATCH)  # one more look by every replica: nothing else is due yet
+    for listener in passes:  # one more look by every replica: nothing else is due yet
+        listener.wait_next()
 
     assert _ok_runs(db) == dict.fromkeys(tags, 1)
     polls = {tag: simulator.request_count(tag, page=1) for tag in tags}
@@ -213,6 +227,7 @@ def test_a_killed_replica_s_tag_is_taken_over_once_its_lease_expires(
     db: sa.Engine,
     simulator: Simulator,
     replicas: Callable[..., Running],
+    dispatches: Callable[[], Dispatches],
 ) -> None:
     """`kill -9` of the replica polling a slow tag: its lease keeps the others off the
     tag until it expires, then another replica polls it; nothing is lost or doubled.
@@ -226,7 +241,8 @@ def test_a_killed_replica_s_tag_is_taken_over_once_its_lease_expires(
     calm = [f"calm{i}" for i in range(4)]
     for tag in calm:
         simulator.add_tag(tag, 5)
-    running = [replicas(env) for _ in range(2)]
+    passes = [dispatches() for _ in range(2)]
+    running = [replicas({**env, **p.env()}) for p in passes]
     wait_for(lambda: all(_started(r) for r in running), 30, "two replicas to start")
     _insert_tags(db, ["stuck", *calm], datetime.now(UTC))
 
@@ -244,7 +260,7 @@ def test_a_killed_replica_s_tag_is_taken_over_once_its_lease_expires(
     victim.proc.kill()  # SIGKILL mid-poll: no clean stop, no lease release
     assert victim.stop()[0] == -signal.SIGKILL
 
-    time.sleep(DISPATCH)  # the survivor looks again, but the lease is still live
+    passes[running.index(survivor)].wait_next()  # it looks again; the lease still holds
     assert simulator.request_count("stuck") == 1
     assert owner_of_stuck() == owner
     assert _ok_runs(db)["stuck"] == 0
@@ -429,7 +445,7 @@ def test_a_poll_cut_off_by_the_database_is_retried_soon_after_it_returns(
     finally:
         pg_server.ctl("restart")
     # Before the fix: about 57 s, the rest of the lease the cut-off poll still held.
-    wait_for(lambda: _ok_runs(db)["cut"] == 1, 3 * DISPATCH, "the tag to be polled again")
+    wait_for(lambda: _ok_runs(db)["cut"] == 1, 7.5, "the tag to be polled again")  # 3 passes
     assert daemon.stop()[0] == 0
 
 

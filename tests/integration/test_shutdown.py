@@ -21,8 +21,7 @@ from daemon.db import create_engine
 from daemon.scheduler import Daemon
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
-from tests.conftest import API_KEY, run_cli
-from tests.integration.test_daemon import Running, wait_for
+from tests.helpers import API_KEY, Running, run_cli, wait_for
 
 #: The tag's columns a poll writes; an abandoned poll must leave them all as they were.
 POLL_COLUMNS = (

@@ -16,7 +16,7 @@ from daemon.errors import ApiError
 from daemon.log import Redactor
 from daemon.redaction import redact
 from daemon.smspartner import SmsPartnerClient
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY
 
 
 def spellings(key: str) -> dict[str, str]:

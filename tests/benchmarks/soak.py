@@ -60,7 +60,7 @@ from daemon.scheduler import Daemon
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
 from daemon.smspartner import SmsPartnerClient
-from daemon.status import cadence_interval
+from daemon.status import CadenceStep, cadence_interval
 
 #: '/', '&', '+' and capitals: its raw, percent-, form-, JSON- and HTML-escaped
 #: spellings all differ, so a redaction that knows only one of them shows.
@@ -253,13 +253,14 @@ def flat(values: list[float], tolerance: float) -> bool:
     return max(values[half:]) <= max(values[:half]) + tolerance
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float], digits: int = 1) -> str:
     """Median, p95 and max of ``values``."""
     p95 = statistics.quantiles(values, n=20)[-1] if len(values) > 1 else values[0]
-    return f"median {statistics.median(values):.1f}, p95 {p95:.1f}, max {max(values):.1f}"
+    median, top = statistics.median(values), max(values)
+    return f"median {median:.{digits}f}, p95 {p95:.{digits}f}, max {top:.{digits}f}"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -277,7 +278,28 @@ def main() -> None:
         default="info",
         help="what the daemon logs (debug also has httpx's and SQLAlchemy's lines)",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+@dataclass
+class Run:
+    """What one soak run left behind, read back once the daemon stopped."""
+
+    healthy: list[str]
+    hostile: list[str]
+    cadence: tuple[CadenceStep, ...]
+    started_at: datetime
+    stopped_at: datetime
+    stop_seconds: float  # how long daemon.stop() took
+    samples: list[Sample]
+    runs: list[Any] = field(default_factory=list)  # poll_runs rows, by tag and start
+    tags: dict[str, Any] = field(default_factory=dict)  # tracked_tags rows by tag
+    numbers: Counter[str] = field(default_factory=Counter)  # numbers stored per tag
+    provider_statuses: list[str] = field(default_factory=list)  # of the hostile tags
+
+
+def main() -> None:
+    args = parse_args()
     sink = LogSink(KEY)
     configure_logging(level=args.log_level, fmt="json", secrets=[KEY], stream=sink)
     uncaught: list[str] = []
@@ -288,263 +310,248 @@ def main() -> None:
         previous_hook(hook_args)
 
     threading.excepthook = on_uncaught
-
     ctx = multiprocessing.get_context("spawn")
     pipe, child = ctx.Pipe()
     proc = ctx.Process(target=_serve, args=(child, args.tags, args.trickling), daemon=True)
     proc.start()
-    url = pipe.recv()
-    healthy = [f"soak-{i:05d}" for i in range(args.tags)]
-
-    with tempfile.TemporaryDirectory() as tmp:
-        db = f"sqlite:///{tmp}/soak.db"
-        settings = load_settings(
-            {}, api_key=KEY, base_url=url, database_url=db, rate_limit_per_second=0, concurrency=4
-        )
-        engine = create_engine(db)
-        migrate.upgrade(engine)
-        now = datetime.now(UTC)
-        with engine.begin() as conn:
-            tracking.track_many(
-                conn,
-                [
-                    (tag, now, now + settings.report_window)
-                    for tag in healthy + hostile_tags(args.trickling)
-                ],
-                now=now,
-            )
-
-        def clock() -> datetime:
-            return datetime.now(UTC)
-
-        holder: list[Daemon] = []
-        health = Health(clock)
-        samples: list[Sample] = []
-        with httpx.Client(timeout=settings.http_timeout_seconds) as http:
-            client = SmsPartnerClient(
-                http,
-                api_key=KEY,
-                base_url=url,
-                max_retries=settings.max_retries,
-                retry_backoff=settings.retry_backoff_seconds,
-                rate_limit_per_second=settings.rate_limit_per_second,
-                max_pages=settings.max_pages,
-                sleep=lambda s: holder[0].interruptible_sleep(s),
-                deadline=lambda: holder[0].shutdown_deadline(),
-            )
-            poller = Poller(engine=engine, client=client, settings=settings, clock=clock)
-            daemon = Daemon(
-                engine=engine,
-                poll=poller.poll,
-                clock=clock,
-                health=health,
-                concurrency=settings.concurrency,
-                report_window=settings.report_window,
-            )
-            holder.append(daemon)
-            started, started_at = time.monotonic(), clock()
-            daemon.start()
-            end = started + args.minutes * 60
-            while time.monotonic() < end:
-                time.sleep(min(SAMPLE_EVERY, max(end - time.monotonic(), 0)))
-                s = Sample(time.monotonic() - started, *measure(), daemon.stats.polls)
-                s.problems = health.problems()
-                s.overdue = overdue(engine, clock() - LATE)
-                samples.append(s)
-                print(
-                    f"  +{s.at:4.0f} s  rss {s.rss:6.1f} MiB  threads {s.threads:3d}  "
-                    f"fds {s.fds:4d}  polls {s.polls:6,}  healthy tags overdue {s.overdue:4}  "
-                    f"{'ready' if not s.problems else 'NOT READY: ' + '; '.join(s.problems)}",
-                    flush=True,
-                )
-            stopped_at = clock()
-            stop_began = time.monotonic()
-            daemon.stop()
-            stop_seconds = time.monotonic() - stop_began
-
-        with engine.connect() as conn:
-            runs = conn.execute(
-                sa.select(
-                    poll_runs.c.tag,
-                    poll_runs.c.started_at,
-                    poll_runs.c.finished_at,
-                    poll_runs.c.outcome,
-                    poll_runs.c.error,
-                ).order_by(poll_runs.c.tag, poll_runs.c.started_at)
-            ).all()
-            tags = {r.tag: r for r in conn.execute(sa.select(tracked_tags)).all()}
-            numbers = dict(
-                conn.execute(
-                    sa.select(delivery_statuses.c.tag, sa.func.count()).group_by(
-                        delivery_statuses.c.tag
-                    )
-                ).all()
-            )
-            provider_statuses = [
-                status
-                for (status,) in conn.execute(
-                    sa.select(delivery_statuses.c.provider_status).where(
-                        delivery_statuses.c.tag.in_(hostile_tags(args.trickling))
-                    )
-                )
-            ]
-        engine.dispose()
-    pipe.send("stop")
-    proc.join(10)
-    threading.excepthook = previous_hook
-
-    report(
-        args=args,
-        runs=runs,
-        tags=tags,
-        numbers=numbers,
-        provider_statuses=provider_statuses,
-        healthy=healthy,
-        started_at=started_at,
-        stopped_at=stopped_at,
-        stop_seconds=stop_seconds,
-        samples=samples,
-        sink=sink,
-        uncaught=uncaught,
-        cadence=settings.cadence,
-    )
-
-
-def report(
-    *,
-    args: argparse.Namespace,
-    runs: list[Any],
-    tags: dict[str, Any],
-    numbers: dict[str, int],
-    provider_statuses: list[str],
-    healthy: list[str],
-    started_at: datetime,
-    stopped_at: datetime,
-    stop_seconds: float,
-    samples: list[Sample],
-    sink: LogSink,
-    uncaught: list[str],
-    cadence: Any,
-) -> None:
-    """Print what the run showed."""
-    polls: dict[str, list[Any]] = defaultdict(list)
-    for run in runs:
-        polls[run.tag].append(run)
-    by_group: dict[str, Counter[str]] = defaultdict(Counter)
-    for run in runs:
-        by_group[group_of(run.tag)][run.outcome] += 1
+    try:
+        url = pipe.recv()
+        with tempfile.TemporaryDirectory() as tmp:
+            run = soak(args, url, f"sqlite:///{tmp}/soak.db")
+    finally:
+        pipe.send("stop")
+        proc.join(10)
+        threading.excepthook = previous_hook
     print(
-        f"\n{args.tags:,} healthy and {len(hostile_tags(args.trickling))} hostile tags for "
-        f"{args.minutes:g} min: {len(runs):,} polls; daemon.stop() took {stop_seconds:.1f} s"
+        f"\n{args.tags:,} healthy and {len(run.hostile)} hostile tags for {args.minutes:g} min: "
+        f"{len(run.runs):,} polls; daemon.stop() took {run.stop_seconds:.1f} s"
     )
+    report_cadence(run)
+    report_resources(run.samples)
+    report_hostile(run)
+    report_logs(run, sink, uncaught)
 
-    # Punctuality of the healthy tags: every interval between two polls of a tag, and the
-    # one from its last poll to the end (a tag no longer polled at all must show too).
-    ratios, gaps, firsts, missed_tags = [], [], [], set()
-    for tag in healthy:
-        times = [r.started_at for r in polls.get(tag, [])]
+
+def soak(args: argparse.Namespace, url: str, db: str) -> Run:
+    """Track every tag, run the daemon for ``args.minutes`` while sampling the process,
+    stop it, and read back what it wrote."""
+    settings = load_settings(
+        {}, api_key=KEY, base_url=url, database_url=db, rate_limit_per_second=0, concurrency=4
+    )
+    healthy = [f"soak-{i:05d}" for i in range(args.tags)]
+    hostile = hostile_tags(args.trickling)
+    engine = create_engine(db)
+    migrate.upgrade(engine)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        window = now + settings.report_window
+        tracking.track_many(conn, [(tag, now, window) for tag in healthy + hostile], now=now)
+
+    def clock() -> datetime:
+        return datetime.now(UTC)
+
+    holder: list[Daemon] = []
+    health = Health(clock)
+    samples: list[Sample] = []
+    # Built as `run` builds it (daemon/commands.py), from the same settings.
+    with httpx.Client(timeout=settings.http_timeout_seconds) as http:
+        client = SmsPartnerClient(
+            http,
+            api_key=KEY,
+            base_url=url,
+            max_retries=settings.max_retries,
+            retry_backoff=settings.retry_backoff_seconds,
+            rate_limit_per_second=settings.rate_limit_per_second,
+            max_pages=settings.max_pages,
+            sleep=lambda s: holder[0].interruptible_sleep(s),
+            deadline=lambda: holder[0].shutdown_deadline(),
+        )
+        poller = Poller(engine=engine, client=client, settings=settings, clock=clock)
+        daemon = Daemon(
+            engine=engine,
+            poll=poller.poll,
+            clock=clock,
+            health=health,
+            concurrency=settings.concurrency,
+            report_window=settings.report_window,
+        )
+        holder.append(daemon)
+        started, started_at = time.monotonic(), clock()
+        daemon.start()
+        end = started + args.minutes * 60
+        while time.monotonic() < end:
+            time.sleep(min(SAMPLE_EVERY, max(end - time.monotonic(), 0)))
+            s = Sample(time.monotonic() - started, *measure(), daemon.stats.polls)
+            s.problems = health.problems()
+            s.overdue = overdue(engine, clock() - LATE)
+            samples.append(s)
+            print(
+                f"  +{s.at:4.0f} s  rss {s.rss:6.1f} MiB  threads {s.threads:3d}  "
+                f"fds {s.fds:4d}  polls {s.polls:6,}  healthy tags overdue {s.overdue:4}  "
+                f"{'ready' if not s.problems else 'NOT READY: ' + '; '.join(s.problems)}",
+                flush=True,
+            )
+        stopped_at, stopping = clock(), time.monotonic()
+        daemon.stop()
+        stop_seconds = time.monotonic() - stopping
+
+    run = Run(healthy, hostile, settings.cadence, started_at, stopped_at, stop_seconds, samples)
+    with engine.connect() as conn:
+        columns = (poll_runs.c.tag, poll_runs.c.started_at, poll_runs.c.finished_at)
+        run.runs = list(
+            conn.execute(
+                sa.select(*columns, poll_runs.c.outcome, poll_runs.c.error).order_by(
+                    poll_runs.c.tag, poll_runs.c.started_at
+                )
+            )
+        )
+        run.tags = {r.tag: r for r in conn.execute(sa.select(tracked_tags))}
+        counts = sa.select(delivery_statuses.c.tag, sa.func.count()).group_by(
+            delivery_statuses.c.tag
+        )
+        run.numbers = Counter({tag: n for tag, n in conn.execute(counts)})
+        statuses = sa.select(delivery_statuses.c.provider_status).where(
+            delivery_statuses.c.tag.in_(hostile)
+        )
+        run.provider_statuses = [s for (s,) in conn.execute(statuses) if s]
+    engine.dispose()
+    return run
+
+
+def holds_key(text: str | None) -> bool:
+    """Whether ``text`` holds the key in any spelling (or the fragment)."""
+    lowered = (text or "").lower()
+    return any(needle in lowered for needle in key_spellings(KEY))
+
+
+def report_cadence(run: Run) -> None:
+    """How punctual the healthy tags' polls were: every interval between two polls of a
+    tag against the tag's cadence then, and the one from its last poll to the stop (a
+    tag no longer polled at all must show too)."""
+    polls: dict[str, list[datetime]] = defaultdict(list)
+    outcomes: Counter[str] = Counter()
+    durations: list[float] = []
+    for r in run.runs:
+        if group_of(r.tag) == "healthy":
+            polls[r.tag].append(r.started_at)
+            outcomes[r.outcome] += 1
+            durations.append((r.finished_at - r.started_at).total_seconds())
+    gaps: list[float] = []  # seconds between two polls of a tag
+    ratios: list[float] = []  # every wait for a poll (the last one too) over its cadence
+    firsts: list[float] = []  # seconds from the daemon's start to a tag's first poll
+    missed: set[str] = set()
+    for tag in run.healthy:
+        times = polls.get(tag, [])
         if not times:
-            missed_tags.add(tag)
+            missed.add(tag)
             continue
-        firsts.append((times[0] - started_at).total_seconds())
-        intervals = list(itertools.pairwise(times))
-        if tags[tag].state == "active":
-            intervals.append((times[-1], stopped_at))
-        for a, b in intervals:
-            due = cadence_interval(a - tags[tag].sent_at, cadence).total_seconds()
-            gap = (b - a).total_seconds()
-            if b is not stopped_at:
-                gaps.append(gap)
-            ratios.append(gap / due)
-            if gap > MISSED * due:
-                missed_tags.add(tag)
-    outcomes = dict(by_group["healthy"])
-    print(f"  healthy: {sum(outcomes.values()):,} polls {outcomes}")
+        firsts.append((times[0] - run.started_at).total_seconds())
+        waits = [(a, (b - a).total_seconds()) for a, b in itertools.pairwise(times)]
+        gaps.extend(wait for _, wait in waits)
+        if run.tags[tag].state == "active":
+            waits.append((times[-1], (run.stopped_at - times[-1]).total_seconds()))
+        for at, wait in waits:
+            due = cadence_interval(at - run.tags[tag].sent_at, run.cadence).total_seconds()
+            ratios.append(wait / due)
+            if wait > MISSED * due:
+                missed.add(tag)
+    print(f"  healthy: {sum(outcomes.values()):,} polls {dict(outcomes)}")
+    if durations:
+        print(
+            f"  one poll of a healthy tag, retries and their waits included: "
+            f"{spread(durations, 2)} s"
+        )
     if gaps:
+        every = cadence_interval(timedelta(0), run.cadence).total_seconds()
         late = sum(1 for r in ratios if r > 1.5)
         print(
-            f"  interval between polls of a healthy tag (cadence "
-            f"{cadence_interval(timedelta(0), cadence).total_seconds():g} s): {spread(gaps)} s; "
-            f"{late} of {len(ratios):,} over 1.5× cadence"
+            f"  interval between polls of a healthy tag (cadence {every:g} s): "
+            f"{spread(gaps)} s; {late:,} of {len(ratios):,} waits over 1.5× cadence"
         )
     if firsts:
         print(f"  first poll after start: {spread(firsts)} s")
-    never = sum(1 for tag in healthy if tag not in polls)
+    never = sum(1 for tag in run.healthy if tag not in polls)
     print(
-        f"  healthy tags that missed a poll window (a gap over {MISSED:g}× cadence, or never "
-        f"polled): {len(missed_tags)} of {len(healthy):,} ({never} never polled)"
+        f"  healthy tags that missed a poll window (a wait over {MISSED:g}× cadence, or never "
+        f"polled): {len(missed)} of {len(run.healthy):,} ({never} never polled)"
     )
 
-    # Resources: the first sample is taken during the start-up backlog; the rest should hold.
+
+def report_resources(samples: list[Sample]) -> None:
+    """Whether RSS, threads and descriptors stayed flat, and readiness throughout. The
+    first sample falls in the start-up backlog, so the series starts at the second."""
     steady = samples[1:] if len(samples) > 2 else samples
-    if steady:
-        first, last = steady[0], steady[-1]
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        rss = [s.rss for s in steady]
-        fds = [float(s.fds) for s in steady]
-        threads = [float(s.threads) for s in steady]
-        verdicts = {
-            "rss": flat(rss, 0.05 * max(rss)) if len(steady) > 1 else None,
-            "fds": flat(fds, 4) if len(steady) > 1 else None,
-            "threads": flat(threads, 0) if len(steady) > 1 else None,
-        }
+    if not steady:
+        return
+    first, last = steady[0], steady[-1]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-        def verdict(name: str) -> str:
-            ok = verdicts[name]
-            return "n/a" if ok is None else ("flat" if ok else "GROWING")
+    def verdict(values: list[float], tolerance: float) -> str:
+        if len(values) < 2:
+            return "n/a"
+        return "flat" if flat(values, tolerance) else "GROWING"
 
-        print(
-            f"  from +{first.at:.0f} s to +{last.at:.0f} s: rss {first.rss:.1f} → "
-            f"{last.rss:.1f} MiB, max {max(rss):.1f} (process peak {peak:.1f}): "
-            f"{verdict('rss')}; threads {first.threads} → {last.threads}, max "
-            f"{max(threads):.0f}: {verdict('threads')}; open fds {first.fds} → {last.fds}, "
-            f"max {max(fds):.0f}: {verdict('fds')}"
-        )
-        not_ready = [s for s in samples if s.problems]
-        print(f"  readiness: {len(samples) - len(not_ready)} of {len(samples)} samples ready")
+    rss = [s.rss for s in steady]
+    fds = [float(s.fds) for s in steady]
+    threads = [float(s.threads) for s in steady]
+    print(
+        f"  from +{first.at:.0f} s to +{last.at:.0f} s: rss {first.rss:.1f} → {last.rss:.1f} "
+        f"MiB, max {max(rss):.1f} (process peak {peak:.1f}): "
+        f"{verdict(rss, 0.05 * max(rss))}; threads {first.threads} → {last.threads}, max "
+        f"{max(threads):.0f}: {verdict(threads, 0)}; open fds {first.fds} → {last.fds}, "
+        f"max {max(fds):.0f}: {verdict(fds, 4)}"
+    )
+    ready = sum(1 for s in samples if not s.problems)
+    worst = max(s.overdue for s in samples)
+    print(
+        f"  readiness: {ready} of {len(samples)} samples ready; healthy tags overdue by over "
+        f"{LATE.total_seconds():g} s in a sample: at most {worst:,}"
+    )
 
-    # The hostile tags.
+
+def report_hostile(run: Run) -> None:
+    """What became of each hostile tag."""
+    polls: dict[str, list[Any]] = defaultdict(list)
+    for r in run.runs:
+        polls[r.tag].append(r)
     print("  hostile tags (polls, outcomes, numbers stored, longest poll, last error):")
-    for tag in hostile_tags(args.trickling):
+    for tag in run.hostile:
         mine = polls.get(tag, [])
         longest = max(((r.finished_at - r.started_at).total_seconds() for r in mine), default=0)
-        error = tags[tag].last_error or ""
-        if any(n in error.lower() for n in key_spellings(KEY)):
-            error = "(holds the key)"
+        error = run.tags[tag].last_error or "-"
         print(
             f"    {tag:17} {len(mine):3} {dict(Counter(r.outcome for r in mine))} "
-            f"{numbers.get(tag, 0):5,} numbers, {longest:5.1f} s, {error[:110] or '-'}"
+            f"{run.numbers[tag]:5,} numbers, {longest:5.1f} s, "
+            f"{'(holds the key)' if holds_key(error) else error[:110]}"
         )
 
-    # Logs and the key.
-    crashed = sink.events["poll.crashed"]
+
+def report_logs(run: Run, sink: LogSink, uncaught: list[str]) -> None:
+    """The log events counted, and wherever the key showed."""
+    count = sink.events
     print(
-        f"  log lines: {sink.lines:,} ({dict(sink.levels)}); poll.crashed {crashed} "
-        f"(must be 0), poll.failed {sink.events['poll.failed']:,}, api.item_skipped "
-        f"{sink.events['api.item_skipped']:,}, api.item_coerced "
-        f"{sink.events['api.item_coerced']:,}, api.total_mismatch "
-        f"{sink.events['api.total_mismatch']:,}, api.retry_scheduled "
-        f"{sink.events['api.retry_scheduled']:,}; uncaught thread exceptions {len(uncaught)}"
+        f"  log lines: {sink.lines:,} ({dict(sink.levels)}); poll.crashed "
+        f"{count['poll.crashed']} (must be 0), poll.failed {count['poll.failed']:,}, "
+        f"api.item_skipped {count['api.item_skipped']:,}, api.item_coerced "
+        f"{count['api.item_coerced']:,}, api.total_mismatch {count['api.total_mismatch']:,}; "
+        f"uncaught thread exceptions {len(uncaught)}"
     )
-    print("  events by name:", ", ".join(f"{e} {n:,}" for e, n in sink.events.most_common()))
+    print("  events by name:", ", ".join(f"{e} {n:,}" for e, n in count.most_common()))
     for event, line in sink.examples.items():
         print(f"  first {event}: {line}")
-    needles = key_spellings(KEY)
-    in_columns = sum(
-        1 for r in runs if r.error and any(n in r.error.lower() for n in needles)
-    ) + sum(
-        1 for t in tags.values() if t.last_error and any(n in t.last_error.lower() for n in needles)
+    in_columns = sum(1 for r in run.runs if holds_key(r.error)) + sum(
+        1 for t in run.tags.values() if holds_key(t.last_error)
     )
-    in_statuses = sum(1 for s in provider_statuses if s and any(n in s.lower() for n in needles))
     leaks = sum(sink.leaks.values())
     print(
-        f"  API key in any spelling: {leaks} of {sink.lines:,} log lines"
-        f"{' ' + str(dict(sink.leaks)) if leaks else ''}, {in_columns} poll_runs.error / "
-        f"tracked_tags.last_error values; {'NEVER SEEN' if not leaks + in_columns else 'LEAKED'}"
+        f"  API key in any spelling: in {leaks} of {sink.lines:,} log lines"
+        f"{' ' + str(dict(sink.leaks)) if leaks else ''}, in {in_columns} poll_runs.error / "
+        f"tracked_tags.last_error values: {'NEVER SEEN' if not leaks + in_columns else 'LEAKED'}"
     )
+    echoed = sum(1 for s in run.provider_statuses if holds_key(s))
     print(
-        f"  (provider text kept as is: {in_statuses} delivery_statuses.provider_status "
-        f"value(s) of {ECHO_ITEM_TAG} hold the key the provider echoed in a status)"
+        f"  (provider text kept as is: {echoed} delivery_statuses.provider_status value(s) "
+        f"hold the key that {ECHO_ITEM_TAG}'s provider echoed in a status)"
     )
 
 

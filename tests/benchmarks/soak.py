@@ -198,7 +198,7 @@ class LogSink(io.TextIOBase):
             event = str(record.get("event", "?"))
             level = str(record.get("level", "?"))
             if "logger" in record:  # a stdlib logger's line: its message is free text
-                event = f"{record['logger']}: {event[:40]}"
+                event = f"({record['logger']})"
         except (ValueError, AttributeError):
             event, level = "(not JSON)", "?"
         lowered = line.lower()

@@ -49,7 +49,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TextIO, cast
 from urllib.parse import quote, quote_plus
 
 import httpx
@@ -305,7 +305,9 @@ class Run:
 def main() -> None:
     args = parse_args()
     sink = LogSink(KEY)
-    configure_logging(level=args.log_level, fmt="json", secrets=[KEY], stream=sink)
+    # A file-like object as far as print() and logging.StreamHandler go, not a TextIO.
+    stream = cast(TextIO, sink)
+    configure_logging(level=args.log_level, fmt="json", secrets=[KEY], stream=stream)
     uncaught: list[str] = []
     previous_hook = threading.excepthook
 

@@ -14,7 +14,8 @@ so callers only ever catch ours::
     │   ├── NoMessagesError               code 4: nothing under this tag (yet)
     │   ├── PermanentApiError             other 4xx, other provider codes
     │   └── TransientApiError  (True)     transport, 5xx, bad body, timeouts
-    │       └── RateLimitedError (True)   HTTP 429 / code 429, maybe with Retry-After
+    │       ├── RateLimitedError (True)   HTTP 429 / code 429, maybe with Retry-After
+    │       └── DeadlineExceededError (True)  no whole answer within the request deadline
     └── StoreError                        the database boundary
         ├── SchemaOutOfDateError          auto-migrate off and schema behind head
         ├── DatabaseBusyError             another `run` holds this SQLite file
@@ -114,6 +115,15 @@ class RateLimitedError(TransientApiError):
     ) -> None:
         super().__init__(message, code=code, http_status=http_status)
         self.retry_after = retry_after
+
+
+class DeadlineExceededError(TransientApiError):
+    """No complete answer within the whole-request deadline.
+
+    Transient for the tag, which is polled again on its backoff, but not retried within
+    the same poll: a provider that trickles or stalls is likely to do it again at once,
+    and each retry would hold a worker (and so the healthy tags) for another deadline.
+    """
 
 
 class StoreError(SmsPartnerStatusError):

@@ -292,7 +292,9 @@ class Poller:
                 if row is None:
                     raise StoreError(f"poll of {tag!r} failed: {error}")
                 tag_now = self._tag_now(row)
-                decision = decide(tag_now, outcome, {}, now=now, lifecycle=self._lifecycle)
+                # As in _store: the backoff counts from now, not from the poll's start.
+                decided = self._clock()
+                decision = decide(tag_now, outcome, {}, now=decided, lifecycle=self._lifecycle)
                 expired, counts = self._expire(conn, tag, decision, now)
                 finished = self._clock()
                 store.record_poll_run(
@@ -350,7 +352,12 @@ class Poller:
         if ok:
             applied = store.apply_reports(conn, tag, merged, now=now, tally=tally)
             counts = applied.counts
-        decision = decide(self._tag_now(row), outcome, counts, now=now, lifecycle=self._lifecycle)
+        # The next poll counts from now, when the answer is in, not from the poll's start:
+        # a provider that held the poll for its whole deadline must not find it due again
+        # the moment it ends (a few such tags would then hold every worker).
+        decision = decide(
+            self._tag_now(row), outcome, counts, now=self._clock(), lifecycle=self._lifecycle
+        )
         expired, counts = self._expire(conn, tag, decision, now, counts if ok else None)
         finished = self._clock()
         store.record_poll_run(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Final
 
@@ -177,8 +177,17 @@ class ItemParser:
     re-poll where 1 % changed, that leaves 1 % of the items to merge and diff.
     """
 
-    def __init__(self, tag: str, known: Mapping[str, Report] | None = None) -> None:
+    def __init__(
+        self,
+        tag: str,
+        known: Mapping[str, Report] | None = None,
+        *,
+        clean: Callable[[str], str] = str,
+    ) -> None:
         self.tag = tag
+        # Applied to the status text before it is kept: a provider echoing the API key
+        # in an item must not put it in ``provider_status`` (and so in reports and logs).
+        self._clean = clean
         self.skipped = 0
         #: Every number with a well-formed item, including those ``known`` left out.
         self.seen: set[str] = set()
@@ -251,19 +260,18 @@ class ItemParser:
                 and (old := known_get(phone)) is not None
                 and old.reported_at == reported_at
                 and old.stop_sms is stop_sms
-                and old.provider_status == raw_status
+                and old.provider_status == status[1]
             ):
                 continue  # the report the store already holds
             append(new(report_type, (phone, status[0], status[1], stop_sms, reported_at)))
         return reports
 
-    @staticmethod
-    def _status_of(raw: str) -> _StatusEntry:
-        """``(status, raw)`` for a storable status text, ``(why, None)`` otherwise."""
+    def _status_of(self, raw: str) -> _StatusEntry:
+        """``(status, text to keep)`` for a storable status text, ``(why, None)`` otherwise."""
         problem = text_problem(raw)
         if problem is not None:
             return problem, None
-        return map_provider_status(raw), raw
+        return map_provider_status(raw), self._clean(raw)
 
     def _coerce_stop_sms(self, raw: object, page: int, index: int) -> bool:
         """``stopSMS`` drifts between bool and "0"/"1"; anything else means False."""

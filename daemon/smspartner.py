@@ -71,6 +71,7 @@ from daemon.errors import (
     ApiError,
     AuthError,
     ConfigError,
+    DeadlineExceededError,
     NoMessagesError,
     PermanentApiError,
     PollAbandoned,
@@ -283,7 +284,7 @@ class SmsPartnerClient:
             PermanentApiError: anything the provider would refuse again.
             PollAbandoned: the shutdown deadline came first; ``pages`` says how far it got.
         """
-        parser = ItemParser(tag, known)
+        parser = ItemParser(tag, known, clean=self._redact)
         budget = self._pacer.budget(self._poll_budget)
         reports: list[Report] = []
         pages = items = last = mismatches = 0
@@ -371,8 +372,13 @@ class SmsPartnerClient:
             self._before_retry(retry_state, budget)
 
         def worth_retrying(exc: BaseException) -> bool:
-            # Not once the budget is spent: the next attempt could not even start.
-            return _is_transient(exc) and self._monotonic() < budget.ends_at
+            # Not once the budget is spent: the next attempt could not even start; nor
+            # after a deadline cut (see DeadlineExceededError): the tag's backoff retries.
+            return (
+                _is_transient(exc)
+                and not isinstance(exc, DeadlineExceededError)
+                and self._monotonic() < budget.ends_at
+            )
 
         retrying = tenacity.Retrying(
             sleep=lambda seconds: self._pacer.pause(seconds, budget),
@@ -517,7 +523,7 @@ class SmsPartnerClient:
             return TransientApiError(
                 f"{where}: the poll's budget of {budget.seconds:g} s was spent mid-request"
             )
-        return TransientApiError(
+        return DeadlineExceededError(
             f"{where}: no complete answer within {self._request_timeout:g} s "
             "(the whole-request deadline)"
         )

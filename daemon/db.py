@@ -17,14 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -121,160 +120,150 @@ def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
-class Base(DeclarativeBase):
-    """Declarative base with a naming convention so constraints have stable names."""
-
-    metadata = sa.MetaData(
-        naming_convention={
-            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-            "ck": "ck_%(table_name)s_%(constraint_name)s",
-            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-            "pk": "pk_%(table_name)s",
-        }
-    )
-
+#: Constraint and index names follow this convention, so they are stable across engines
+#: and migrations.
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
 
 # BIGINT on PostgreSQL (tables of tens of millions of rows); INTEGER on SQLite, where
 # only "INTEGER PRIMARY KEY" is the fast rowid alias.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
+# Core tables, not ORM classes: nothing maps rows to objects, and importing
+# sqlalchemy.orm was a tenth of SQLAlchemy's import on every command that opens the
+# database (docs/performance.md).
 
-class TrackedTag(Base):
-    """A tag whose numbers we follow, with its schedule and lease."""
 
-    __tablename__ = "tracked_tags"
+def _id() -> sa.Column[int]:
+    return sa.Column("id", BigId, primary_key=True, autoincrement=True)
 
-    tag: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
-    sent_at: Mapped[datetime] = mapped_column(UtcDateTime, server_default=utcnow())
+
+def _utc(name: str, *, nullable: bool, **kw: Any) -> sa.Column[datetime]:
+    return sa.Column(name, UtcDateTime, nullable=nullable, **kw)
+
+
+def _int(name: str, **kw: Any) -> sa.Column[int]:
+    return sa.Column(name, sa.Integer, nullable=False, **kw)
+
+
+#: A tag whose numbers we follow, with its schedule and lease.
+tracked_tags = sa.Table(
+    "tracked_tags",
+    metadata,
+    sa.Column("tag", sa.String(64), primary_key=True),
+    _utc("sent_at", nullable=False, server_default=utcnow()),
     # Null in a row another program inserted: the daemon fills it from sent_at.
-    window_ends_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    state: Mapped[str] = mapped_column(sa.String(16), server_default="active")
-    next_poll_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    last_polled_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    last_success_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    poll_count: Mapped[int] = mapped_column(sa.Integer, server_default="0")
-    consecutive_failures: Mapped[int] = mapped_column(sa.Integer, server_default="0")
-    last_error: Mapped[str | None] = mapped_column(sa.Text)
-    lease_owner: Mapped[str | None] = mapped_column(sa.String(128))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime, server_default=utcnow())
-    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, server_default=utcnow())
+    _utc("window_ends_at", nullable=True),
+    sa.Column("state", sa.String(16), nullable=False, server_default="active"),
+    _utc("next_poll_at", nullable=True),
+    _utc("last_polled_at", nullable=True),
+    _utc("last_success_at", nullable=True),
+    _int("poll_count", server_default="0"),
+    _int("consecutive_failures", server_default="0"),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("lease_owner", sa.String(128), nullable=True),
+    _utc("lease_expires_at", nullable=True),
+    _utc("created_at", nullable=False, server_default=utcnow()),
+    _utc("updated_at", nullable=False, server_default=utcnow()),
+    sa.CheckConstraint(_in("state", TAG_STATES), name="state"),
+    sa.Index(None, "state", "next_poll_at"),
+    sa.Index(None, "sent_at"),  # "the last 30 days of campaigns"
+)
 
-    __table_args__ = (
-        sa.CheckConstraint(_in("state", TAG_STATES), name="state"),
-        sa.Index(None, "state", "next_poll_at"),
-        sa.Index(None, "sent_at"),  # "the last 30 days of campaigns"
-    )
+#: The current status of one number under one tag.
+delivery_statuses = sa.Table(
+    "delivery_statuses",
+    metadata,
+    _id(),
+    sa.Column("tag", sa.String(64), sa.ForeignKey("tracked_tags.tag"), nullable=False),
+    sa.Column("phone_number", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("provider_status", sa.Text, nullable=True),
+    sa.Column("stop_sms", sa.Boolean, nullable=False, server_default=sa.false()),
+    _utc("reported_at", nullable=True),
+    _utc("first_seen_at", nullable=False),
+    _utc("resolved_at", nullable=True),
+    _utc("updated_at", nullable=False),
+    sa.UniqueConstraint("tag", "phone_number"),
+    sa.CheckConstraint(_in("status", _STATUSES), name="status"),
+    sa.Index(None, "status"),
+    sa.Index(None, "tag", "status"),
+)
 
+#: One real status change of one number (the first sighting included).
+delivery_status_events = sa.Table(
+    "delivery_status_events",
+    metadata,
+    _id(),
+    sa.Column("tag", sa.String(64), nullable=False),
+    sa.Column("phone_number", sa.String(64), nullable=False),
+    sa.Column("old_status", sa.String(16), nullable=True),
+    sa.Column("new_status", sa.String(16), nullable=False),
+    _utc("reported_at", nullable=True),
+    _utc("observed_at", nullable=False),
+    sa.Index(None, "tag", "phone_number"),
+    sa.Index(None, "observed_at"),
+)
 
-class DeliveryStatus(Base):
-    """The current status of one number under one tag."""
+#: A number that answered STOP to a campaign; never pruned unless asked.
+stop_sms_optouts = sa.Table(
+    "stop_sms_optouts",
+    metadata,
+    _id(),
+    sa.Column("phone_number", sa.String(64), nullable=False),
+    sa.Column("tag", sa.String(64), nullable=False),
+    _utc("reported_at", nullable=True),
+    _utc("first_seen_at", nullable=False),
+    sa.UniqueConstraint("phone_number", "tag"),
+)
 
-    __tablename__ = "delivery_statuses"
+#: One poll of one tag, successful or not.
+poll_runs = sa.Table(
+    "poll_runs",
+    metadata,
+    _id(),
+    sa.Column("tag", sa.String(64), nullable=False),
+    _utc("started_at", nullable=False),
+    _utc("finished_at", nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    _int("pages", server_default="0"),
+    _int("numbers_seen", server_default="0"),
+    _int("numbers_changed", server_default="0"),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.CheckConstraint(_in("outcome", POLL_OUTCOMES), name="outcome"),
+    sa.Index(None, "tag", "started_at"),
+)
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    tag: Mapped[str] = mapped_column(sa.ForeignKey("tracked_tags.tag"))
-    phone_number: Mapped[str] = mapped_column(sa.String(64))
-    status: Mapped[str] = mapped_column(sa.String(16))
-    provider_status: Mapped[str | None] = mapped_column(sa.Text)
-    stop_sms: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
-    reported_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    first_seen_at: Mapped[datetime] = mapped_column(UtcDateTime)
-    resolved_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
-
-    __table_args__ = (
-        sa.UniqueConstraint("tag", "phone_number"),
-        sa.CheckConstraint(_in("status", _STATUSES), name="status"),
-        sa.Index(None, "status"),
-        sa.Index(None, "tag", "status"),
-    )
-
-
-class DeliveryStatusEvent(Base):
-    """One real status change of one number (the first sighting included)."""
-
-    __tablename__ = "delivery_status_events"
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    tag: Mapped[str] = mapped_column(sa.String(64))
-    phone_number: Mapped[str] = mapped_column(sa.String(64))
-    old_status: Mapped[str | None] = mapped_column(sa.String(16))
-    new_status: Mapped[str] = mapped_column(sa.String(16))
-    reported_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    observed_at: Mapped[datetime] = mapped_column(UtcDateTime)
-
-    __table_args__ = (
-        sa.Index(None, "tag", "phone_number"),
-        sa.Index(None, "observed_at"),
-    )
-
-
-class StopSmsOptout(Base):
-    """A number that answered STOP to a campaign; never pruned unless asked."""
-
-    __tablename__ = "stop_sms_optouts"
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    phone_number: Mapped[str] = mapped_column(sa.String(64))
-    tag: Mapped[str] = mapped_column(sa.String(64))
-    reported_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    first_seen_at: Mapped[datetime] = mapped_column(UtcDateTime)
-
-    __table_args__ = (sa.UniqueConstraint("phone_number", "tag"),)
-
-
-class PollRun(Base):
-    """One poll of one tag, successful or not."""
-
-    __tablename__ = "poll_runs"
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    tag: Mapped[str] = mapped_column(sa.String(64))
-    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
-    finished_at: Mapped[datetime] = mapped_column(UtcDateTime)
-    outcome: Mapped[str] = mapped_column(sa.String(16))
-    pages: Mapped[int] = mapped_column(sa.Integer, server_default="0")
-    numbers_seen: Mapped[int] = mapped_column(sa.Integer, server_default="0")
-    numbers_changed: Mapped[int] = mapped_column(sa.Integer, server_default="0")
-    error: Mapped[str | None] = mapped_column(sa.Text)
-
-    __table_args__ = (
-        sa.CheckConstraint(_in("outcome", POLL_OUTCOMES), name="outcome"),
-        sa.Index(None, "tag", "started_at"),
-    )
-
-
-class TagCount(Base):
-    """A tag's numbers per status, kept by the poll that changes them (same transaction).
-
-    ``tag_summary`` reads these instead of counting ``delivery_statuses``: a dashboard of
-    the last 30 days of campaigns would otherwise count millions of rows per refresh.
-    A tag's counts outlive a ``prune --statuses-older-than`` of its numbers.
-    """
-
-    __tablename__ = "tag_counts"
-
-    tag: Mapped[str] = mapped_column(sa.ForeignKey("tracked_tags.tag"), primary_key=True)
-    total: Mapped[int] = mapped_column(sa.Integer, server_default="0")
-    waiting: Mapped[int] = mapped_column(sa.Integer, server_default="0")
-    delivered: Mapped[int] = mapped_column(sa.Integer, server_default="0")
-    not_delivered: Mapped[int] = mapped_column(sa.Integer, server_default="0")
-    failed: Mapped[int] = mapped_column(sa.Integer, server_default="0")
-    expired: Mapped[int] = mapped_column(sa.Integer, server_default="0")
-    unknown: Mapped[int] = mapped_column(sa.Integer, server_default="0")
-    stop_sms: Mapped[int] = mapped_column(sa.Integer, server_default="0")
-    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, server_default=utcnow())
-
-
-metadata = Base.metadata
-tracked_tags = cast(sa.Table, TrackedTag.__table__)
-delivery_statuses = cast(sa.Table, DeliveryStatus.__table__)
-delivery_status_events = cast(sa.Table, DeliveryStatusEvent.__table__)
-stop_sms_optouts = cast(sa.Table, StopSmsOptout.__table__)
-poll_runs = cast(sa.Table, PollRun.__table__)
-tag_counts = cast(sa.Table, TagCount.__table__)
+#: A tag's numbers per status, kept by the poll that changes them (same transaction).
+#: ``tag_summary`` reads these instead of counting ``delivery_statuses``: a dashboard of
+#: the last 30 days of campaigns would otherwise count millions of rows per refresh.
+#: A tag's counts outlive a ``prune --statuses-older-than`` of its numbers.
+tag_counts = sa.Table(
+    "tag_counts",
+    metadata,
+    sa.Column("tag", sa.String(64), sa.ForeignKey("tracked_tags.tag"), primary_key=True),
+    *(
+        _int(name, server_default="0")
+        for name in (
+            "total",
+            "waiting",
+            "delivered",
+            "not_delivered",
+            "failed",
+            "expired",
+            "unknown",
+            "stop_sms",
+        )
+    ),
+    _utc("updated_at", nullable=False, server_default=utcnow()),
+)
 
 
 def _count(status: str) -> str:

@@ -19,15 +19,24 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from daemon.db import sqlite_parse, sqlite_text
 
 
 def dialect_insert(conn: Connection, table: sa.Table) -> Any:
-    """The dialect's INSERT, which knows ON CONFLICT (both engines spell it the same)."""
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+    """The dialect's INSERT, which knows ON CONFLICT (both engines spell it the same).
+
+    The dialect's module is imported here, not at the top: SQLite commands need not pay
+    for the PostgreSQL dialect's import, nor PostgreSQL ones for SQLite's.
+    """
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(table)
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(table)
 
 
 def copy_rows(conn: Connection, table: str, keys: Sequence[str], values: list[Any]) -> None:

@@ -99,24 +99,30 @@ def _forward_only(stmt: Any) -> tuple[Any, Any]:
     return advances, stop_turns_on
 
 
-_incoming = sa.Table(
-    "incoming_statuses",
-    sa.MetaData(),
-    *(sa.Column(c.name, c.type) for c in delivery_statuses.c if c.name in STATUS_KEYS),
-    prefixes=["TEMPORARY"],
-    postgresql_on_commit="delete_rows",
-)
+@functools.cache
+def _incoming() -> sa.Table:
+    """PostgreSQL's temporary table for the COPY, built on first use: its
+    ``postgresql_on_commit`` option imports the PostgreSQL dialect, which a SQLite
+    command need not pay for."""
+    return sa.Table(
+        "incoming_statuses",
+        sa.MetaData(),
+        *(sa.Column(c.name, c.type) for c in delivery_statuses.c if c.name in STATUS_KEYS),
+        prefixes=["TEMPORARY"],
+        postgresql_on_commit="delete_rows",
+    )
 
 
 def _copy_upsert_statuses(conn: Connection, rows: list[Any]) -> None:
     """PostgreSQL: COPY the rows into a temporary table, then one upsert from it,
     with the same forward-only WHERE: row-by-row upserts pay a foreign-key check each
     (figures in docs/performance.md)."""
+    incoming = _incoming()
     conn.exec_driver_sql(
-        str(sa.schema.CreateTable(_incoming, if_not_exists=True).compile(dialect=conn.dialect))
+        str(sa.schema.CreateTable(incoming, if_not_exists=True).compile(dialect=conn.dialect))
     )
-    sql.copy_rows(conn, _incoming.name, STATUS_KEYS, rows)
-    conn.execute(_upsert_statuses(conn, source=_incoming))
+    sql.copy_rows(conn, incoming.name, STATUS_KEYS, rows)
+    conn.execute(_upsert_statuses(conn, source=incoming))
 
 
 def _upsert_statuses(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -69,3 +70,26 @@ def test_only_the_service_counts_requests_in_its_metrics(tmp_path: Path) -> None
     with App(settings) as plain, App(settings, service=True) as service:
         assert not plain.http.event_hooks["request"]
         assert service.http.event_hooks["request"]
+
+
+def _tls_context(client: httpx.Client) -> ssl.SSLContext:
+    """The TLS context the client's connections would use (httpx keeps it in its pool)."""
+    context = client._transport._pool._ssl_context  # type: ignore[attr-defined]
+    assert isinstance(context, ssl.SSLContext)
+    return context
+
+
+def test_an_http_base_url_loads_no_ca_bundle_and_https_keeps_verifying(tmp_path: Path) -> None:
+    """Loading the CA bundle cost every ``poll`` 30-50 ms, even against http:// where no
+    TLS happens. An http:// client now gets a context that trusts nothing (a stray
+    https:// request would fail, never go unverified); https:// keeps the system CAs."""
+    db = f"sqlite:///{tmp_path}/x.db"
+    plain = load_settings({}, api_key=KEY, base_url="http://x.test/v1", database_url=db)
+    secure = load_settings({}, api_key=KEY, base_url="https://x.test/v1", database_url=db)
+    with App(plain) as http_app, App(secure) as https_app:
+        bare = _tls_context(http_app.http)
+        assert bare.cert_store_stats()["x509_ca"] == 0
+        assert bare.verify_mode == ssl.CERT_REQUIRED and bare.check_hostname
+        verified = _tls_context(https_app.http)
+        assert verified.cert_store_stats()["x509_ca"] > 0
+        assert verified.verify_mode == ssl.CERT_REQUIRED and verified.check_hostname

@@ -115,7 +115,8 @@ def test_tags_and_poll_import_only_what_they_use(
     tmp_path: Path, env: dict[str, str], simulator: Simulator
 ) -> None:
     """``tags`` needs no HTTP client; ``poll`` no scheduler, metrics, retention,
-    simulator, nor Alembic once the database is at head."""
+    simulator, nor Alembic once the database is at head, and on SQLite neither
+    SQLAlchemy's ORM nor its PostgreSQL dialect."""
     from tests.conftest import API_KEY
 
     simulator.add_tag("t", 5)
@@ -136,3 +137,5 @@ def test_tags_and_poll_import_only_what_they_use(
     assert not {"alembic", "apscheduler", "prometheus_client"} & modules
     assert not {"daemon.scheduler", "daemon.metrics", "daemon.retention"} & modules
     assert not {"daemon.simulator", "daemon.http"} & modules
+    # Core tables need no ORM, and a SQLite poll no PostgreSQL dialect.
+    assert not {"sqlalchemy.orm", "sqlalchemy.dialects.postgresql"} & modules

@@ -9,7 +9,7 @@ serves hostile ones, of the kinds issue 17 found breaking the daemon:
 * trickling: every answer sent one byte every 2 s, as many tags as the daemon has workers;
 * lying: 3,000 numbers whose every page says ``total: 1``;
 * key-echoing: an HTML error page (HTTP 403) echoing the key in every careless spelling,
-  and an item whose status holds the key (provider text the daemon stores as is).
+  and an item whose status holds the key (masked before the daemon stores it).
 
 The real Daemon polls every tag on the default cadence (every minute while tags are young)
 into a SQLite file, with ``info`` JSON logs as ``run`` has them, redaction included. Every
@@ -561,7 +561,7 @@ def report_logs(run: Run, sink: LogSink, uncaught: list[str]) -> None:
     )
     echoed = sum(1 for s in run.provider_statuses if holds_key(s))
     print(
-        f"  (provider text kept as is: {echoed} delivery_statuses.provider_status value(s) "
+        f"  (provider text: {echoed} delivery_statuses.provider_status value(s) "
         f"hold the key that {ECHO_ITEM_TAG}'s provider echoed in a status)"
     )
 

@@ -245,23 +245,23 @@ poll_runs = sa.Table(
 #: ``tag_summary`` reads these instead of counting ``delivery_statuses``: a dashboard of
 #: the last 30 days of campaigns would otherwise count millions of rows per refresh.
 #: A tag's counts outlive a ``prune --statuses-older-than`` of its numbers.
+#: The per-tag counts ``tag_counts`` keeps (and ``tag_summary`` shows), in column order.
+COUNT_COLUMNS = (
+    "total",
+    "waiting",
+    "delivered",
+    "not_delivered",
+    "failed",
+    "expired",
+    "unknown",
+    "stop_sms",
+)
+
 tag_counts = sa.Table(
     "tag_counts",
     metadata,
     sa.Column("tag", sa.String(64), sa.ForeignKey("tracked_tags.tag"), primary_key=True),
-    *(
-        _int(name, server_default="0")
-        for name in (
-            "total",
-            "waiting",
-            "delivered",
-            "not_delivered",
-            "failed",
-            "expired",
-            "unknown",
-            "stop_sms",
-        )
-    ),
+    *(_int(name, server_default="0") for name in COUNT_COLUMNS),
     _utc("updated_at", nullable=False, server_default=utcnow()),
 )
 

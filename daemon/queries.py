@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
 from daemon.db import (
+    COUNT_COLUMNS,
     COUNTED,
     UtcDateTime,
     delivery_statuses,
@@ -24,17 +25,7 @@ from daemon.db import (
 _ds, _tc, _tt = delivery_statuses.c, tag_counts.c, tracked_tags.c
 
 #: The counts of the ``tag_summary`` view that a page of :func:`list_tags_page` carries.
-SUMMARY_COUNTS = (
-    "total",
-    "waiting",
-    "delivered",
-    "not_delivered",
-    "failed",
-    "expired",
-    "unknown",
-    "stop_sms",
-    "delivery_rate",
-)
+SUMMARY_COUNTS = (*COUNT_COLUMNS, "delivery_rate")
 
 
 def status_counts(conn: Connection, tag: str) -> dict[str, int]:

@@ -291,22 +291,9 @@ class Poller:
                 row = tracking.lock_tag(conn, tag)
                 if row is None:
                     raise StoreError(f"poll of {tag!r} failed: {error}")
-                tag_now = self._tag_now(row)
-                # As in _store: the backoff counts from now, not from the poll's start.
-                decided = self._clock()
-                decision = decide(tag_now, outcome, {}, now=decided, lifecycle=self._lifecycle)
-                expired, counts = self._expire(conn, tag, decision, now)
-                finished = self._clock()
-                store.record_poll_run(
-                    conn,
-                    tag,
-                    started_at=now,
-                    finished_at=finished,
-                    outcome=outcome,
-                    numbers_changed=expired,
-                    error=error,
+                decision, expired, counts, finished = self._conclude(
+                    conn, row, now, outcome, {}, error
                 )
-                tracking.finish_poll(conn, tag, now=now, decision=decision, error=error)
         except StoreError:
             raise
         except Exception as exc:
@@ -352,26 +339,9 @@ class Poller:
         if ok:
             applied = store.apply_reports(conn, tag, merged, now=now, tally=tally)
             counts = applied.counts
-        # The next poll counts from now, when the answer is in, not from the poll's start:
-        # a provider that held the poll for its whole deadline must not find it due again
-        # the moment it ends (a few such tags would then hold every worker).
-        decision = decide(
-            self._tag_now(row), outcome, counts, now=self._clock(), lifecycle=self._lifecycle
+        decision, expired, counts, finished = self._conclude(
+            conn, row, now, outcome, counts, error, fetched=fetched, changed=applied.changed
         )
-        expired, counts = self._expire(conn, tag, decision, now, counts if ok else None)
-        finished = self._clock()
-        store.record_poll_run(
-            conn,
-            tag,
-            started_at=now,
-            finished_at=finished,
-            outcome=outcome,
-            pages=fetched.pages,
-            numbers_seen=fetched.numbers,
-            numbers_changed=applied.changed + expired,
-            error=error,
-        )
-        tracking.finish_poll(conn, tag, now=now, decision=decision, error=error)
         result = PollResult(
             tag=tag,
             outcome=outcome,
@@ -392,6 +362,47 @@ class Poller:
             ),
         )
         return result, applied
+
+    def _conclude(
+        self,
+        conn: Connection,
+        row: Mapping[str, Any],
+        now: datetime,
+        outcome: PollOutcome,
+        counts: dict[str, int],
+        error: str | None,
+        *,
+        fetched: FetchResult | None = None,
+        changed: int = 0,
+    ) -> tuple[Decision, int, dict[str, int], datetime]:
+        """Apply what :func:`~daemon.status.decide` makes of the poll's outcome to its
+        tag, and write the poll's ``poll_runs`` row; returns the decision, how many
+        numbers it expired, the tag's counts after it and when the poll finished.
+
+        The decision is taken now, when the answer is in, not at the poll's start: a
+        provider that held the poll for its whole deadline must not find the tag due again
+        the moment the poll ends (a few such tags would then hold every worker).
+        """
+        tag: str = row["tag"]
+        ok = outcome is PollOutcome.OK
+        decision = decide(
+            self._tag_now(row), outcome, counts, now=self._clock(), lifecycle=self._lifecycle
+        )
+        expired, counts = self._expire(conn, tag, decision, now, counts if ok else None)
+        finished = self._clock()
+        store.record_poll_run(
+            conn,
+            tag,
+            started_at=now,
+            finished_at=finished,
+            outcome=outcome,
+            pages=fetched.pages if fetched else 0,
+            numbers_seen=fetched.numbers if fetched else 0,
+            numbers_changed=changed + expired,
+            error=error,
+        )
+        tracking.finish_poll(conn, tag, now=now, decision=decision, error=error)
+        return decision, expired, counts, finished
 
     @staticmethod
     def _expire(

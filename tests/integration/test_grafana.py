@@ -39,7 +39,7 @@ from daemon import tracking
 from daemon.app import App
 from daemon.settings import load_settings
 from daemon.simulator import Simulator
-from tests.conftest import PgServer, _pg_bin, pg_database
+from tests.conftest import _PG_REQUIRED, PgServer, _pg_bin, pg_database
 from tests.helpers import API_KEY
 from tests.integration.conftest import NOW, Clock
 
@@ -321,7 +321,7 @@ CAMPAIGNS = [
     ("autumn-b", NOW - timedelta(days=4, hours=3), 90),
     ("autumn-c", NOW - timedelta(days=2, hours=3), 100),  # its window closes before NOW
     ("flash", NOW - timedelta(hours=3), 150),  # numbers still waiting at NOW
-    ("dropped", NOW - timedelta(hours=2), 40),  # untracked after its first poll
+    ("dropped", NOW - timedelta(hours=2), 40),  # untracked 30 minutes after sending
 ]
 #: When each campaign is polled, after its sent_at (the default cadence, thinned out).
 POLLS_AFTER = [
@@ -346,6 +346,7 @@ class Seeded:
     admin: str  # a psycopg conninfo with every right
     reader: str  # the same database as the read-only role
     role: str
+    psql: list[str]  # psql on the database, as the admin, for the test's role
 
 
 #: STOP answers besides the simulator's own draws, seen on three different days: the
@@ -422,7 +423,10 @@ def seeded(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Ite
     """
     psql = _pg_bin("psql")
     if psql is None:
-        pytest.skip("psql not found (install the postgresql package)")
+        message = "psql not found (install the postgresql package)"
+        if _PG_REQUIRED:
+            pytest.fail(message)
+        pytest.skip(message)
     with pytest.MonkeyPatch.context() as patch, pg_database(pg_server) as url:
         # As the autouse _clean_env does for each test: no developer's settings leak in.
         for name in list(os.environ):
@@ -447,6 +451,7 @@ def seeded(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Ite
                 admin=url,
                 reader=reader.render_as_string(hide_password=False),
                 role=role,
+                psql=[*run, url],
             )
         finally:
             with psycopg.connect(url, autocommit=True) as admin:
@@ -513,6 +518,25 @@ def test_the_read_only_role_reads_and_cannot_write(seeded: Seeded) -> None:
         assert conn.execute("SHOW statement_timeout").fetchone() == ("1min",)
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             conn.execute("DELETE FROM delivery_statuses")
+
+
+@pytest.mark.postgres
+def test_the_role_script_refuses_to_run_without_a_password(seeded: Seeded) -> None:
+    """Without POSTGRES_BI_PASSWORD (compose insists on it too), one line names it and
+    psql exits non-zero before anything changes."""
+    password_of = "SELECT rolpassword FROM pg_authid WHERE rolname = %(role)s"
+    before = admin_rows(seeded, password_of, role=seeded.role)
+    env = {k: v for k, v in os.environ.items() if k != "POSTGRES_BI_PASSWORD"}
+    for value in ({}, {"POSTGRES_BI_PASSWORD": ""}):
+        done = subprocess.run(
+            [*seeded.psql, "-f", str(ROLE_SQL)],
+            env={**env, **value},
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode != 0
+        assert "ERROR:  POSTGRES_BI_PASSWORD is empty or unset" in done.stderr
+    assert admin_rows(seeded, password_of, role=seeded.role) == before != [(None,)]
 
 
 @pytest.mark.postgres

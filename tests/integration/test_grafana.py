@@ -440,7 +440,7 @@ def seeded(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Ite
         password = secrets.token_urlsafe(16)
         run = [psql, "--no-psqlrc", "-q", "-v", "ON_ERROR_STOP=1", "-v", f"bi_role={role}"]
         env = {**os.environ, "POSTGRES_BI_PASSWORD": password}
-        for _ in range(2):  # compose runs it at every `up`: the second run changes nothing
+        for _ in range(2):  # compose runs it at every `up`: again and again
             done = subprocess.run(
                 [*run, "-f", str(ROLE_SQL), url], env=env, capture_output=True, text=True
             )
@@ -513,9 +513,14 @@ def test_every_panel_runs_as_the_read_only_role_and_finds_data(seeded: Seeded, t
 
 @pytest.mark.postgres
 def test_the_read_only_role_reads_and_cannot_write(seeded: Seeded) -> None:
+    """The role bi-role.sql made: read-only sessions with a statement timeout, and the
+    tables a later migration creates (as the daemon's role) readable too."""
+    with psycopg.connect(seeded.admin, autocommit=True) as admin:
+        admin.execute("CREATE TABLE IF NOT EXISTS later_migration (x integer)")
     with psycopg.connect(seeded.reader) as conn:
         assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("on",)
         assert conn.execute("SHOW statement_timeout").fetchone() == ("1min",)
+        assert conn.execute("SELECT count(*) FROM later_migration").fetchone() == (0,)
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             conn.execute("DELETE FROM delivery_statuses")
 

@@ -3,7 +3,8 @@
 For each size (``--rows``, default 100,000 and 1,000,000) a tag of that many numbers is
 generated in the database (``tests.helpers.fill_numbers``), then each command below runs
 as a whole process, its stdout read (and its lines counted) by this one, and its peak
-resident set size taken from ``wait4`` (``ru_maxrss`` of that child alone):
+resident set size taken from ``wait4`` (``ru_maxrss`` of that child alone, through a
+small launcher: see ``tests.helpers.peak_rss``):
 
   * baseline ``report TAG``: the same verb, the same imports and database, no numbers;
   * floor, a bare Python + driver CSV writer (sqlite3, or psycopg with a named cursor):
@@ -27,13 +28,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -42,10 +41,9 @@ import sqlalchemy as sa
 from daemon import migrate
 from daemon.db import create_engine, tracked_tags
 from tests.benchmarks.bi_volume import postgres
-from tests.helpers import fill_numbers
+from tests.helpers import fill_numbers, peak_rss
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
-ROOT = Path(__file__).resolve().parents[2]
 #: The --json contrast runs up to this size only: at 1,000,000 it would take GBs.
 JSON_MAX_ROWS = 100_000
 COLUMNS = "phone_number, status, provider_status, stop_sms, reported_at, resolved_at"
@@ -75,55 +73,6 @@ with psycopg.connect(sys.argv[1]) as conn, conn.cursor(name="export") as cur:
     for row in cur:
         writer.writerow(row)
 """
-
-
-@dataclass
-class Measure:
-    """One command's run: peak RSS of its process, wall time, lines it printed."""
-
-    what: str
-    rss_mb: float
-    seconds: float
-    lines: int
-
-
-#: Runs a command and reports its peak RSS. Linux keeps a process's peak across exec,
-#: and a child spawned straight from this process (vfork, or fork) would inherit this
-#: process's peak (SQLAlchemy loaded, 100,000s of rows written): every command measured
-#: that way showed the same 72 MB. A small launcher (``-S``, ``os`` only, ~10 MB) spawns
-#: the command instead, so what ``wait4`` reports is the command's own peak unless that is
-#: below the launcher's (the "launcher alone" row shows that floor).
-LAUNCHER = """
-import os, sys
-pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ)
-_, status, usage = os.wait4(pid, 0)
-os.write(2, b"maxrss=%d\\n" % usage.ru_maxrss)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
-def measure(what: str, argv: list[str], env: dict[str, str]) -> Measure:
-    """Run ``argv`` under :data:`LAUNCHER`, count the lines of its stdout, and read its
-    peak RSS (``ru_maxrss`` from ``wait4``, in kB on Linux)."""
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-S", "-c", LAUNCHER, *argv],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    lines = 0
-    while chunk := proc.stdout.read(1 << 16):
-        lines += chunk.count(b"\n")
-    err = proc.stderr.read().decode()
-    code = proc.wait()
-    seconds = time.monotonic() - started
-    if code != 0 or "maxrss=" not in err:
-        raise SystemExit(f"{what}: exit {code}: {err}")
-    maxrss_kb = int(err.rsplit("maxrss=", 1)[1])
-    return Measure(what, maxrss_kb / 1024, seconds, lines)
 
 
 def prepare(url: str, sizes: list[int]) -> None:
@@ -172,7 +121,7 @@ def run_engine(name: str, url: str, floor: list[str], args: argparse.Namespace) 
             )
         base: float | None = None
         for what, argv in runs:
-            m = measure(what, argv, env)
+            m = peak_rss(argv, env)
             base = m.rss_mb if base is None and "baseline" in what else base
             if "--csv" in argv:
                 assert m.lines == rows + 1, f"{m.lines} lines for {rows} numbers"

@@ -51,6 +51,7 @@ examples:
   smspartner-status track spring-sale --sent-at 2026-11-26T09:00:00Z
   smspartner-status poll spring-sale              poll now and print a summary
   smspartner-status report spring-sale --numbers  every number with its status
+  smspartner-status report spring-sale --numbers --csv > spring-sale.csv
   smspartner-status run                           the daemon: poll every tracked tag
 
 Configuration comes from SMSPARTNER_* environment variables or a .env file
@@ -58,6 +59,12 @@ Configuration comes from SMSPARTNER_* environment variables or a .env file
 """
 
 
+#: What ``--csv`` prints, for every listing that has it (README, "CSV exports").
+CSV_HELP = (
+    "print CSV instead (RFC 4180 with a header line, streamed; times ISO-8601 UTC, "
+    "true/false, empty for none; text a spreadsheet would run as a formula gets a "
+    "leading ')"
+)
 #: The longest ``--…-older-than`` age: a century, as for SMSPARTNER_PRUNE_*_DAYS.
 MAX_AGE = timedelta(days=36500)
 #: ``prune --batch-size`` unless given: ``daemon.retention.DEFAULT_BATCH_SIZE``, which
@@ -167,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("tags", help="list tracked tags with their state and schedule")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--csv", action="store_true", help=CSV_HELP + " (the columns of --json)")
     p.set_defaults(func=cmd_tags)
 
     p = verbs.add_parser(
@@ -184,10 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tag", type=_tag, metavar="TAG")
     p.add_argument("--numbers", action="store_true", help="also list every number")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument(
+        "--csv",
+        action="store_true",
+        help=CSV_HELP + ": with --numbers, one row per number (phone_number, status, "
+        "provider_status, stop_sms, reported_at, resolved_at); without, the summary row",
+    )
     p.set_defaults(func=cmd_report)
 
     p = verbs.add_parser("optouts", help="numbers that answered STOP, per tag")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--csv", action="store_true", help=CSV_HELP + " (the columns of --json)")
     p.set_defaults(func=cmd_optouts)
 
     p = verbs.add_parser(

@@ -22,7 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.errors import ConfigError, InputError, StoreError
 from daemon.health import LIVENESS_TIMEOUT, HeartbeatDirError, heartbeat_age, heartbeat_path
-from daemon.output import SUMMARY_COLUMNS, TAG_COLUMNS, iso, print_error, print_json, table
+from daemon.output import (
+    NUMBER_CSV_COLUMNS,
+    OPTOUT_COLUMNS,
+    SUMMARY_COLUMNS,
+    TAG_COLUMNS,
+    iso,
+    print_error,
+    print_json,
+    table,
+    write_csv,
+)
 from daemon.status import tag_warnings, window_end
 
 if TYPE_CHECKING:
@@ -133,6 +143,10 @@ def cmd_tags(ctx: App, args: argparse.Namespace) -> int:
     """List tracked tags."""
     from daemon import queries
 
+    if _wants_csv(args):
+        with ctx.engine.connect() as conn:
+            write_csv(queries.stream_tags(conn), TAG_COLUMNS)
+        return 0
     with ctx.engine.connect() as conn:
         rows = [dict(r) for r in queries.list_tags(conn)]
     if args.json:
@@ -191,6 +205,8 @@ def cmd_report(ctx: App, args: argparse.Namespace) -> int:
     """Print one tag's summary (and optionally every number)."""
     from daemon import queries
 
+    if _wants_csv(args):
+        return _report_csv(ctx, args)
     with ctx.engine.connect() as conn:
         summary = queries.tag_summary(conn, args.tag)
         if not summary:
@@ -226,13 +242,43 @@ def cmd_report(ctx: App, args: argparse.Namespace) -> int:
     return 0
 
 
+def _wants_csv(args: argparse.Namespace) -> bool:
+    """Whether a listing was asked for as CSV; ``--csv`` with ``--json`` is bad input."""
+    if args.csv and args.json:
+        raise InputError("--csv: give either --csv or --json, not both")
+    return bool(args.csv)
+
+
+def _report_csv(ctx: App, args: argparse.Namespace) -> int:
+    """``report TAG --csv``: the numbers with ``--numbers``, else the summary row.
+
+    One CSV holds one table, so ``--numbers`` prints the numbers alone (the summary is
+    ``report TAG --csv``), streamed from the database as they are read.
+    """
+    from daemon import queries
+
+    with ctx.engine.connect() as conn:
+        summary = queries.tag_summary(conn, args.tag)
+        if not summary:
+            raise InputError(f"tag {args.tag!r} is not tracked")
+        if args.numbers:
+            write_csv(queries.stream_numbers(conn, args.tag), NUMBER_CSV_COLUMNS)
+        else:
+            write_csv(summary, SUMMARY_COLUMNS)
+    return 0
+
+
 def cmd_optouts(ctx: App, args: argparse.Namespace) -> int:
     """List STOP opt-outs."""
     from daemon import queries
 
+    if _wants_csv(args):
+        with ctx.engine.connect() as conn:
+            write_csv(queries.stream_optouts(conn), OPTOUT_COLUMNS)
+        return 0
     with ctx.engine.connect() as conn:
         rows = [dict(r) for r in queries.optouts(conn)]
-    columns = ("phone_number", "tag", "reported_at", "first_seen_at")
+    columns = OPTOUT_COLUMNS
     if args.json:
         print_json([{c: r[c] for c in columns} for r in rows])
     else:

@@ -9,16 +9,21 @@ shows every character that is not printable (C0 and C1 controls such as ESC, DEL
 bidirectional overrides such as U+202E, zero-width and other format characters, line
 separators, lone surrogates) as a Python-style escape (``\\x1b``, ``\\u202e``). JSON escapes
 every non-ASCII character and every control as ``\\uXXXX``, as the format allows.
+
+CSV is data, not terminal output: no escaping, the csv module's RFC 4180 quoting keeps
+any text (quotes, commas, line breaks, controls) intact for a reader. Only a cell that a
+spreadsheet would run as a formula is changed (see :func:`csv_text`).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TextIO
 
 #: Columns of `tags --json` (lease columns are the scheduler's business).
 TAG_COLUMNS = (
@@ -138,3 +143,77 @@ def print_error(message: str) -> None:
     that a terminal would act on is escaped (:func:`safe_text`).
     """
     print("error: " + safe_text(" ".join(message.split())), file=sys.stderr)
+
+
+# --- CSV ------------------------------------------------------------------------------------
+
+#: Columns of ``report TAG --numbers --csv``, in this order (issue 20).
+NUMBER_CSV_COLUMNS = (
+    "phone_number",
+    "status",
+    "provider_status",
+    "stop_sms",
+    "reported_at",
+    "resolved_at",
+)
+
+#: Columns of ``optouts --json`` and ``optouts --csv``.
+OPTOUT_COLUMNS = ("phone_number", "tag", "reported_at", "first_seen_at")
+
+#: First characters that make a spreadsheet read a cell as a formula (OWASP, "CSV
+#: injection"): ``=``, ``+``, ``-``, ``@``, and tab and carriage return, which some
+#: spreadsheets skip before looking for them.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(text: str) -> str:
+    """``text`` as a CSV cell that a spreadsheet will not run as a formula.
+
+    Provider data (``provider_status``, even ``phone_number``) and tags are text anyone
+    who sends or tracks can choose: ``=HYPERLINK(…)`` opened in a spreadsheet would run.
+    Such a cell gets a leading ``'``, which spreadsheets read as "this is text". A plain
+    signed integer (``+33612345678``, ``-5``) is left alone: it is no formula, and every
+    phone number in E.164 form starts with ``+``.
+    """
+    if text.startswith(FORMULA_STARTS):
+        rest = text[1:]
+        if not (text[0] in "+-" and rest.isascii() and rest.isdigit()):
+            return "'" + text
+    return text
+
+
+def csv_value(value: Any) -> str | int | float:
+    """One CSV cell: times as in JSON (ISO-8601 UTC with ``Z``), ``true``/``false``,
+    an empty cell for null, numbers as Python writes them, text guarded by :func:`csv_text`."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return csv_text(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return iso(value) or ""
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, int | float):
+        return value
+    return csv_text(str(value))
+
+
+def write_csv(
+    rows: Iterable[Mapping[Any, Any]], columns: Sequence[str], out: TextIO | None = None
+) -> int:
+    """Write a header line, then one line per row, to ``out`` (stdout); return the rows.
+
+    RFC 4180 through the csv module's default dialect: comma-separated, fields quoted
+    only when they hold a comma, a quote (doubled) or a line break, lines ending in CRLF.
+    Rows are written as ``rows`` yields them, so a streamed query is exported in
+    constant memory.
+    """
+    writer = csv.writer(sys.stdout if out is None else out)
+    writer.writerow(columns)
+    written = 0
+    for row in rows:
+        writer.writerow([csv_value(row[c]) for c in columns])
+        written += 1
+    return written

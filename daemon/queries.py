@@ -2,12 +2,14 @@
 poll's summary show. Nothing here writes.
 
 Functions take an open :class:`~sqlalchemy.engine.Connection`; the write path is
-:mod:`daemon.store`'s and :mod:`daemon.tracking`'s.
+:mod:`daemon.store`'s and :mod:`daemon.tracking`'s. The ``stream_…`` variants yield rows
+as the database hands them over, for exports of any size (see :func:`stream`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
@@ -108,3 +110,54 @@ def optouts(conn: Connection) -> Sequence[RowMapping]:
         stop_sms_optouts.c.first_seen_at, stop_sms_optouts.c.id
     )
     return conn.execute(query).mappings().all()
+
+
+# --- streamed reads (exports) -----------------------------------------------------------
+
+#: Rows fetched per round trip by :func:`stream`: a few hundred kilobytes at most.
+STREAM_BATCH = 1000
+
+
+def stream(conn: Connection, query: sa.Select[Any]) -> Iterator[RowMapping]:
+    """Yield the rows of ``query`` as they arrive, :data:`STREAM_BATCH` at a time.
+
+    ``yield_per`` makes PostgreSQL (psycopg) read through a server-side cursor: without
+    it the driver loads the whole result before the first row, 1,000,000 numbers taking
+    hundreds of megabytes. SQLite's cursor already steps through the result row by row.
+    Either way only one batch is held, whatever the size of the tag. The reader holds
+    one snapshot for as long as the export runs (``conn``'s transaction).
+    """
+    result = conn.execution_options(yield_per=STREAM_BATCH).execute(query)
+    with result:
+        yield from result.mappings()
+
+
+def stream_numbers(conn: Connection, tag: str) -> Iterator[RowMapping]:
+    """Every number of a tag, as :func:`numbers`, streamed."""
+    query = (
+        sa.select(
+            _ds.phone_number,
+            _ds.status,
+            _ds.provider_status,
+            _ds.stop_sms,
+            _ds.reported_at,
+            _ds.first_seen_at,
+            _ds.resolved_at,
+        )
+        .where(_ds.tag == tag)
+        .order_by(_ds.phone_number)
+    )
+    return stream(conn, query)
+
+
+def stream_optouts(conn: Connection) -> Iterator[RowMapping]:
+    """Every STOP opt-out, as :func:`optouts`, streamed."""
+    query = sa.select(stop_sms_optouts).order_by(
+        stop_sms_optouts.c.first_seen_at, stop_sms_optouts.c.id
+    )
+    return stream(conn, query)
+
+
+def stream_tags(conn: Connection) -> Iterator[RowMapping]:
+    """Every tracked tag, as :func:`list_tags`, streamed."""
+    return stream(conn, sa.select(tracked_tags).order_by(_tt.sent_at.desc(), _tt.tag))

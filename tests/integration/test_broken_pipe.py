@@ -74,8 +74,15 @@ def full_database(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.mark.parametrize(
     "argv",
-    [["report", "spring", "--numbers"], ["optouts"], ["tags"]],
-    ids=["report-numbers", "optouts", "tags"],
+    [
+        ["report", "spring", "--numbers"],
+        ["optouts"],
+        ["tags"],
+        ["report", "spring", "--numbers", "--csv"],
+        ["optouts", "--csv"],
+        ["tags", "--csv"],
+    ],
+    ids=["report-numbers", "optouts", "tags", "report-numbers-csv", "optouts-csv", "tags-csv"],
 )
 def test_a_listing_whose_reader_stops_early_ends_quietly(
     argv: list[str], full_database: str, tmp_path: Path

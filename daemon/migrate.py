@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 #: The newest revision in ``migrations/versions``: update it with every new revision
 #: (tests/unit/test_migrate_head.py fails until it is).
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 
 #: Arbitrary constant naming our advisory lock (``pg_advisory_xact_lock``).
 _ADVISORY_LOCK_ID = 0x534D5350  # "SMSP"

@@ -16,7 +16,9 @@ from daemon.db import (
     COUNT_COLUMNS,
     COUNTED,
     UtcDateTime,
+    account_optouts,
     delivery_statuses,
+    stop_list_syncs,
     stop_sms_optouts,
     tag_counts,
     tracked_tags,
@@ -108,3 +110,25 @@ def optouts(conn: Connection) -> Sequence[RowMapping]:
         stop_sms_optouts.c.first_seen_at, stop_sms_optouts.c.id
     )
     return conn.execute(query).mappings().all()
+
+
+# --- the account's STOP list ------------------------------------------------------------
+
+
+def account_list(conn: Connection) -> Sequence[RowMapping]:
+    """Every number of ``account_optouts`` (those removed from the list too), oldest
+    listing first; numbers without a ``listed_at`` by when we first saw them."""
+    ao = account_optouts.c
+    query = sa.select(account_optouts).order_by(
+        sa.func.coalesce(ao.listed_at, ao.first_seen_at), ao.phone_number
+    )
+    return conn.execute(query).mappings().all()
+
+
+def last_stop_list_sync(conn: Connection, *, ok_only: bool = False) -> RowMapping | None:
+    """The newest ``stop_list_syncs`` row (or the newest successful one), or None."""
+    sc = stop_list_syncs.c
+    query = sa.select(stop_list_syncs).order_by(sc.started_at.desc(), sc.id.desc()).limit(1)
+    if ok_only:
+        query = query.where(sc.outcome == "ok")
+    return conn.execute(query).mappings().first()

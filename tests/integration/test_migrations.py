@@ -56,9 +56,7 @@ def test_upgrade_check_downgrade_upgrade(db_url: str) -> None:
 
         migrate.downgrade(engine)
         inspector = sa.inspect(engine)
-        assert not (TABLES | VIEWS) & set(
-            inspector.get_table_names() + inspector.get_view_names()
-        )
+        assert not (TABLES | VIEWS) & set(inspector.get_table_names() + inspector.get_view_names())
         assert migrate.current_revision(engine) is None
 
         migrate.upgrade(engine)
@@ -82,7 +80,12 @@ def test_upgrade_check_downgrade_upgrade(db_url: str) -> None:
         ]
         with engine.connect() as conn:
             view_columns = list(conn.execute(sa.text("SELECT * FROM suppression_list")).keys())
-        assert view_columns == ["phone_number", "first_opted_out_at", "on_account_list", "stop_tags"]
+        assert view_columns == [
+            "phone_number",
+            "first_opted_out_at",
+            "on_account_list",
+            "stop_tags",
+        ]
     finally:
         engine.dispose()
 

@@ -9,6 +9,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -496,3 +497,39 @@ def test_metrics_count_syncs_by_outcome_and_gauge_the_list(rig: Callable[..., Ri
         r"^smspartner_status_stop_list_last_success_timestamp_seconds (\S+)$", text, re.M
     )
     assert float(last_ok) == NOW.timestamp()
+
+
+# --- the simulator and the demo ------------------------------------------------------------------
+
+
+def test_the_simulator_lists_stop_answers_late_opt_outs_and_removals_over_time() -> None:
+    """Its campaigns' STOP numbers (when their reports arrive), some opt-outs their
+    reports never show (after the 48-hour window, or added by hand), some removed later."""
+    sent = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+    with Simulator(seed=3, clock=lambda: sent) as sim:
+        phones = sim.add_tag("spring", 20000, sent_at=sent)
+        at_48h = dict(sim.stop_list(sent + timedelta(hours=48)))
+        at_96h = dict(sim.stop_list(sent + timedelta(hours=96)))
+        reports = sim.truth("spring", sent + timedelta(hours=96))
+    stopped = {p for p, (_, stop, _) in reports.items() if stop}
+    assert sim.stop_list(sent) == []
+    late = set(at_96h) - stopped
+    assert late and late <= set(phones)  # opt-outs the reports never show
+    assert any(at_96h[p] > sent + timedelta(hours=48) for p in late)  # some after the window
+    assert set(at_48h) - set(at_96h)  # some removed meanwhile
+    assert all(at_96h[p] >= sent for p in at_96h)
+
+
+def test_the_demo_shows_the_account_list_in_its_summary(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    res = run_cli(
+        "demo", "--database", str(tmp_path / "demo.db"), "--seconds", "2", env=cli_env, timeout=60
+    )
+    assert res.code == 0, res.err
+    assert re.search(
+        r"^account STOP list: [1-9]\d* number\(s\) listed, \d+ removed since .*"
+        r"suppression_list: [1-9]\d* number\(s\)$",
+        res.out,
+        re.M,
+    ), res.out

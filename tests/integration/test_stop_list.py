@@ -533,3 +533,44 @@ def test_the_demo_shows_the_account_list_in_its_summary(
         res.out,
         re.M,
     ), res.out
+
+
+# --- docs/bi.md ----------------------------------------------------------------------------------
+
+BI_GUIDE = Path(__file__).resolve().parents[2] / "docs" / "bi.md"
+
+
+def test_the_never_text_query_of_the_bi_guide(db_url: str) -> None:
+    """The guide's "numbers we must never text", on both engines: listed now, a STOP the
+    list has not caught up with, and a STOP after the list dropped the number; not a
+    number the account's owner took off the list since."""
+    (sql,) = re.findall(
+        r"^```sql\n(-- Numbers we must never text\..*?)^```", BI_GUIDE.read_text(), re.M | re.S
+    )
+    day = timedelta(days=1)
+    with App(load_settings({}, database_url=db_url)) as app:
+        with app.engine.begin() as conn:
+            listed = {"+listed": (9, 9, None), "+resubscribed": (9, 8, 5)}
+            listed["+stopped-again"] = (None, 8, 5)  # (listed, first seen, removed): days ago
+            for phone, (since, seen, removed) in listed.items():
+                conn.execute(
+                    sa.insert(account_optouts).values(
+                        phone_number=phone,
+                        listed_at=None if since is None else NOW - since * day,
+                        first_seen_at=NOW - seen * day,
+                        removed_at=None if removed is None else NOW - removed * day,
+                    )
+                )
+            conn.execute(
+                sa.insert(stop_sms_optouts),
+                [
+                    {"phone_number": "+stop-only", "tag": "a", "first_seen_at": NOW - day},
+                    {"phone_number": "+resubscribed", "tag": "a", "first_seen_at": NOW - 7 * day},
+                    {"phone_number": "+stopped-again", "tag": "b", "first_seen_at": NOW - day},
+                ],
+            )
+        with app.engine.connect() as conn:
+            rows = conn.execute(sa.text(sql)).all()
+        assert_view_agrees(app.engine)
+        assert suppression(app.engine)["+resubscribed"] == (NOW - 9 * day, False, 1)
+    assert [r.phone_number for r in rows] == ["+listed", "+stopped-again", "+stop-only"]

@@ -400,8 +400,8 @@ class SmsPartnerClient:
             if not pages.add_page(envelope):
                 break
             page += 1
-        log = _log.debug if pages.complete else _log.warning
-        log(
+        # At debug even when incomplete: the sync's own line says so, once.
+        _log.debug(
             "api.pagination_stopped",
             endpoint="stop-sms/list",
             reason=pages.stop_reason,

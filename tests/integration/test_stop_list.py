@@ -276,7 +276,10 @@ def test_a_list_longer_than_max_pages_is_truncated_and_changes_nothing(
     script.phones = PHONES  # 3 pages now, and only 2 allowed
     app.close()
     app2, script2 = scripted(PHONES, max_pages=2, database_url=str(app.engine.url))
-    result = app2.stop_list.sync_now()
+    with capture_logs() as logs:
+        result = app2.stop_list.sync_now()
+    loud = [e["event"] for e in logs if e["log_level"] in ("warning", "error")]
+    assert loud == ["stop_list.sync_failed"]  # one line says it all
     assert (result.outcome, result.listed, script2.requests) == ("truncated", 6, [1, 2])
     assert "SMSPARTNER_MAX_PAGES=2" in (result.error or "")
     assert account(app2.engine) == before

@@ -268,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--once",
         action="store_true",
-        help="poll every due tag once, close windows that ended, and exit (non-zero if a "
-        "poll failed) — for cron and Kubernetes CronJobs",
+        help="poll every due tag once, close windows that ended, sync the account's STOP "
+        "list if its last successful sync is older than SMSPARTNER_STOP_LIST_INTERVAL_MINUTES, "
+        "and exit (non-zero if a poll or the sync failed) — for cron and Kubernetes CronJobs",
     )
     p.set_defaults(func=cmd_run, log_to_stdout=True, service=True)
 

@@ -13,8 +13,9 @@ is why :class:`StopListEnvelope` extends that endpoint's envelope. The HTTP arou
 **Pages.** Pagination is not documented. We send ``page=1,2,…`` and, after each page
 (:meth:`StopListPages.add_page`), stop when ``nbData`` items have arrived, at an empty
 page, at a page that brings no number not already seen (a server ignoring ``page``), or
-at ``MAX_PAGES``. Without ``nbData`` only the pages themselves can end the list (an
-empty page, or one of repeats). Removing a number from our copy because a sync did not
+at ``MAX_PAGES``. Without ``nbData``, or once more items came than it says the list
+holds (a count that lies), only the pages themselves can end the list (an empty page,
+or one of repeats). Removing a number from our copy because a sync did not
 list it is only safe when the answer is known to be whole, so an answer is *complete*
 only when it ended on its own and its items reached ``nbData``; these are not:
 
@@ -117,7 +118,6 @@ class StopListPages:
         zone: the provider's time zone, for ``createdAt``.
         max_pages: the hard cap on pages (``SMSPARTNER_MAX_PAGES``).
         now: the moment of the sync (a ``createdAt`` more than a day after it is wrong).
-        clean: applied to text a warning quotes (the client's key redaction).
     """
 
     zone: tzinfo
@@ -129,6 +129,9 @@ class StopListPages:
     items: int = 0
     skipped: int = 0
     nb_data: int | None = None
+    #: False once more items arrived than ``nbData`` says the list holds: a count that
+    #: is wrong cannot end the list (the pages do), as ``total`` cannot end a tag.
+    nb_data_trusted: bool = True
     #: Why paging stopped (None while it goes on), and whether the answer is whole.
     stop_reason: str | None = None
     complete: bool = False
@@ -155,14 +158,21 @@ class StopListPages:
         if len(self.numbers) == before:
             # A page of repeats: a server ignoring ``page``; it does not count as items.
             return self._stop("no_new_numbers", complete=self._all_arrived(self.items - len(raw)))
-        if self.nb_data is not None and self.items >= self.nb_data:
+        if self.nb_data is not None and self.items > self.nb_data:
+            self.nb_data_trusted = False
+        if self._counted and self.nb_data is not None and self.items >= self.nb_data:
             return self._stop("all_listed", complete=True)
         if self.pages >= self.max_pages:
             return self._stop("max_pages", complete=False)
         return True
 
+    @property
+    def _counted(self) -> bool:
+        """Whether ``nbData`` is there and believable."""
+        return self.nb_data is not None and self.nb_data_trusted
+
     def _all_arrived(self, items: int) -> bool:
-        return self.nb_data is None or items >= self.nb_data
+        return not self._counted or items >= (self.nb_data or 0)
 
     def _stop(self, reason: str, *, complete: bool) -> bool:
         self.stop_reason, self.complete = reason, complete

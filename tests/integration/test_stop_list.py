@@ -173,6 +173,29 @@ def test_a_wrong_key_or_an_echoed_key_changes_nothing_and_never_shows(
     assert [e["event"] for e in logs].count("stop_list.sync_failed") == 3
 
 
+def test_a_server_ignoring_page_or_lying_about_nb_data_removes_nothing(
+    rig: Callable[..., Rig],
+) -> None:
+    r = rig()
+    r.sim.page_size = 2
+    for i in range(5):
+        r.sim.add_stop_number(f"+3369999000{i}", at=NOW - timedelta(days=1, minutes=i))
+    assert r.app.stop_list.sync_now().summary == "listed 5, added 5, removed 0"
+    before = account(r.engine)
+
+    # Page 2 repeats page 1 while nbData says 5: the rest cannot be told apart from gone.
+    r.sim.inject("ignore_page", tag=STOP_LIST_TAG, times=None)
+    result = r.app.stop_list.sync_now()
+    assert (result.outcome, result.listed) == ("truncated", 2)
+    assert account(r.engine) == before
+    r.sim.clear_faults()
+
+    # nbData lying low (1) stops nothing: the pages run until one comes back empty.
+    r.sim.inject("lying_total", tag=STOP_LIST_TAG, times=None, total=1)
+    assert r.app.stop_list.sync_now().summary == "listed 5, added 0, removed 0"
+    assert account(r.engine) == before
+
+
 # --- a scripted provider: exact pages and failures part-way ------------------------------------
 
 

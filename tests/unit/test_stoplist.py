@@ -172,3 +172,13 @@ def test_the_daemon_syncs_every_interval_and_probes_a_rejected_key_sooner() -> N
     assert not sync_due(NOW - AUTH_RETRY / 2, "auth_error", now=NOW, interval=hour)
     # A record from a replica whose clock is far ahead does not stop syncing for ever.
     assert sync_due(NOW + 2 * hour, "ok", now=NOW, interval=hour)
+
+
+def test_an_nb_data_lower_than_the_items_received_cannot_end_the_list() -> None:
+    """A count that lies low (as ``lying_total`` does) must not cut the list short, which
+    would remove every number on the pages not fetched."""
+    pages = _pages()
+    assert pages.add_page(_page(_items("+1", "+2", "+3"), nb_data=1)) is True
+    assert pages.add_page(_page(_items("+4", "+5"), nb_data=1)) is True
+    assert pages.add_page(_page([], nb_data=1)) is False
+    assert (pages.stop_reason, pages.complete, len(pages.numbers)) == ("empty_page", True, 5)

@@ -34,13 +34,16 @@ _VERSION_TABLE = "alembic_version"
 
 def alembic_config() -> Config:
     """Alembic's config pointing at the packaged migrations, wherever we are installed."""
+    import sys
     from pathlib import Path
 
     from alembic.config import Config
 
     import migrations
 
-    config = Config()
+    # Today's stdout, not the one Alembic bound as its default when first imported (a
+    # stream replaced since, and maybe closed, as a test's captured output is).
+    config = Config(stdout=sys.stdout)
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
     return config
 

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from daemon.scheduler import Daemon
     from daemon.settings import Settings
     from daemon.smspartner import SmsPartnerClient
+    from daemon.stoplist_sync import StopListSync
 
 
 def utcnow() -> datetime:
@@ -62,6 +63,8 @@ class App:
         health: what the daemon reports (tests read one they made); None makes one.
         dispatch_interval: seconds between two dispatches of the daemon.
         lease: how long the daemon's claims last unrenewed (None: the scheduler's).
+        stop_list_tick: seconds between two looks of the daemon at whether the account's
+            STOP list is due a sync (the demo's time runs faster).
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class App:
         health: Health | None = None,
         dispatch_interval: float = 2.0,
         lease: timedelta | None = None,
+        stop_list_tick: float = 60.0,
     ) -> None:
         self._settings = settings
         self.clock = clock
@@ -95,6 +99,8 @@ class App:
         self._metrics: Metrics | None = None
         self._server: HttpServer | None = None
         self._server_built = False
+        self._stop_list: StopListSync | None = None
+        self._stop_list_tick = stop_list_tick
 
     # --- settings and database -----------------------------------------------------------
 
@@ -216,6 +222,28 @@ class App:
             self._answers = Answers()
         return self._answers
 
+    @property
+    def stop_list(self) -> StopListSync:
+        """The sync of the account's STOP list (``optouts --sync`` and the daemon's job).
+
+        Raises:
+            ConfigError: no API key is configured.
+        """
+        if self._stop_list is None:
+            client = self.client
+            from daemon.stoplist_sync import StopListSync
+
+            settings = self.settings
+            self._stop_list = StopListSync(
+                engine=self.engine,
+                client=client,
+                clock=self.clock,
+                zone=settings.provider_zone,
+                interval=settings.stop_list_interval,
+                on_result=self.metrics.observe_stop_list_sync if self.service else None,
+            )
+        return self._stop_list
+
     # --- the daemon ------------------------------------------------------------------------
 
     @property
@@ -271,6 +299,8 @@ class App:
                 ),
                 lease=self._lease or LEASE,
                 shutdown=self.shutdown,
+                stop_list=self.stop_list if settings.stop_list_interval_minutes > 0 else None,
+                stop_list_tick=min(self._stop_list_tick, settings.stop_list_interval_minutes * 60),
             )
         return self._daemon
 
@@ -309,6 +339,7 @@ class App:
             self._http = None
             self._client = None
             self._poller = None
+            self._stop_list = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None

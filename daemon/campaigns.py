@@ -16,6 +16,7 @@ import copy
 import math
 import random
 import threading
+import zoneinfo
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +43,11 @@ class _TagState:
     final_dates: list[str] = field(default_factory=list)
     overrides: dict[int, dict[str, object]] = field(default_factory=dict)
     extra: list[Any] = field(default_factory=list)  # served verbatim, malformed or not
+    # The account's STOP list: numbers that opted out without a stopSMS in their report
+    # (a STOP on day three, one added by hand), and when listed numbers were removed.
+    late_stop: dict[int, float] = field(default_factory=dict)  # index → listed at
+    unlisted: dict[int, float] = field(default_factory=dict)  # index → removed at
+    stop_candidates: list[int] = field(default_factory=list)  # indices ever listed
 
     def __len__(self) -> int:
         return len(self.phones) + len(self.extra)
@@ -98,6 +104,10 @@ class Campaigns:
         self.seed = seed
         self._lock = threading.RLock()
         self._tags: dict[str, _TagState] = {}
+        #: STOP list entries set by hand: phone → (listed at, removed at or None).
+        self._manual_stops: dict[str, tuple[float, float | None]] = {}
+        self._stop_items: list[Any] | None = None  # served verbatim when set
+        self._stop_ids: dict[str, int] = {}
 
     def now(self) -> datetime:
         """The moment a default ``sent_at``, ``date`` or ``at`` means; the simulator
@@ -153,6 +163,8 @@ class Campaigns:
                 raise ValueError(f"prefix {prefix!r} leaves room for only {10**width} numbers")
             # Seeded by (seed, tag, batch): the same call replays the same numbers and story.
             rng = random.Random(f"{self.seed}\x00{tag}\x00{state.batches}")
+            # Its own generator, so adding the STOP list changed none of the reports.
+            stop_rng = random.Random(f"{self.seed}\x00{tag}\x00{state.batches}\x00stop-list")
             state.batches += 1
             phones: list[str] = []
             for n in rng.sample(range(10**width), count + len(taken)):
@@ -170,7 +182,23 @@ class Campaigns:
                 state.final_status.append(status)
                 state.final_stop.append(stop)
                 state.final_dates.append(str(int(sent + delay)) if math.isfinite(delay) else "")
+                self._draw_stop_listing(state, stop_rng, sent)
         return phones
+
+    @staticmethod
+    def _draw_stop_listing(state: _TagState, rng: random.Random, sent: float) -> None:
+        """Draw how the number just added appears on the account's STOP list: with its
+        report's stopSMS; for a few, a STOP after the report window or added by hand
+        (1 to 72 hours after sending); and for a tenth of those listed, a removal."""
+        index = len(state.phones) - 1
+        listed = state.resolve_at[index] if state.final_stop[index] else math.inf
+        if rng.random() < 0.005:
+            listed = min(listed, sent + rng.uniform(3600, 72 * 3600))
+            state.late_stop[index] = listed
+        if math.isfinite(listed):
+            state.stop_candidates.append(index)
+            if rng.random() < 0.1:
+                state.unlisted[index] = listed + rng.uniform(3600, 48 * 3600)
 
     @staticmethod
     def _draw_report(rng: random.Random) -> tuple[float, str, bool]:
@@ -278,3 +306,80 @@ class Campaigns:
                     "" if date is None else str(date),
                 )
         return result
+
+
+# --- the account's STOP list ---------------------------------------------------------------
+
+#: The provider's local time, in which ``createdAt`` is written.
+PROVIDER_TIMEZONE = "Europe/Paris"
+
+
+class StopList(Campaigns):
+    """The account's STOP list (``GET /stop-sms/list``) over the campaigns: each number
+    whose report says ``stopSMS`` (listed when the report arrives), a few more that
+    opted out another way (late, or by hand), a tenth of them removed later, and the
+    numbers tests add or remove by hand. Entries are served oldest first, with
+    ``createdAt`` in Paris local time and a stable ``id`` per number."""
+
+    def add_stop_number(self, phone: str, *, at: datetime | None = None) -> None:
+        """List ``phone`` from ``at`` (default now), again if it was removed."""
+        listed = as_utc(at or self.now()).timestamp()
+        with self._lock:
+            self._manual_stops[phone] = (listed, None)
+
+    def remove_stop_number(self, phone: str, *, at: datetime | None = None) -> None:
+        """Remove ``phone`` from the list from ``at`` (default now).
+
+        Raises:
+            KeyError: the number is not listed at ``at``.
+        """
+        moment = as_utc(at or self.now())
+        listed = dict(self.stop_list(moment))[phone]
+        with self._lock:
+            self._manual_stops[phone] = (listed.timestamp(), moment.timestamp())
+
+    def set_stop_list_items(self, items: list[Any] | None) -> None:
+        """Serve exactly these raw ``data`` items (a deep copy; ``nbData`` is their
+        count), malformed or not; None serves the generated list again."""
+        with self._lock:
+            self._stop_items = None if items is None else copy.deepcopy(items)
+
+    def stop_list(self, at: datetime | None = None) -> list[tuple[str, datetime]]:
+        """The numbers listed at ``at`` (default now), oldest first: ``(phone, listed at)``."""
+        t = as_utc(at or self.now()).timestamp()
+        listed: dict[str, float] = {}
+        with self._lock:
+            for state in self._tags.values():
+                for i in state.stop_candidates:
+                    when = min(
+                        state.resolve_at[i] if state.final_stop[i] else math.inf,
+                        state.late_stop.get(i, math.inf),
+                    )
+                    if when <= t < state.unlisted.get(i, math.inf):
+                        phone = state.phones[i]
+                        listed[phone] = min(when, listed.get(phone, math.inf))
+            for phone, (since, until) in self._manual_stops.items():
+                listed.pop(phone, None)
+                if since <= t and (until is None or t < until):
+                    listed[phone] = since
+            ordered = sorted(listed.items(), key=lambda item: (item[1], item[0]))
+            for phone, _ in ordered:
+                self._stop_ids.setdefault(phone, len(self._stop_ids) + 1)
+        return [(phone, datetime.fromtimestamp(since, UTC)) for phone, since in ordered]
+
+    def stop_list_items(self, at: datetime | None = None) -> list[Any]:
+        """The raw ``data`` items served at ``at``: the override, or the list."""
+        with self._lock:
+            if self._stop_items is not None:
+                return copy.deepcopy(self._stop_items)
+        zone = zoneinfo.ZoneInfo(PROVIDER_TIMEZONE)
+        entries = self.stop_list(at)
+        with self._lock:
+            return [
+                {
+                    "id": self._stop_ids[phone],
+                    "phoneNumber": phone,
+                    "createdAt": since.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S"),
+                }
+                for phone, since in entries
+            ]

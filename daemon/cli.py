@@ -200,9 +200,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_report)
 
-    p = verbs.add_parser("optouts", help="numbers that answered STOP, per tag")
+    p = verbs.add_parser(
+        "optouts",
+        help="numbers that answered STOP, per tag (or the account's STOP list)",
+        description="List the numbers that answered STOP under a polled tag. --sync first "
+        "fetches the account's whole STOP list from SMS Partner (opt-outs after a tag's "
+        "48-hour window, numbers added by hand) and prints 'listed N, added A, removed R'; "
+        "--account lists that list instead, with listed_at and removed_at. Exits 1 when "
+        "SMS Partner still fails after retries.",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--csv", action="store_true", help=CSV_HELP + " (the columns of --json)")
+    p.add_argument(
+        "--sync",
+        action="store_true",
+        help="sync the account's STOP list from SMS Partner first (needs the API key)",
+    )
+    p.add_argument(
+        "--account",
+        action="store_true",
+        help="list the account's STOP list (as last synced) instead of per-tag opt-outs",
+    )
     p.set_defaults(func=cmd_optouts)
 
     p = verbs.add_parser(
@@ -265,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--once",
         action="store_true",
-        help="poll every due tag once, close windows that ended, and exit (non-zero if a "
-        "poll failed) — for cron and Kubernetes CronJobs",
+        help="poll every due tag once, close windows that ended, sync the account's STOP "
+        "list if its last successful sync is older than SMSPARTNER_STOP_LIST_INTERVAL_MINUTES, "
+        "and exit (non-zero if a poll or the sync failed) — for cron and Kubernetes CronJobs",
     )
     p.set_defaults(func=cmd_run, log_to_stdout=True, service=True)
 

@@ -269,10 +269,15 @@ def _report_csv(ctx: App, args: argparse.Namespace) -> int:
 
 
 def cmd_optouts(ctx: App, args: argparse.Namespace) -> int:
-    """List STOP opt-outs."""
+    """List STOP opt-outs (per tag, or the account's list), syncing the list first if asked."""
+    csv = _wants_csv(args)  # bad flags are refused before any request
+    if args.sync:
+        _sync_stop_list(ctx, machine=csv or args.json)
+    if args.account:
+        return _account_optouts(ctx, args)
     from daemon import queries
 
-    if _wants_csv(args):
+    if csv:
         with ctx.engine.connect() as conn:
             write_csv(queries.stream_optouts(conn), OPTOUT_COLUMNS)
         return 0
@@ -283,6 +288,64 @@ def cmd_optouts(ctx: App, args: argparse.Namespace) -> int:
         print_json([{c: r[c] for c in columns} for r in rows])
     else:
         print(table(rows, columns))
+    return 0
+
+
+#: Columns of ``optouts --account``.
+ACCOUNT_COLUMNS = ("phone_number", "provider_id", "listed_at", "first_seen_at", "removed_at")
+
+
+def _sync_stop_list(ctx: App, *, machine: bool) -> None:
+    """``optouts --sync``: sync the account's STOP list now and say what it did.
+
+    Before JSON or CSV (``machine``) the summary goes to stderr, so that stdout stays one
+    document a program can read.
+
+    Raises:
+        ApiError: the provider still failed after retries (exit 1), or its answer could
+            not be proven whole (nothing was changed).
+    """
+    from daemon.errors import TransientApiError
+
+    result = ctx.stop_list.sync_now()
+    if result.outcome == "truncated":
+        raise TransientApiError(f"STOP list not synced: {result.error}")
+    if not result.ok:
+        raise _api_error(result.outcome, result.error or result.outcome)
+    print(result.summary, file=sys.stderr if machine else sys.stdout)
+
+
+def _api_error(outcome: str, message: str) -> Exception:
+    """The error of our tree a failed sync's outcome stands for (exit 1)."""
+    from daemon.errors import AuthError, PermanentApiError, TransientApiError
+
+    kinds = {"auth_error": AuthError, "transient_error": TransientApiError}
+    return kinds.get(outcome, PermanentApiError)(message)
+
+
+def _account_optouts(ctx: App, args: argparse.Namespace) -> int:
+    """``optouts --account``: the account's STOP list as stored, removed numbers too."""
+    from daemon import queries
+
+    if args.csv:
+        with ctx.engine.connect() as conn:
+            write_csv(queries.stream_account_list(conn), ACCOUNT_COLUMNS)
+        return 0
+    with ctx.engine.connect() as conn:
+        rows = [dict(r) for r in queries.account_list(conn)]
+        last = queries.last_stop_list_sync(conn)
+    if args.json:
+        print_json([{c: r[c] for c in ACCOUNT_COLUMNS} for r in rows])
+        return 0
+    print(table(rows, ACCOUNT_COLUMNS))
+    if last is None:
+        print("\nnever synced (smspartner-status optouts --sync)")
+    else:
+        print(
+            f"\nlast sync {iso(last['started_at'])}: {last['outcome']}, listed "
+            f"{last['listed']}, added {last['added']}, removed {last['removed']}"
+            + (f" ({last['error']})" if last["error"] else "")
+        )
     return 0
 
 
@@ -384,6 +447,13 @@ def _run_once(daemon: Daemon) -> int:
     )
     for result in failed:
         print_error(f"poll of {result.tag!r} failed: {result.error}")
+    synced = stats.stop_list
+    if synced is not None and synced.ok:
+        print(f"synced the account's STOP list: {synced.summary}")
+    elif synced is not None or stats.stop_list_error:
+        error = synced.error if synced is not None else stats.stop_list_error
+        print_error(f"sync of the account's STOP list failed: {error}")
+        return 1
     return 1 if stats.failures else 0
 
 

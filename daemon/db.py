@@ -510,3 +510,61 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # poll touches several indexes at once, and the pool holds a few connections.
     cursor.execute("PRAGMA cache_size=-16384")
     cursor.close()
+
+
+# --- the account's STOP list (revision 0003) ---------------------------------------------
+
+#: Outcomes of one sync of the account's STOP list (``stop_list_syncs.outcome``): a poll's,
+#: plus ``truncated`` (an answer read whole but not proven complete: nothing was changed).
+SYNC_OUTCOMES = (*POLL_OUTCOMES, "truncated")
+
+#: The account's STOP list as the last complete sync saw it (``GET /stop-sms/list``): every
+#: number ever listed, kept after it leaves the list (``removed_at``), so an opt-out made
+#: after a tag's 48-hour window, or by hand in the provider's dashboard, is known here.
+account_optouts = sa.Table(
+    "account_optouts",
+    metadata,
+    sa.Column("phone_number", sa.String(64), primary_key=True),
+    sa.Column("provider_id", sa.BigInteger, nullable=True),
+    _utc("listed_at", nullable=True),
+    _utc("first_seen_at", nullable=False),
+    _utc("removed_at", nullable=True),
+)
+
+#: One sync of the account's STOP list, whatever its outcome (BI and ``optouts --account``
+#: read the last one; the daemon reads when the last attempt was).
+stop_list_syncs = sa.Table(
+    "stop_list_syncs",
+    metadata,
+    _id(),
+    _utc("started_at", nullable=False),
+    _utc("finished_at", nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    _int("pages", server_default="0"),
+    _int("listed", server_default="0"),
+    _int("added", server_default="0"),
+    _int("removed", server_default="0"),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.CheckConstraint(_in("outcome", SYNC_OUTCOMES), name="outcome"),
+    sa.Index(None, "started_at"),
+)
+
+
+#: The BI view ``suppression_list``: one row per number that opted out by any route
+#: (answered STOP under a polled tag, or listed on the account's STOP list), with the
+#: earliest time known (MIN skips nulls), whether the account's list holds it now, and in
+#: how many tags it answered STOP. Revision 0003 creates it from its own copy; a test
+#: keeps the two equal, so changing it here takes a new revision.
+SUPPRESSION_LIST_SQL = """
+SELECT t.phone_number AS phone_number,
+       MIN(t.moment) AS first_opted_out_at,
+       EXISTS (SELECT 1 FROM account_optouts a
+               WHERE a.phone_number = t.phone_number AND a.removed_at IS NULL) AS on_account_list,
+       (SELECT COUNT(*) FROM stop_sms_optouts o
+        WHERE o.phone_number = t.phone_number) AS stop_tags
+FROM (SELECT phone_number, listed_at AS moment FROM account_optouts
+      UNION ALL SELECT phone_number, first_seen_at FROM account_optouts
+      UNION ALL SELECT phone_number, reported_at FROM stop_sms_optouts
+      UNION ALL SELECT phone_number, first_seen_at FROM stop_sms_optouts) t
+GROUP BY t.phone_number
+"""

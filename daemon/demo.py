@@ -102,7 +102,8 @@ def run_demo(args: argparse.Namespace) -> int:
             auto_migrate=True,
         )
         # The daemon's clock is the simulator's; dispatching often keeps up with it.
-        app = App(settings, clock=sim.now, dispatch_interval=0.05)
+        # The STOP list is due every simulated hour: look often enough to see it.
+        app = App(settings, clock=sim.now, dispatch_interval=0.05, stop_list_tick=0.1)
         try:
             engine = app.engine  # created and migrated
             start = sim.now()
@@ -176,6 +177,22 @@ def _watch(
         print()
 
 
+def _stop_list_line(engine: Engine) -> str:
+    """The demo's summary of the account's STOP list, as the daemon last synced it."""
+    import sqlalchemy as sa
+
+    from daemon import queries
+
+    with engine.connect() as conn:
+        rows = queries.account_list(conn)
+        suppressed = conn.scalar(sa.text("SELECT COUNT(*) FROM suppression_list"))
+    listed = sum(1 for r in rows if r["removed_at"] is None)
+    return (
+        f"account STOP list: {listed} number(s) listed, {len(rows) - listed} removed since "
+        f"(smspartner-status optouts --account); suppression_list: {suppressed} number(s)"
+    )
+
+
 def _final_report(engine: Engine, polls: int, failures: int, db: Path) -> None:
     from daemon import queries
 
@@ -189,6 +206,7 @@ def _final_report(engine: Engine, polls: int, failures: int, db: Path) -> None:
     print(table(optouts[:10], ("phone_number", "tag", "reported_at")))
     if len(optouts) > 10:
         print(f"… and {len(optouts) - 10} more (smspartner-status optouts)")
+    print(_stop_list_line(engine))
     print(f"\ndatabase: {db}")
     print(f'try:  sqlite3 {db} \\\n  "{SAMPLE_SQL}"')
     print(f"or:   SMSPARTNER_DATABASE_URL=sqlite:///{db} smspartner-status report spring-sale")

@@ -29,11 +29,20 @@ from prometheus_client import (
 )
 from sqlalchemy.engine import Connection
 
-from daemon.db import POLL_OUTCOMES, TAG_STATES, delivery_statuses, tracked_tags
+from daemon.db import (
+    POLL_OUTCOMES,
+    SYNC_OUTCOMES,
+    TAG_STATES,
+    account_optouts,
+    delivery_statuses,
+    stop_list_syncs,
+    tracked_tags,
+)
 from daemon.status import PENDING, TagState
 
 if TYPE_CHECKING:
     from daemon.poller import PollResult
+    from daemon.stoplist_sync import SyncResult
 
 PREFIX = "smspartner_status_"
 #: Where the request hook leaves its start time; read back by the response hook.
@@ -98,6 +107,7 @@ class Metrics:
         self._tags = Gauge(PREFIX + "tags", "Tracked tags, by state.", ["state"], registry=reg)
         for state in TAG_STATES:
             self._tags.labels(state=state)
+        self._add_stop_list_metrics(reg)
 
     # --- fed as things happen ---------------------------------------------------------
 
@@ -171,6 +181,45 @@ class Metrics:
         self._oldest.set(max(age, 0.0))
         for state in TAG_STATES:  # a CHECK constraint keeps states to these
             self._tags.labels(state=state).set(by_state.get(state, 0))
+        self._refresh_stop_list(conn)
+
+    # --- the account's STOP list -------------------------------------------------------
+
+    def _add_stop_list_metrics(self, reg: CollectorRegistry) -> None:
+        self._stop_list_syncs = Counter(
+            PREFIX + "stop_list_syncs",
+            "Syncs of the account's STOP list, by outcome (truncated: an answer not proven "
+            "whole, which changed nothing).",
+            ["outcome"],
+            registry=reg,
+        )
+        for outcome in SYNC_OUTCOMES:
+            self._stop_list_syncs.labels(outcome=outcome)
+        self._account_optouts = Gauge(
+            PREFIX + "account_optouts",
+            "Numbers on the account's STOP list, as the last complete sync saw it.",
+            registry=reg,
+        )
+        self._stop_list_last_ok = Gauge(
+            PREFIX + "stop_list_last_success_timestamp_seconds",
+            "When the last successful sync of the account's STOP list started (Unix "
+            "seconds; 0 when never).",
+            registry=reg,
+        )
+
+    def observe_stop_list_sync(self, result: SyncResult) -> None:
+        """Count one recorded sync of the account's STOP list, by outcome."""
+        self._stop_list_syncs.labels(outcome=result.outcome).inc()
+
+    def _refresh_stop_list(self, conn: Connection) -> None:
+        """The STOP list's gauges: one count, one max (across replicas, from the tables)."""
+        ao, sc = account_optouts.c, stop_list_syncs.c
+        listed = conn.scalar(
+            sa.select(sa.func.count()).select_from(account_optouts).where(ao.removed_at.is_(None))
+        )
+        last_ok = conn.scalar(sa.select(sa.func.max(sc.started_at)).where(sc.outcome == "ok"))
+        self._account_optouts.set(listed or 0)
+        self._stop_list_last_ok.set(last_ok.timestamp() if last_ok is not None else 0)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

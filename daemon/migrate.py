@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 #: The newest revision in ``migrations/versions``: update it with every new revision
 #: (tests/unit/test_migrate_head.py fails until it is).
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 
 #: Arbitrary constant naming our advisory lock (``pg_advisory_xact_lock``).
 _ADVISORY_LOCK_ID = 0x534D5350  # "SMSP"
@@ -34,13 +34,16 @@ _VERSION_TABLE = "alembic_version"
 
 def alembic_config() -> Config:
     """Alembic's config pointing at the packaged migrations, wherever we are installed."""
+    import sys
     from pathlib import Path
 
     from alembic.config import Config
 
     import migrations
 
-    config = Config()
+    # Today's stdout, not the one Alembic bound as its default when first imported (a
+    # stream replaced since, and maybe closed, as a test's captured output is).
+    config = Config(stdout=sys.stdout)
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
     return config
 

@@ -18,7 +18,9 @@ from daemon.db import (
     COUNT_COLUMNS,
     COUNTED,
     UtcDateTime,
+    account_optouts,
     delivery_statuses,
+    stop_list_syncs,
     stop_sms_optouts,
     tag_counts,
     tracked_tags,
@@ -161,3 +163,34 @@ def stream_optouts(conn: Connection) -> Iterator[RowMapping]:
 def stream_tags(conn: Connection) -> Iterator[RowMapping]:
     """Every tracked tag, as :func:`list_tags`, streamed."""
     return stream(conn, sa.select(tracked_tags).order_by(_tt.sent_at.desc(), _tt.tag))
+
+
+# --- the account's STOP list ------------------------------------------------------------
+
+
+def account_list_query() -> sa.Select[Any]:
+    """Every number of ``account_optouts`` (those removed from the list too), oldest
+    listing first; numbers without a ``listed_at`` by when we first saw them."""
+    ao = account_optouts.c
+    return sa.select(account_optouts).order_by(
+        sa.func.coalesce(ao.listed_at, ao.first_seen_at), ao.phone_number
+    )
+
+
+def account_list(conn: Connection) -> Sequence[RowMapping]:
+    """The rows of :func:`account_list_query`, all at once (for a table or JSON)."""
+    return conn.execute(account_list_query()).mappings().all()
+
+
+def stream_account_list(conn: Connection) -> Iterator[RowMapping]:
+    """The rows of :func:`account_list_query`, streamed (for CSV)."""
+    return stream(conn, account_list_query())
+
+
+def last_stop_list_sync(conn: Connection, *, ok_only: bool = False) -> RowMapping | None:
+    """The newest ``stop_list_syncs`` row (or the newest successful one), or None."""
+    sc = stop_list_syncs.c
+    query = sa.select(stop_list_syncs).order_by(sc.started_at.desc(), sc.id.desc()).limit(1)
+    if ok_only:
+        query = query.where(sc.outcome == "ok")
+    return conn.execute(query).mappings().first()

@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -51,6 +51,9 @@ from daemon.poller import AUTH_RETRY, PollResult
 from daemon.shutdown import SHUTDOWN_GRACE as SHUTDOWN_GRACE  # re-exported: tests read it
 from daemon.shutdown import Shutdown
 from daemon.status import PollOutcome
+
+if TYPE_CHECKING:
+    from daemon.stoplist_sync import StopListSync, SyncResult
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +85,10 @@ class DaemonStats:
     failures: int = 0
     #: Every poll's result, kept by ``run --once`` only (a long-running daemon would grow).
     results: list[PollResult] = field(default_factory=list)
+    #: ``run --once``: the sync of the account's STOP list, if one was due and recorded;
+    #: or why it could not even be recorded.
+    stop_list: SyncResult | None = None
+    stop_list_error: str | None = None
 
 
 class Daemon:
@@ -104,6 +111,8 @@ class Daemon:
         maintenance: Callable[[], None] | None = None,
         lease: timedelta = LEASE,
         shutdown: Shutdown | None = None,
+        stop_list: StopListSync | None = None,
+        stop_list_tick: float = 60.0,
     ) -> None:
         self._engine = engine
         self._poll = poll
@@ -119,6 +128,8 @@ class Daemon:
         self._interval = dispatch_interval
         self._maintenance = maintenance
         self._lease = lease
+        self._stop_list = stop_list
+        self._stop_list_tick = max(stop_list_tick, 0.01)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="poll")
         self._lock = threading.Lock()
@@ -163,6 +174,35 @@ class Daemon:
             log.error("maintenance.database_unavailable", error=str(exc.orig))
         except Exception:  # a bug must not stop the scheduler or leave a traceback unlogged
             log.exception("maintenance.crashed")
+
+    # --- the account's STOP list -------------------------------------------------------
+
+    def _sync_stop_list(self) -> None:
+        """The STOP list job: sync when due (see :mod:`daemon.stoplist_sync`).
+
+        Runs beside the dispatcher, never in its way: a failing sync is one log line
+        (and a metric), touches neither readiness nor polling, and is tried again at
+        the next interval. While a rejected key pauses polling it pauses this too.
+        """
+        assert self._stop_list is not None
+        self._run_stop_list(self._stop_list.sync_if_due)
+
+    def _run_stop_list(self, sync: Callable[[], SyncResult | None]) -> SyncResult | None:
+        with self._lock:
+            paused = self._auth_paused_until is not None
+        if paused or self.shutdown.stopping:
+            return None
+        try:
+            return sync()
+        except PollAbandoned:
+            return None  # stopping: nothing was written, the next start syncs
+        except UNAVAILABLE_ERRORS as exc:
+            self.stats.stop_list_error = f"database unavailable: {exc.orig}"
+            log.error("stop_list.database_unavailable", error=str(exc.orig))
+        except Exception as exc:  # a bug must not stop the scheduler or go unlogged
+            self.stats.stop_list_error = f"{type(exc).__name__}: {exc}"
+            log.exception("stop_list.crashed")
+        return None
 
     # --- dispatching ---------------------------------------------------------------------
 
@@ -392,6 +432,8 @@ class Daemon:
                     timeout=self._lease.total_seconds() / 3,
                     return_when=FIRST_COMPLETED,
                 )
+            if self._stop_list is not None:  # after the polls: it never holds them up
+                self.stats.stop_list = self._run_stop_list(self._stop_list.sync_if_stale)
             self._drain()
         return self.stats
 
@@ -407,6 +449,16 @@ class Daemon:
             coalesce=True,
             next_run_time=datetime.now().astimezone(),
         )
+        if self._stop_list is not None:
+            self._scheduler.add_job(
+                self._sync_stop_list,
+                "interval",
+                seconds=self._stop_list_tick,
+                id="stop_list",
+                max_instances=1,
+                coalesce=True,
+                next_run_time=datetime.now().astimezone(),
+            )
         if self._maintenance is not None:
             self._scheduler.add_job(
                 self._maintain,

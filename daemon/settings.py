@@ -15,7 +15,7 @@ import importlib.util
 import os
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +26,8 @@ from daemon.errors import ConfigError
 from daemon.sources import DEFAULT_DATABASE_URL, DOTENV, ENV_PREFIX, SECRET_FIELDS, secret_values
 
 __all__ = ["ENV_PREFIX", "SECRET_FIELDS", "Settings", "load_settings"]
+if TYPE_CHECKING:
+    import zoneinfo
 from daemon.status import MAX_REPORT_WINDOW, CadenceStep, parse_cadence
 
 #: The slowest client-side rate limit: one request every 1,000 s.
@@ -97,6 +99,10 @@ class Settings(BaseSettings):
     # Retention of `run`'s daily job (unset = keep forever); `prune` does the rest.
     prune_events_days: float | None = Field(None, gt=0, le=36500)  # a century
     prune_runs_days: float | None = Field(None, gt=0, le=36500)
+    # The account's STOP list (GET /stop-sms/list): synced by `run` at start, then this
+    # often (0 = never); its createdAt is the provider's local time, in this zone.
+    stop_list_interval_minutes: float = Field(60.0, ge=0, le=525600)  # a year
+    provider_timezone: str = "Europe/Paris"
 
     @field_validator("api_key", "http_token", "prune_events_days", "prune_runs_days", mode="before")
     @classmethod
@@ -163,6 +169,20 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("provider_timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        import zoneinfo  # only this setting needs it
+
+        name = value.strip()
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Europe"
+            raise ValueError(
+                f"{name[:60]!r} is not a time zone name like Europe/Paris (IANA tz database)"
+            ) from None
+        return name
+
     @field_validator("log_format", "log_level", mode="before")
     @classmethod
     def _lowercase(cls, value: object) -> object:
@@ -182,6 +202,18 @@ class Settings(BaseSettings):
     def settle(self) -> timedelta:
         """How long after sending a fully resolved tag may be marked completed."""
         return timedelta(minutes=self.settle_minutes)
+
+    @property
+    def provider_zone(self) -> zoneinfo.ZoneInfo:
+        """The provider's time zone (validated when the settings were built)."""
+        import zoneinfo
+
+        return zoneinfo.ZoneInfo(self.provider_timezone)
+
+    @property
+    def stop_list_interval(self) -> timedelta:
+        """How often ``run`` syncs the account's STOP list (zero: never)."""
+        return timedelta(minutes=self.stop_list_interval_minutes)
 
     @property
     def safe_database_url(self) -> str:

@@ -1,9 +1,10 @@
 """A fake SMS Partner API on loopback, for tests, benchmarks and the ``demo`` verb.
 
-It serves ``GET /v1/bulk-status-by-tag?apiKey=…&tag=…&page=N`` the way the provider
-documents it (see design.md, "What the provider documents"), over a real HTTP server, so
-the client is exercised down to sockets, keep-alive and URL encoding rather than against
-a mock of itself.
+It serves ``GET /v1/bulk-status-by-tag?apiKey=…&tag=…&page=N`` and the account's STOP
+list, ``GET /v1/stop-sms/list?apiKey=…&page=N`` (:class:`~daemon.campaigns.StopList`),
+the way the provider documents them (see design.md, "What the provider documents"),
+over a real HTTP server, so the client is exercised down to sockets, keep-alive and URL
+encoding rather than against a mock of itself.
 
 What it models:
 
@@ -45,10 +46,14 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from daemon.campaigns import Campaigns, as_utc
+from daemon.campaigns import StopList, as_utc
 
-#: The only path served; everything else is a 404.
+#: The paths served; everything else is a 404.
 STATUS_PATH = "/v1/bulk-status-by-tag"
+STOP_LIST_PATH = "/v1/stop-sms/list"
+#: The ``tag`` of :meth:`Simulator.inject` that aims a fault at ``/stop-sms/list`` only
+#: (a fault without a tag hits whichever request comes next, on either path).
+STOP_LIST_TAG = "/stop-sms/list"
 
 #: Fault names accepted by :meth:`Simulator.inject`.
 FAULTS = (
@@ -231,8 +236,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.close()
 
 
-class Simulator(Campaigns):
-    """The fake SMS Partner API: what is served (:class:`~daemon.campaigns.Campaigns`),
+class Simulator(StopList):
+    """The fake SMS Partner API: what is served (:class:`~daemon.campaigns.StopList`),
     the simulated clock, faults, and the server that serves them.
 
     Use it as a context manager (``with Simulator() as sim: …``) so the socket and its
@@ -461,11 +466,12 @@ class Simulator(Campaigns):
         now = self.now()
         with self._lock:
             self.requests.append(RecordedRequest(path, tag, page, api_key, now))
-        if path != STATUS_PATH:
+        if path not in (STATUS_PATH, STOP_LIST_PATH):
             return _Reply(404, b"Not Found", "text/plain")
+        listing = path == STOP_LIST_PATH
         # An absent, unparsable or non-positive page is read as the first one.
         asked = page if page is not None and page >= 1 else 1
-        fault = self._next_fault(tag)
+        fault = self._next_fault(STOP_LIST_TAG if listing else tag)
         kind = fault.kind if fault else ""
         if kind == "500":
             return _Reply(500, b"Internal Server Error", "text/plain")
@@ -498,7 +504,10 @@ class Simulator(Campaigns):
             content_page, claimed = 1, 1
         elif kind == "echo_page":
             content_page = 1
-        reply = self._serve(api_key, tag, content_page, claimed, now, endless=kind == "endless")
+        if listing:
+            reply = self._serve_stop_list(api_key, content_page, now, endless=kind == "endless")
+        else:
+            reply = self._serve(api_key, tag, content_page, claimed, now, endless=kind == "endless")
         if kind == "truncated":
             reply.body = reply.body[: len(reply.body) // 2]
         elif kind == "reset":
@@ -507,8 +516,29 @@ class Simulator(Campaigns):
             size = max(1, int(fault.params.get("bytes", 1)))
             reply.trickle = (size, fault.params.get("interval", 2.0))
         elif kind == "lying_total" and fault and reply.status == 200:
-            reply.body = _lie(reply.body, fault.params)
+            reply.body = _lie(reply.body, fault.params, total="nbData" if listing else "total")
         return reply
+
+    def _serve_stop_list(
+        self, api_key: str | None, page: int, now: datetime, *, endless: bool = False
+    ) -> _Reply:
+        """The account's STOP list, ``page_size`` entries a page, ``nbData`` in all."""
+        if not api_key:
+            return _error(self.error_http_status, 1, "API key required")
+        if api_key != self.api_key:
+            return _error(self.error_http_status, 10, "Incorrect API Key")
+        start = (page - 1) * self.page_size
+        if endless:  # new numbers on every page, and a count that never runs out
+            data: list[Any] = [
+                {"id": start + j, "phoneNumber": f"+3368{(start + j) % 10**7:07d}"}
+                for j in range(self.page_size)
+            ]
+            count = _ENDLESS_TOTAL
+        else:
+            items = self.stop_list_items(now)
+            data, count = items[start : start + self.page_size], len(items)
+        payload = {"success": True, "code": 200, "nbData": count, "data": data}
+        return _Reply(200, json.dumps(payload, default=str).encode())
 
     def _serve(
         self,
@@ -589,10 +619,11 @@ def _echo_key_html(key: str, status: int) -> _Reply:
     return _Reply(status, page.encode(), "text/html; charset=utf-8")
 
 
-def _lie(body: bytes, params: dict[str, float]) -> bytes:
-    """A page whose ``total`` (and ``currentPage``, if asked) lie about what it holds."""
+def _lie(body: bytes, params: dict[str, float], *, total: str = "total") -> bytes:
+    """A page whose ``total`` (``nbData`` on the STOP list; and ``currentPage``, if
+    asked) lie about what it holds."""
     payload = json.loads(body)
-    payload["total"] = int(params.get("total", 1))
+    payload[total] = int(params.get("total", 1))
     if "current_page" in params:
         payload["currentPage"] = int(params["current_page"])
     return json.dumps(payload, default=str).encode()

@@ -59,6 +59,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, tzinfo
 from typing import Any, Final, TypeVar
 
 import httpx
@@ -83,6 +84,7 @@ from daemon.pacing import Budget, Pacer, retry_after_seconds
 from daemon.redaction import redact, scrub
 from daemon.responses import Envelope, ItemParser, envelope_or_none
 from daemon.status import Report
+from daemon.stoplist import StopListEnvelope, StopListPages
 from daemon.watchdog import Guard, Watchdog
 
 __all__ = ["FetchResult", "SmsPartnerClient"]
@@ -90,6 +92,7 @@ __all__ = ["FetchResult", "SmsPartnerClient"]
 _log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
+_E = TypeVar("_E", bound=Envelope)
 
 #: A page of 1,000 numbers is ~100 KB; a body this large is hostile or broken, and
 #: reading it whole would let one bad answer take the daemon's memory.
@@ -232,6 +235,8 @@ class SmsPartnerClient:
             raise ConfigError(f"base URL {redact(base_url, api_key)!r} must be http(s)://host/…")
         # Messages name the endpoint by path only: no host, no query string, no key.
         self._path = redact(url.path, api_key)
+        self._stop_list_url = f"{base_url.rstrip('/')}/stop-sms/list"
+        self._stop_list_path = redact(httpx.URL(self._stop_list_url).path, api_key)
         self._max_retries = max(0, max_retries)
         self._max_pages = max(1, max_pages)
         if request_timeout is None:
@@ -354,6 +359,60 @@ class SmsPartnerClient:
             numbers=len(parser.seen),
         )
 
+    def fetch_stop_list(self, *, zone: tzinfo, now: datetime) -> StopListPages:
+        """Fetch the account's STOP list (``GET /stop-sms/list``), page by page.
+
+        The same requests as :meth:`fetch_tag` (key, retries, rate limit, deadlines,
+        budget, redaction); the pages are read, and paging is stopped, by
+        :class:`~daemon.stoplist.StopListPages`, whose ``complete`` says whether the
+        answer may be trusted to be the whole list.
+
+        Args:
+            zone: the provider's time zone, for ``createdAt``.
+            now: the moment of the sync.
+
+        Raises:
+            AuthError: codes 1/10, the key is missing or wrong.
+            RateLimitedError, TransientApiError: as for :meth:`fetch_tag`, after retries.
+            PermanentApiError: anything the provider would refuse again (code 4 too).
+            PollAbandoned: the shutdown deadline came first.
+        """
+        pages = StopListPages(zone=zone, max_pages=self._max_pages, now=now)
+        budget = self._pacer.budget(self._poll_budget)
+        page = 1
+        while True:
+            where = f"GET {self._stop_list_path} page={page}"
+            try:
+                self._pacer.before_page(page, budget)
+                request = functools.partial(
+                    self._request, self._stop_list_url, {"page": page}, where, budget
+                )
+                envelope = self._with_retries(functools.partial(request, StopListEnvelope), budget)
+            except NoMessagesError as exc:  # "message not found" means nothing here
+                raise PermanentApiError(
+                    f"{where}: SMS Partner refused the request (code 4: message not found)",
+                    code=exc.code,
+                    http_status=exc.http_status,
+                ) from None
+            except PollAbandoned as exc:
+                exc.pages = pages.pages  # our own exception: amending it is safe
+                raise
+            if not pages.add_page(envelope):
+                break
+            page += 1
+        # At debug even when incomplete: the sync's own line says so, once.
+        _log.debug(
+            "api.pagination_stopped",
+            endpoint="stop-sms/list",
+            reason=pages.stop_reason,
+            complete=pages.complete,
+            pages=pages.pages,
+            items=pages.items,
+            skipped=pages.skipped,
+            nb_data=pages.nb_data,
+        )
+        return pages
+
     # --- one page, with retries --------------------------------------------------------
 
     def _fetch_page(self, tag: str, page: int, budget: Budget) -> Envelope:
@@ -417,8 +476,19 @@ class SmsPartnerClient:
     # --- one HTTP request -------------------------------------------------------------
 
     def _request_page(self, tag: str, page: int, budget: Budget) -> Envelope:
-        self._pacer.before_request(budget)
         where = f"GET {self._path} tag={tag!r} page={page}"
+        return self._request(self._url, {"tag": tag, "page": page}, where, budget, Envelope)
+
+    def _request(
+        self,
+        url: str,
+        params: dict[str, str | int],
+        where: str,
+        budget: Budget,
+        model: type[_E],
+    ) -> _E:
+        """One GET of ``url`` with ``params`` (and the key), read into ``model``."""
+        self._pacer.before_request(budget)
         started = time.perf_counter()
         # The request's own deadline, or the budget's end if sooner; the shutdown
         # deadline is read again at every check, since SIGTERM may come mid-request.
@@ -429,7 +499,7 @@ class SmsPartnerClient:
 
         try:
             with self._watchdog.armed(deadline) as guard:
-                response = self._get_bounded(tag, page, where, guard)
+                response = self._get_bounded(url, params, where, guard)
         except _Overdue:
             raise self._overdue(where, budget) from None
         except httpx.HTTPError as exc:
@@ -442,14 +512,15 @@ class SmsPartnerClient:
             raise PermanentApiError(self._redact(f"{where}: invalid URL ({exc})")) from exc
         _log.debug(
             "api.request",
-            tag=tag,
-            page=page,
+            **params,
             status=response.status_code,
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
-        return self._classify(response, where)
+        return self._classify(response, where, model)
 
-    def _get_bounded(self, tag: str, page: int, where: str, guard: Guard) -> httpx.Response:
+    def _get_bounded(
+        self, url: str, params: dict[str, str | int], where: str, guard: Guard
+    ) -> httpx.Response:
         """GET one page, reading at most :data:`MAX_BODY_BYTES` of its body, by the
         guard's deadline.
 
@@ -462,8 +533,8 @@ class SmsPartnerClient:
             raise _Overdue
         request = self._http.build_request(
             "GET",
-            self._url,
-            params={"apiKey": self._api_key, "tag": tag, "page": page},
+            url,
+            params={"apiKey": self._api_key, **params},
             headers={"User-Agent": _user_agent()},
             # No single operation may outlast the whole request (httpx's own timeouts
             # are per operation: they restart at every byte).
@@ -537,7 +608,12 @@ class SmsPartnerClient:
             return PermanentApiError(detail)
         return TransientApiError(detail)
 
-    def _classify(self, response: httpx.Response, where: str) -> Envelope:
+    def _classify(
+        self,
+        response: httpx.Response,
+        where: str,
+        model: type[_E] = Envelope,  # type: ignore[assignment]
+    ) -> _E:
         """Map a response onto an envelope or one of our errors."""
         status = response.status_code
         if status == httpx.codes.TOO_MANY_REQUESTS:
@@ -562,7 +638,7 @@ class SmsPartnerClient:
                 f"{where}: unreadable response (HTTP {status})" + self._excerpt_suffix(response),
                 http_status=status,
             )
-        envelope = self._envelope(body, where, status)
+        envelope = self._envelope(body, where, status, model)
         if envelope.is_error:
             self._raise_provider_error(envelope, response, where)
         return envelope
@@ -583,9 +659,15 @@ class SmsPartnerClient:
                 return None
         return body if isinstance(body, dict) else None
 
-    def _envelope(self, body: dict[str, Any], where: str, status: int) -> Envelope:
+    def _envelope(
+        self,
+        body: dict[str, Any],
+        where: str,
+        status: int,
+        model: type[_E] = Envelope,  # type: ignore[assignment]
+    ) -> _E:
         try:
-            return Envelope.model_validate(body)
+            return model.model_validate(body)
         except pydantic.ValidationError as exc:
             error = exc.errors()[0]
             field = ".".join(str(part) for part in error["loc"]) or "response"

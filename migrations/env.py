@@ -15,8 +15,8 @@ config = context.config
 def _include_object(
     obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
 ) -> bool:
-    # The view is created by raw SQL; autogenerate must not mistake it for a table.
-    return not (type_ == "table" and name == "tag_summary")
+    # The views are created by raw SQL; autogenerate must not mistake them for tables.
+    return not (type_ == "table" and name in ("tag_summary", "suppression_list"))
 
 
 def _render_item(type_: str, obj: object, autogen_context: Any) -> str | Literal[False]:

@@ -16,6 +16,7 @@ from alembic import command
 import migrations
 from daemon import migrate
 from daemon.db import (
+    SUPPRESSION_LIST_SQL,
     TAG_SUMMARY_SQL,
     create_engine,
     delivery_statuses,
@@ -33,7 +34,10 @@ TABLES = {
     "stop_sms_optouts",
     "poll_runs",
     "tag_counts",
+    "account_optouts",
+    "stop_list_syncs",
 }
+VIEWS = {"tag_summary", "suppression_list"}
 
 
 def test_upgrade_check_downgrade_upgrade(db_url: str) -> None:
@@ -43,7 +47,7 @@ def test_upgrade_check_downgrade_upgrade(db_url: str) -> None:
         assert migrate.current_revision(engine) == migrate.head_revision()
         inspector = sa.inspect(engine)
         assert set(inspector.get_table_names()) >= TABLES
-        assert "tag_summary" in inspector.get_view_names()
+        assert set(inspector.get_view_names()) >= VIEWS
         with engine.connect() as conn:  # `alembic check`: no difference from the models
             config = migrate.alembic_config()
             config.attributes["connection"] = conn
@@ -52,9 +56,7 @@ def test_upgrade_check_downgrade_upgrade(db_url: str) -> None:
 
         migrate.downgrade(engine)
         inspector = sa.inspect(engine)
-        assert not (TABLES | {"tag_summary"}) & set(
-            inspector.get_table_names() + inspector.get_view_names()
-        )
+        assert not (TABLES | VIEWS) & set(inspector.get_table_names() + inspector.get_view_names())
         assert migrate.current_revision(engine) is None
 
         migrate.upgrade(engine)
@@ -75,6 +77,14 @@ def test_upgrade_check_downgrade_upgrade(db_url: str) -> None:
             "stop_sms",
             "delivery_rate",
             "last_polled_at",
+        ]
+        with engine.connect() as conn:
+            view_columns = list(conn.execute(sa.text("SELECT * FROM suppression_list")).keys())
+        assert view_columns == [
+            "phone_number",
+            "first_opted_out_at",
+            "on_account_list",
+            "stop_tags",
         ]
     finally:
         engine.dispose()
@@ -143,6 +153,24 @@ def test_models_name_every_contract_column() -> None:
             "unknown",
             "stop_sms",
             "updated_at",
+        ],
+        "account_optouts": [
+            "phone_number",
+            "provider_id",
+            "listed_at",
+            "first_seen_at",
+            "removed_at",
+        ],
+        "stop_list_syncs": [
+            "id",
+            "started_at",
+            "finished_at",
+            "outcome",
+            "pages",
+            "listed",
+            "added",
+            "removed",
+            "error",
         ],
     }
     assert {name: [c.name for c in t.columns] for name, t in metadata.tables.items()} == expected
@@ -275,3 +303,20 @@ def test_the_view_at_head_is_the_one_the_models_describe(tmp_path: Path) -> None
     finally:
         engine.dispose()
     assert created == f"CREATE VIEW tag_summary AS {TAG_SUMMARY_SQL}".rstrip()
+
+
+def test_the_suppression_list_at_head_is_the_one_the_models_describe(tmp_path: Path) -> None:
+    """As for ``tag_summary``: revision 0003 carries its own copy of the view's SQL."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'view.db'}")
+    try:
+        migrate.upgrade(engine)
+        with engine.connect() as conn:
+            created = conn.scalar(
+                sa.text(
+                    "SELECT sql FROM sqlite_master WHERE type = 'view' "
+                    "AND name = 'suppression_list'"
+                )
+            )
+    finally:
+        engine.dispose()
+    assert created == f"CREATE VIEW suppression_list AS {SUPPRESSION_LIST_SQL}".rstrip()

@@ -293,6 +293,7 @@ class App:
                     settings=settings,
                     clock=self.clock,
                     wake=self.daemon.wake,
+                    owner=self.daemon.owner,
                 )
         return self._server
 

@@ -125,6 +125,8 @@ _pr = poll_runs.c
 #: polls (by id, the primary key): enough for 10,000 tags polled every minute for two
 #: minutes, and a scan that costs a few milliseconds however long ``poll_runs`` grew.
 RECENT_POLLS_SCANNED = 20_000
+#: The Julian day number of 1970-01-01T00:00Z (SQLite's ``julianday()`` counts in them).
+_UNIX_EPOCH_JULIAN_DAY = 2_440_587.5
 #: The final statuses counted by the delivery curve (``expired`` is the daemon's own).
 FINAL_STATUSES = ("delivered", "not_delivered", "failed", "expired")
 
@@ -139,10 +141,17 @@ def newest_tags_page(conn: Connection, *, offset: int, limit: int) -> list[RowMa
     """A page of tracked tags, newest send first, with the counts of ``tag_summary`` and
     the outcome and start of each tag's last poll.
 
-    Walks the ``sent_at`` index; the counts come by primary key from ``tag_counts`` and
-    the last poll from the (tag, started_at) index of ``poll_runs``: a few index lookups
-    per tag shown, whatever the tables hold.
+    The page's tags are chosen first, from the ``sent_at`` index alone; only those are
+    joined to their counts (by primary key) and their last poll (the (tag, started_at)
+    index of ``poll_runs``), so a far page costs an index walk, not a join per tag skipped.
     """
+    keys = (
+        sa.select(_tt.tag.label("key"), _tt.sent_at.label("sent"))
+        .order_by(_tt.sent_at.desc(), _tt.tag)
+        .limit(limit)
+        .offset(offset)
+        .subquery()
+    )
     counts = [sa.func.coalesce(_tc[name], 0).label(name) for name in COUNT_COLUMNS]
     latest = (
         sa.select(_pr.id)
@@ -161,17 +170,19 @@ def newest_tags_page(conn: Connection, *, offset: int, limit: int) -> list[RowMa
             _tt.consecutive_failures,
             latest.label("last_run_id"),
             *counts,
+            keys.c.sent,
+            keys.c.key,
         )
-        .select_from(tracked_tags.outerjoin(tag_counts, _tc.tag == _tt.tag))
-        .order_by(_tt.sent_at.desc(), _tt.tag)
-        .limit(limit)
-        .offset(offset)
+        .select_from(
+            keys.join(tracked_tags, _tt.tag == keys.c.key).outerjoin(tag_counts, _tc.tag == _tt.tag)
+        )
         .subquery()
     )
+    columns = [c for c in page.c if c.name not in ("sent", "key", "last_run_id")]
     query = (
-        sa.select(page, _pr.outcome.label("last_outcome"), _pr.started_at.label("last_run_at"))
+        sa.select(*columns, _pr.outcome.label("last_outcome"), _pr.started_at.label("last_run_at"))
         .select_from(page.outerjoin(poll_runs, _pr.id == page.c.last_run_id))
-        .order_by(page.c.sent_at.desc(), page.c.tag)
+        .order_by(page.c.sent.desc(), page.c.key)
     )
     return list(conn.execute(query).mappings())
 
@@ -261,17 +272,21 @@ def resolution_minutes(
         ``(minute, final, delivered)`` rows, by minute: numbers that became final (of
         them, delivered) during that minute after sending.
     """
-    sent = sa.literal(sent_at, UtcDateTime())
+    # The minute is computed once per row and clamped with two-argument min/max, which
+    # both engines have (LEAST/GREATEST on PostgreSQL): a CASE would compute it thrice.
     if conn.dialect.name == "postgresql":
-        minutes = sa.func.extract("epoch", _ds.resolved_at - sent) / 60
-        whole: sa.ColumnElement[Any] = sa.func.floor(minutes)
-    else:  # SQLite's floor() needs its optional math functions; CAST truncates
-        minutes = (sa.func.julianday(_ds.resolved_at) - sa.func.julianday(sent)) * 1440
-        whole = sa.cast(minutes, sa.Integer)
-    bucket = sa.cast(
-        sa.case((minutes < 0, 0), (minutes >= last_minute, last_minute), else_=whole),
-        sa.Integer,
-    ).label("minute")
+        sent = sa.literal(sent_at, UtcDateTime())
+        minute: sa.ColumnElement[Any] = sa.func.floor(
+            sa.func.extract("epoch", _ds.resolved_at - sent) / 60
+        )
+        clamped = sa.func.greatest(0, sa.func.least(minute, last_minute))
+    else:
+        # SQLite: the send time as a Julian day number, so only resolved_at is parsed per
+        # row; CAST truncates (floor() needs SQLite's optional math functions).
+        sent_day = sent_at.timestamp() / 86_400 + _UNIX_EPOCH_JULIAN_DAY
+        minute = (sa.func.julianday(_ds.resolved_at) - sent_day) * 1440
+        clamped = sa.func.max(0, sa.func.min(minute, last_minute))
+    bucket = sa.cast(clamped, sa.Integer).label("minute")
     delivered = sa.func.sum(sa.case((_ds.status == "delivered", 1), else_=0))
     query = (
         sa.select(bucket, sa.func.count(), delivered)

@@ -20,8 +20,9 @@ the methods each allows, the bearer token, what each route answers, starting and
 stopping. :mod:`daemon.http_protocol` owns the wire under it (reading requests and
 bodies within their limits, sending answers, request logs, turning errors into JSON)
 and calls :meth:`HttpServer.answer` for each request; it imports nothing from here.
-Every answer is JSON except ``/metrics``, and bounded: ``/tags`` is paged, and the
-protocol caps connections and gives each a whole-request deadline. When
+Every answer is JSON except ``/metrics`` and the HTML status pages, and bounded:
+``/tags`` and ``/`` are paged, and the protocol caps connections and gives each a
+whole-request deadline. When
 ``SMSPARTNER_HTTP_TOKEN`` is set, ``POST`` and ``DELETE`` need it as a bearer token;
 ``GET`` stays open for probes.
 Request logs never include headers, so the token cannot reach them.

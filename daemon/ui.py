@@ -83,7 +83,7 @@ background:#e9ecef;color:#343a40;white-space:nowrap}
 .badge.expired{background:#e9ecef;color:#495057}.badge.untracked{background:#f1f3f5;color:#868e96}
 .badge.o-ok{background:#d3f9d8;color:#2b8a3e}.badge.o-api_error,.badge.o-transient_error{
 background:#fff3bf;color:#a05a00}.badge.o-auth_error{background:#ffe3e3;color:#c92a2a}
-.chips{display:flex;flex-wrap:wrap;gap:6px;margin-top:4px}
+.chips{display:flex;flex-wrap:wrap;gap:4px 10px;margin-top:4px}.chip{white-space:nowrap}
 table{width:100%;border-collapse:collapse;background:var(--card);border:1px solid var(--line);
 border-radius:8px;overflow:hidden}
 th,td{padding:7px 10px;text-align:left;border-bottom:1px solid var(--line);vertical-align:middle}
@@ -310,7 +310,8 @@ def _daemon_cards(view: DaemonView) -> str:
     polls = sum(view.polls.values())
     at_least = "≥ " if view.polls_capped else ""
     chips = "".join(
-        f'{_badge(f"o-{o}", o.replace("_", " "))} <span class="num">{n}</span> '
+        f'<span class="chip" data-outcome="{escape(o)}">{_badge(f"o-{o}", o.replace("_", " "))} '
+        f"{n:,}</span>"
         for o, n in sorted(view.polls.items(), key=lambda kv: (kv[0] != "ok", kv[0]))
     )
     if view.next_due is None:
@@ -330,7 +331,7 @@ def _daemon_cards(view: DaemonView) -> str:
         '<section class="cards" id="daemon">'
         f'<div class="card" id="readiness"><h3>Readiness</h3>{ready}</div>'
         f'<div class="card" id="polls"><h3>Polls, last hour</h3>'
-        f'<div class="big">{at_least}{polls}</div><div class="chips">{chips}</div></div>'
+        f'<div class="big">{at_least}{polls:,}</div><div class="chips">{chips}</div></div>'
         f'<div class="card" id="next-due"><h3>Next tag due</h3>{due}</div>'
         f'<div class="card" id="polling"><h3>Polling</h3>{auth}</div>'
         f'<div class="card" id="process"><h3>Daemon</h3>'

@@ -243,7 +243,7 @@ def _minutes(minutes: float) -> str:
     """A number of minutes as the axis labels say it."""
     if minutes < 60:
         return f"{minutes:.0f} min"
-    if minutes < 48 * 60:
+    if minutes <= 48 * 60:
         hours = minutes / 60
         return f"{hours:.0f} h" if hours == int(hours) else f"{hours:.1f} h"
     return f"{minutes / 1440:.1f} d"
@@ -253,8 +253,8 @@ def _milestones(curve: Curve) -> str:
     """The curve read at fixed moments, as a table (also what a screen reader gets)."""
     cells = []
     for minute in MILESTONES:
-        if minute > curve.end:
-            break
+        if minute >= curve.end:
+            break  # the last row reads the curve's end
         final, delivered = curve.at(minute)
         cells.append(
             f'<tr><td data-label="After">{_minutes(minute)}</td>'

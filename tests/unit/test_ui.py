@@ -179,7 +179,7 @@ def test_the_daemon_part_says_what_is_wrong() -> None:
         total_tags=0,
     )
     assert "Polling is paused" in page and "Not ready" in page
-    assert "≥ 20000" in page
+    assert "≥ 20,000" in page
     assert "no active tag" in page and "No tag is tracked yet" in page
 
     fine = ui.render_index(view(), [], page=1, total_tags=0)

@@ -353,19 +353,19 @@ def _tag_row(now: datetime, row: Mapping[Any, Any]) -> str:
     delivered = counts["delivered"]
     failing = int(row.get("consecutive_failures") or 0)
     last = relative(now, row.get("last_run_at") or row.get("last_polled_at"))
-    failing_note = f'<span class="sub bad">{failing} failing in a row</span>' if failing else ""
+    failing_note = f' <span class="sub bad">{failing} failing in a row</span>' if failing else ""
     return (
         f'<tr data-tag="{escape(tag)}">'
         f'<td class="tag" data-label="Tag"><a href="{escape(tag_href(tag))}">{escape(tag)}</a></td>'
         f'<td data-label="State">{_badge(str(row["state"]), str(row["state"]))}</td>'
         f'<td class="when" data-label="Sent">{_time(row["sent_at"])}'
-        f'<span class="sub">{escape(relative(now, row["sent_at"]))}</span></td>'
+        f' <span class="sub">{escape(relative(now, row["sent_at"]))}</span></td>'
         f'<td class="num" data-label="Numbers">{total:,}</td>'
         f'<td class="barcell" data-label="Statuses">{status_bar(counts, total)}</td>'
         f'<td class="num rate" data-label="Delivered">{_percent(delivered, total)}</td>'
         f'<td class="num" data-label="Opt-outs">{int(row.get("stop_sms") or 0):,}</td>'
         f'<td data-label="Last poll">{_outcome_badge(row.get("last_outcome"))}'
-        f'<span class="sub">{escape(last)}</span>{failing_note}</td>'
+        f' <span class="sub">{escape(last)}</span>{failing_note}</td>'
         "</tr>"
     )
 
@@ -439,7 +439,7 @@ def _history(now: datetime, runs: Sequence[Mapping[Any, Any]]) -> str:
         rows.append(
             "<tr>"
             f'<td class="when" data-label="Started">{_time(run["started_at"], seconds=True)}'
-            f'<span class="sub">{escape(relative(now, run["started_at"]))}</span></td>'
+            f' <span class="sub">{escape(relative(now, run["started_at"]))}</span></td>'
             f'<td data-label="Outcome">{_outcome_badge(str(run["outcome"]))}</td>'
             f'<td class="num" data-label="Took">{took.total_seconds():.2f} s</td>'
             f'<td class="num" data-label="Pages">{int(run["pages"])}</td>'

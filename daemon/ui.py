@@ -355,6 +355,19 @@ def _history(now: datetime, runs: Sequence[Mapping[Any, Any]]) -> str:
     )
 
 
+def _curve(curve: Curve, counts: Mapping[str, int]) -> str:
+    """The delivery curve, or why there is none: numbers counted final whose rows are
+    gone (``prune --statuses-older-than`` keeps a tag's counts, not its numbers) would
+    draw a flat line at 0 %, which would be a lie."""
+    final = sum(counts[s] for s in STATUS_ORDER if s not in ("waiting", "unknown"))
+    if curve.total and final and not curve.points:
+        return (
+            '<p class="muted curve-pruned">No curve: this tag\'s numbers are no longer '
+            "stored (pruned), only its counts.</p>"
+        )
+    return curve_svg(curve)
+
+
 def render_tag(
     now: datetime, row: Mapping[Any, Any], curve: Curve, runs: Sequence[Mapping[Any, Any]]
 ) -> str:
@@ -400,7 +413,7 @@ def render_tag(
         f"{cards}"
         f"<h2>Statuses</h2>{status_bar(counts, total, big=True)}"
         f'<div class="legend">{per_status}</div>'
-        f"<h2>Delivery curve</h2>{curve_svg(curve)}"
+        f"<h2>Delivery curve</h2>{_curve(curve, counts)}"
         f'<h2>Poll history <span class="muted">newest {HISTORY_SIZE}</span></h2>'
         f"{_history(now, runs)}{_footer(now)}"
     )

@@ -54,7 +54,7 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:now
 td.tag{font-weight:600;word-break:break-all;min-width:90px}
 td.barcell{width:30%;min-width:140px}
 td.when{white-space:nowrap;font-variant-numeric:tabular-nums}
-.sub{display:block;color:var(--muted);font-size:12px}
+.sub{display:block;color:var(--muted);font-size:12px}.sub.bad{color:var(--bad)}
 svg.bar{display:block;width:100%;height:14px;border-radius:3px;background:#eef1f5}
 svg.bar.big{height:22px}
 .s-delivered{fill:var(--delivered)}.s-not_delivered{fill:var(--not_delivered)}
@@ -80,7 +80,7 @@ overflow-x:auto}
 .chart .key-final,.chart .d-final{fill:#1c5fb8}
 .chart .key-delivered,.chart .d-delivered{fill:var(--delivered)}
 table.milestones{max-width:460px;margin-top:10px}
-.err{color:var(--bad);font-size:13px;word-break:break-word}
+.err{color:var(--bad);font-size:13px;word-break:break-word}.card .err{display:block}
 footer{margin-top:28px;color:var(--muted);font-size:12px}
 @media (max-width:760px){
 main{padding:10px 10px 30px}h1{font-size:19px}

@@ -215,3 +215,14 @@ def test_page_numbers(query: str, page: int) -> None:
 def test_bad_page_numbers_name_the_parameter(query: str) -> None:
     with pytest.raises(InputError, match=r"^page must be a whole number"):
         statuspage.page_number(query)
+
+
+def test_a_tag_whose_numbers_were_pruned_says_so_instead_of_a_flat_curve() -> None:
+    row = tag_row("old", delivered=90, failed=10)
+    pruned = ui.render_tag(NOW, row, ui_chart.build_curve([], 100, observed=3000), [])
+    assert "no longer stored (pruned)" in pruned and 'class="curve"' not in pruned
+
+    waiting = ui.render_tag(
+        NOW, tag_row("new", waiting=5), ui_chart.build_curve([], 5, observed=1), []
+    )
+    assert 'class="curve"' in waiting  # nothing final yet: a true 0 %

@@ -474,7 +474,11 @@ def test_a_database_that_is_down_still_shows_the_daemon(tmp_path: Path) -> None:
 
 @pytest.fixture
 def chromium(tmp_path: Path) -> Callable[..., str]:
-    """Run headless Chromium on a URL; returns what it printed (``--dump-dom``)."""
+    """Run headless Chromium on a URL; returns what it printed (``--dump-dom``).
+
+    The page's console goes to Chromium's log (``--enable-logging=stderr``): a
+    Content-Security-Policy violation (a style or script the policy blocks) fails the test.
+    """
     if CHROMIUM is None:
         if _CHROMIUM_REQUIRED:
             pytest.fail("chromium is not installed and SMSPARTNER_TEST_REQUIRE_CHROMIUM=1")
@@ -490,12 +494,16 @@ def chromium(tmp_path: Path) -> Callable[..., str]:
             "--disable-dev-shm-usage",
             "--no-first-run",
             "--hide-scrollbars",
+            "--enable-logging=stderr",
+            "--v=0",
             f"--user-data-dir={profile}",
             *args,
             url,
         ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=90, check=False)
         assert done.returncode == 0, done.stderr[-2000:]
+        blocked = [line for line in done.stderr.splitlines() if "Content Security Policy" in line]
+        assert blocked == []
         return done.stdout
 
     return run

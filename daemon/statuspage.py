@@ -11,6 +11,7 @@ its own rules (methods, HEAD, a database error on a tag page is its JSON 503).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from datetime import datetime, timedelta
 from http import HTTPStatus
@@ -85,17 +86,14 @@ def index(engine: Engine, view: ui.DaemonView, query: str) -> Reply:
     except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
         cause = getattr(exc, "orig", None) or exc
         log.warning("http.database_error", path="/", error=type(cause).__name__)
-        problems = [*view.problems, "database unreachable"]
-        down = ui.DaemonView(**{**vars(view), "problems": problems})
+        down = dataclasses.replace(view, problems=[*view.problems, "database unreachable"])
         return html(HTTPStatus.SERVICE_UNAVAILABLE, ui.render_index(down, [], page=1, total_tags=0))
-    view = ui.DaemonView(
-        **{
-            **vars(view),
-            "polls": polls,
-            "polls_capped": capped,
-            "next_due": None if due is None else (str(due["tag"]), due["next_poll_at"]),
-            "states": states,
-        }
+    view = dataclasses.replace(
+        view,
+        polls=polls,
+        polls_capped=capped,
+        next_due=None if due is None else (str(due["tag"]), due["next_poll_at"]),
+        states=states,
     )
     return html(
         HTTPStatus.OK, ui.render_index(view, rows, page=page, total_tags=sum(states.values()))

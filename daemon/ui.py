@@ -203,7 +203,7 @@ def _daemon_cards(view: DaemonView) -> str:
         items = "".join(f"<li>{escape(mask_numbers(p))}</li>" for p in view.problems)
         ready = f'<div class="big bad">Not ready</div><ul class="problems">{items}</ul>'
     else:
-        ready = '<div class="big ok">Ready</div><span class="muted">polls succeed</span>'
+        ready = '<div class="big ok">Ready</div><span class="muted">no problem reported</span>'
     uptime = "—" if view.started_at is None else duration(now - view.started_at)
     beat = relative(now, view.last_beat)
     polls = sum(view.polls.values())
@@ -321,7 +321,7 @@ def render_index(
         f"{banner}{_daemon_cards(view)}"
         f'<h2 id="tags">Tags <span class="muted">{total_tags:,} tracked'
         f"{' · ' + states if states else ''}</span></h2>"
-        f"{legend()}{table}{pager}{_footer(view.now)}"
+        f"{legend() if tags else ''}{table}{pager}{_footer(view.now)}"
     )
     return _document("smspartner-status", body)
 

@@ -109,8 +109,10 @@ def tag(engine: Engine, now: datetime, tag_name: str | None, report_window: time
         tag_name: the tag, percent-decoded (None: the path did not decode to one).
         report_window: the window of a tag whose row has none (another program's).
     """
-    if not tag_name or len(tag_name) > _MAX_TAG_CHARS:
-        return html(HTTPStatus.NOT_FOUND, ui.render_not_found(now, (tag_name or "")[:80]))
+    # NUL: no tag holds one, and PostgreSQL refuses it in a text parameter.
+    if not tag_name or len(tag_name) > _MAX_TAG_CHARS or "\x00" in tag_name:
+        shown = (tag_name or "").replace("\x00", "\\0")[:80]
+        return html(HTTPStatus.NOT_FOUND, ui.render_not_found(now, shown))
     with engine.connect() as conn:
         row = queries.tag_overview(conn, tag_name)
         if row is None:

@@ -26,6 +26,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from daemon import queries
@@ -377,11 +379,36 @@ def test_unknown_tags_get_a_404_page_and_odd_tags_round_trip(
     (link,) = links
     assert site.page(link).status_code == 200
 
-    for path in ("/ui/tags/nope", "/ui/tags/%FF", "/ui/tags/BLACK"):
+    for path in (
+        "/ui/tags/nope",
+        "/ui/tags/%FF",
+        "/ui/tags/BLACK",
+        "/ui/tags/%00",
+        "/ui/tags/" + "x" * 300,
+    ):
         response = site.page(path)
         assert response.status_code == 404
         assert "No such tag" in response.text
     assert site.client.get("/ui/tags/a/b").status_code == 404  # a path, not a tag
+
+
+def test_any_tag_in_the_path_gets_its_page_or_a_404_page(make_site: Callable[..., Site]) -> None:
+    site = make_site()
+    site.track("known", 2)
+    site.step()
+
+    @settings(
+        max_examples=60,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(st.text(min_size=1, max_size=80))
+    def check(tag: str) -> None:
+        response = site.client.get("/ui/tags/" + quote(tag, safe=""))
+        assert response.status_code == (200 if tag == "known" else 404)
+        assert response.headers["content-type"] == "text/html; charset=utf-8"
+
+    check()
 
 
 def test_head_answers_like_get_and_writes_are_refused(make_site: Callable[..., Site]) -> None:

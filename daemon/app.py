@@ -323,6 +323,7 @@ class App:
                     settings=settings,
                     clock=self.clock,
                     wake=self.daemon.wake,
+                    owner=self.daemon.owner,
                 )
         return self._server
 

@@ -91,6 +91,13 @@ class Health:
         with self._lock:
             return self._auth_error
 
+    @property
+    def last_beat(self) -> datetime | None:
+        """When the scheduler loop last beat (None before its first beat); the status
+        page shows it."""
+        with self._lock:
+            return self._last_beat
+
     def alive(self) -> bool:
         """Whether the scheduler loop beat recently."""
         with self._lock:

@@ -10,6 +10,8 @@ Routes (design.md, "Interfaces")::
                          the previous page); the next page is in ``Link: <…>; rel="next"``
     POST   /tags         {"tag": "...", "sent_at": "..."} → 201, then wakes the scheduler
     DELETE /tags/{tag}   200 | 404
+    GET    /             the HTML status page (daemon/statuspage.py); ?page= past 100 tags
+    GET    /ui/tags/{tag} one tag's HTML page with its delivery curve; 404 page if unknown
     HEAD   wherever GET is served: the same status and headers, no body
 
 A ``ThreadingHTTPServer`` is plenty for probes, a scraper and an occasional ``POST``;
@@ -18,8 +20,9 @@ the methods each allows, the bearer token, what each route answers, starting and
 stopping. :mod:`daemon.http_protocol` owns the wire under it (reading requests and
 bodies within their limits, sending answers, request logs, turning errors into JSON)
 and calls :meth:`HttpServer.answer` for each request; it imports nothing from here.
-Every answer is JSON except ``/metrics``, and bounded: ``/tags`` is paged, and the
-protocol caps connections and gives each a whole-request deadline. When
+Every answer is JSON except ``/metrics`` and the HTML status pages, and bounded:
+``/tags`` and ``/`` are paged, and the protocol caps connections and gives each a
+whole-request deadline. When
 ``SMSPARTNER_HTTP_TOKEN`` is set, ``POST`` and ``DELETE`` need it as a bearer token;
 ``GET`` stays open for probes.
 Request logs never include headers, so the token cannot reach them.
@@ -71,8 +74,11 @@ _ROUTES: dict[str, tuple[str, ...]] = {
     "/readyz": ("GET", "HEAD"),
     "/metrics": ("GET", "HEAD"),
     "/tags": ("GET", "HEAD", "POST"),
+    "/": ("GET", "HEAD"),
 }
 _TAG_PREFIX = "/tags/"
+#: A tag's status page (daemon/statuspage.py): ``/ui/tags/{tag}``, percent-encoded.
+_UI_TAG_PREFIX = "/ui/tags/"
 #: Lease columns are the scheduler's business, not the API's.
 _HIDDEN_COLUMNS = frozenset({"lease_owner", "lease_expires_at"})
 #: ``GET /tags``: tags per page unless ``limit`` says otherwise, and the most it may say.
@@ -103,6 +109,7 @@ class HttpServer:
         max_connections: connections served at once; more get a quick 503.
         request_deadline: seconds a client has to send its whole request.
         answer_deadline: seconds to run a route and send its answer.
+        owner: the daemon's name in leases, shown on the status page.
     """
 
     def __init__(
@@ -119,7 +126,10 @@ class HttpServer:
         max_connections: int = MAX_CONNECTIONS,
         request_deadline: float = REQUEST_DEADLINE,
         answer_deadline: float = ANSWER_DEADLINE,
+        owner: str | None = None,
     ) -> None:
+        self._owner = owner
+        self._started_at: datetime | None = None
         self._max_connections = max_connections
         self._deadlines = (request_deadline, answer_deadline)
         self._host = host
@@ -174,6 +184,7 @@ class HttpServer:
             )
             thread.start()
             self._server, self._thread = server, thread
+            self._started_at = self._clock()
         log.info("http.started", host=self._host, port=self.port)
         if self._settings.http_token is None and not _is_loopback(self._host):
             log.warning(
@@ -220,6 +231,10 @@ class HttpServer:
         path = request.path
         if path in _ROUTES:
             allowed = _ROUTES[path]
+        elif path.startswith(_UI_TAG_PREFIX):
+            allowed = ("GET", "HEAD")
+            if "/" in path[len(_UI_TAG_PREFIX) :]:
+                return Reply.error(HTTPStatus.NOT_FOUND, "no such route")
         elif path.startswith(_TAG_PREFIX):
             allowed = ("DELETE",)
             if "/" in path[len(_TAG_PREFIX) :]:  # /tags/a/b, /tags/../x
@@ -247,6 +262,10 @@ class HttpServer:
             return self.track(request.read_body())
         if path == "/tags":
             return self.list_tags(request.query)
+        if path == "/":
+            return self.status_page(request.query)
+        if path.startswith(_UI_TAG_PREFIX):
+            return self.tag_page(path[len(_UI_TAG_PREFIX) :])
         return {
             "/healthz": self.healthz,
             "/readyz": self.readyz,
@@ -319,6 +338,35 @@ class HttpServer:
         cursor = quote(rows[-1]["tag"], safe="")
         link = ("Link", f'</tags?limit={limit}&after={cursor}>; rel="next"')
         return Reply(HTTPStatus.OK, tags, (link,))
+
+    def status_page(self, query: str = "") -> Reply:
+        """``GET /``: the HTML status page (the daemon, then a page of tags).
+
+        Raises:
+            InputError: ``page`` is not a page number.
+        """
+        from daemon import statuspage, ui
+
+        view = ui.DaemonView(
+            now=self._clock(),
+            owner=self._owner,
+            started_at=self._started_at,
+            last_beat=self._health.last_beat,
+            problems=self._health.problems(),
+            auth_error=self._health.auth_error,
+            polls={},
+        )
+        return statuspage.index(self._engine, view, query)
+
+    def tag_page(self, segment: str) -> Reply:
+        """``GET /ui/tags/{tag}``: one tag's HTML page (a 404 page for an unknown tag)."""
+        from daemon import statuspage
+
+        try:
+            tag: str | None = percent_decode(segment)
+        except UnicodeError:
+            tag = None
+        return statuspage.tag(self._engine, self._clock(), tag, self._settings.report_window)
 
     def track(self, body: bytes) -> Reply:
         """Track (or re-activate) the tag a ``POST /tags`` body names, then wake the

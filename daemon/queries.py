@@ -9,6 +9,7 @@ as the database hands them over, for exports of any size (see :func:`stream`).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,6 +21,7 @@ from daemon.db import (
     UtcDateTime,
     account_optouts,
     delivery_statuses,
+    poll_runs,
     stop_list_syncs,
     stop_sms_optouts,
     tag_counts,
@@ -194,3 +196,187 @@ def last_stop_list_sync(conn: Connection, *, ok_only: bool = False) -> RowMappin
     if ok_only:
         query = query.where(sc.outcome == "ok")
     return conn.execute(query).mappings().first()
+
+
+# --- the status page (``GET /`` and ``GET /ui/tags/{tag}``) -----------------------------------
+#
+# Each read below is bounded whatever the database holds: a page of tags by the
+# ``sent_at`` index, one row per tag by primary key, the newest polls by ``id``, a tag's
+# poll history by the (tag, started_at) index, and a tag's delivery curve grouped into
+# minutes in SQL, so a request never carries millions of rows into Python.
+
+_pr = poll_runs.c
+#: The status page's "polls in the last hour" looks at most this many of the newest
+#: polls (by id, the primary key): enough for 10,000 tags polled every minute for two
+#: minutes, and a scan that costs a few milliseconds however long ``poll_runs`` grew.
+RECENT_POLLS_SCANNED = 20_000
+#: The Julian day number of 1970-01-01T00:00Z (SQLite's ``julianday()`` counts in them).
+_UNIX_EPOCH_JULIAN_DAY = 2_440_587.5
+#: The final statuses counted by the delivery curve (``expired`` is the daemon's own).
+FINAL_STATUSES = ("delivered", "not_delivered", "failed", "expired")
+
+
+def count_tags_by_state(conn: Connection) -> dict[str, int]:
+    """How many tracked tags are in each state (one row per tag, no numbers read)."""
+    query = sa.select(_tt.state, sa.func.count()).group_by(_tt.state)
+    return {str(state): int(n) for state, n in conn.execute(query)}
+
+
+def newest_tags_page(conn: Connection, *, offset: int, limit: int) -> list[RowMapping]:
+    """A page of tracked tags, newest send first, with the counts of ``tag_summary`` and
+    the outcome and start of each tag's last poll.
+
+    The page's tags are chosen first, from the ``sent_at`` index alone; only those are
+    joined to their counts (by primary key) and their last poll (the (tag, started_at)
+    index of ``poll_runs``), so a far page costs an index walk, not a join per tag skipped.
+    """
+    keys = (
+        sa.select(_tt.tag.label("key"), _tt.sent_at.label("sent"))
+        .order_by(_tt.sent_at.desc(), _tt.tag)
+        .limit(limit)
+        .offset(offset)
+        .subquery()
+    )
+    counts = [sa.func.coalesce(_tc[name], 0).label(name) for name in COUNT_COLUMNS]
+    latest = (
+        sa.select(_pr.id)
+        .where(_pr.tag == _tt.tag)
+        .order_by(_pr.started_at.desc(), _pr.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    page = (
+        sa.select(
+            _tt.tag,
+            _tt.state,
+            _tt.sent_at,
+            _tt.last_polled_at,
+            _tt.next_poll_at,
+            _tt.consecutive_failures,
+            latest.label("last_run_id"),
+            *counts,
+            keys.c.sent,
+            keys.c.key,
+        )
+        .select_from(
+            keys.join(tracked_tags, _tt.tag == keys.c.key).outerjoin(tag_counts, _tc.tag == _tt.tag)
+        )
+        .subquery()
+    )
+    columns = [c for c in page.c if c.name not in ("sent", "key", "last_run_id")]
+    query = (
+        sa.select(*columns, _pr.outcome.label("last_outcome"), _pr.started_at.label("last_run_at"))
+        .select_from(page.outerjoin(poll_runs, _pr.id == page.c.last_run_id))
+        .order_by(page.c.sent.desc(), page.c.key)
+    )
+    return list(conn.execute(query).mappings())
+
+
+def next_due(conn: Connection) -> RowMapping | None:
+    """The active tag polled next (``next_poll_at`` unset means due now), or None."""
+    active = _tt.state == "active"
+    unset = (
+        sa.select(_tt.tag, _tt.next_poll_at)
+        .where(active, _tt.next_poll_at.is_(None))
+        .order_by(_tt.tag)
+        .limit(1)
+    )
+    row = conn.execute(unset).mappings().first()
+    if row is not None:
+        return row
+    soonest = (
+        sa.select(_tt.tag, _tt.next_poll_at)
+        .where(active, _tt.next_poll_at.is_not(None))
+        .order_by(_tt.next_poll_at, _tt.tag)
+        .limit(1)
+    )
+    return conn.execute(soonest).mappings().first()
+
+
+def recent_poll_outcomes(
+    conn: Connection, since: datetime, *, scanned: int = RECENT_POLLS_SCANNED
+) -> tuple[dict[str, int], bool]:
+    """Polls started since ``since``, by outcome, among the ``scanned`` newest polls.
+
+    Returns:
+        The counts, and whether the scan was full (so there may be more: the page says
+        "at least").
+    """
+    newest = sa.select(_pr.outcome, _pr.started_at).order_by(_pr.id.desc()).limit(scanned)
+    recent = newest.subquery()
+    query = (
+        sa.select(recent.c.outcome, sa.func.count())
+        .where(recent.c.started_at >= since)
+        .group_by(recent.c.outcome)
+    )
+    counts = {str(outcome): int(n) for outcome, n in conn.execute(query)}
+    return counts, sum(counts.values()) >= scanned
+
+
+def tag_overview(conn: Connection, tag: str) -> RowMapping | None:
+    """One tracked tag with its counts (None when it was never tracked)."""
+    counts = [sa.func.coalesce(_tc[name], 0).label(name) for name in COUNT_COLUMNS]
+    query = (
+        sa.select(tracked_tags, *counts)
+        .select_from(tracked_tags.outerjoin(tag_counts, _tc.tag == _tt.tag))
+        .where(_tt.tag == tag)
+    )
+    return conn.execute(query).mappings().first()
+
+
+def poll_history(conn: Connection, tag: str, *, limit: int = 50) -> list[RowMapping]:
+    """A tag's newest polls, newest first (the (tag, started_at) index)."""
+    query = (
+        sa.select(
+            _pr.started_at,
+            _pr.finished_at,
+            _pr.outcome,
+            _pr.pages,
+            _pr.numbers_seen,
+            _pr.numbers_changed,
+            _pr.error,
+        )
+        .where(_pr.tag == tag)
+        .order_by(_pr.started_at.desc(), _pr.id.desc())
+        .limit(limit)
+    )
+    return list(conn.execute(query).mappings())
+
+
+def resolution_minutes(
+    conn: Connection, tag: str, sent_at: datetime, *, last_minute: int
+) -> list[tuple[int, int, int]]:
+    """A tag's numbers that reached a final status, per minute after ``sent_at``.
+
+    Grouped in SQL from ``resolved_at`` (when each number became final) over the
+    (tag, status) index: at most ``last_minute + 1`` rows come back, however many
+    numbers the tag has. Numbers resolved before ``sent_at`` (a tag re-tracked with a
+    later send time) count in minute 0, and those after ``last_minute`` in it.
+
+    Returns:
+        ``(minute, final, delivered)`` rows, by minute: numbers that became final (of
+        them, delivered) during that minute after sending.
+    """
+    # The minute is computed once per row and clamped with two-argument min/max, which
+    # both engines have (LEAST/GREATEST on PostgreSQL): a CASE would compute it thrice.
+    if conn.dialect.name == "postgresql":
+        sent = sa.literal(sent_at, UtcDateTime())
+        minute: sa.ColumnElement[Any] = sa.func.floor(
+            sa.func.extract("epoch", _ds.resolved_at - sent) / 60
+        )
+        clamped = sa.func.greatest(0, sa.func.least(minute, last_minute))
+    else:
+        # SQLite: the send time as a Julian day number, so only resolved_at is parsed per
+        # row; CAST truncates (floor() needs SQLite's optional math functions).
+        sent_day = sent_at.timestamp() / 86_400 + _UNIX_EPOCH_JULIAN_DAY
+        minute = (sa.func.julianday(_ds.resolved_at) - sent_day) * 1440
+        clamped = sa.func.max(0, sa.func.min(minute, last_minute))
+    bucket = sa.cast(clamped, sa.Integer).label("minute")
+    delivered = sa.func.sum(sa.case((_ds.status == "delivered", 1), else_=0))
+    query = (
+        sa.select(bucket, sa.func.count(), delivered)
+        .where(_ds.tag == tag, _ds.status.in_(FINAL_STATUSES), _ds.resolved_at.is_not(None))
+        .group_by(bucket)
+        .order_by(bucket)
+    )
+    return [(int(m), int(n), int(d or 0)) for m, n, d in conn.execute(query)]

@@ -50,10 +50,13 @@ def tag_summary(conn: Connection, tag: str | None = None) -> list[RowMapping]:
     return list(conn.execute(query, params).mappings())
 
 
+def _tags_query() -> sa.Select[Any]:
+    return sa.select(tracked_tags).order_by(_tt.sent_at.desc(), _tt.tag)
+
+
 def list_tags(conn: Connection) -> list[RowMapping]:
     """Every tracked tag, newest send first."""
-    query = sa.select(tracked_tags).order_by(_tt.sent_at.desc(), _tt.tag)
-    return list(conn.execute(query).mappings())
+    return list(conn.execute(_tags_query()).mappings())
 
 
 def list_tags_page(conn: Connection, *, after: str | None, limit: int) -> list[RowMapping]:
@@ -90,9 +93,8 @@ def list_tags_page(conn: Connection, *, after: str | None, limit: int) -> list[R
     return list(conn.execute(query).mappings())
 
 
-def numbers(conn: Connection, tag: str) -> Sequence[RowMapping]:
-    """Every number of a tag with its current status."""
-    query = (
+def _numbers_query(tag: str) -> sa.Select[Any]:
+    return (
         sa.select(
             _ds.phone_number,
             _ds.status,
@@ -105,15 +107,22 @@ def numbers(conn: Connection, tag: str) -> Sequence[RowMapping]:
         .where(_ds.tag == tag)
         .order_by(_ds.phone_number)
     )
-    return conn.execute(query).mappings().all()
+
+
+def numbers(conn: Connection, tag: str) -> Sequence[RowMapping]:
+    """Every number of a tag with its current status."""
+    return conn.execute(_numbers_query(tag)).mappings().all()
+
+
+def _optouts_query() -> sa.Select[Any]:
+    return sa.select(stop_sms_optouts).order_by(
+        stop_sms_optouts.c.first_seen_at, stop_sms_optouts.c.id
+    )
 
 
 def optouts(conn: Connection) -> Sequence[RowMapping]:
     """Every STOP opt-out, oldest first."""
-    query = sa.select(stop_sms_optouts).order_by(
-        stop_sms_optouts.c.first_seen_at, stop_sms_optouts.c.id
-    )
-    return conn.execute(query).mappings().all()
+    return conn.execute(_optouts_query()).mappings().all()
 
 
 # --- streamed reads (exports) -----------------------------------------------------------
@@ -138,33 +147,17 @@ def stream(conn: Connection, query: sa.Select[Any]) -> Iterator[RowMapping]:
 
 def stream_numbers(conn: Connection, tag: str) -> Iterator[RowMapping]:
     """Every number of a tag, as :func:`numbers`, streamed."""
-    query = (
-        sa.select(
-            _ds.phone_number,
-            _ds.status,
-            _ds.provider_status,
-            _ds.stop_sms,
-            _ds.reported_at,
-            _ds.first_seen_at,
-            _ds.resolved_at,
-        )
-        .where(_ds.tag == tag)
-        .order_by(_ds.phone_number)
-    )
-    return stream(conn, query)
+    return stream(conn, _numbers_query(tag))
 
 
 def stream_optouts(conn: Connection) -> Iterator[RowMapping]:
     """Every STOP opt-out, as :func:`optouts`, streamed."""
-    query = sa.select(stop_sms_optouts).order_by(
-        stop_sms_optouts.c.first_seen_at, stop_sms_optouts.c.id
-    )
-    return stream(conn, query)
+    return stream(conn, _optouts_query())
 
 
 def stream_tags(conn: Connection) -> Iterator[RowMapping]:
     """Every tracked tag, as :func:`list_tags`, streamed."""
-    return stream(conn, sa.select(tracked_tags).order_by(_tt.sent_at.desc(), _tt.tag))
+    return stream(conn, _tags_query())
 
 
 # --- the account's STOP list ------------------------------------------------------------

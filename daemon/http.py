@@ -9,8 +9,15 @@ Routes (design.md, "Interfaces")::
                          ?limit= (default 100, at most 1,000), ?after= (the last tag of
                          the previous page); the next page is in ``Link: <…>; rel="next"``
     POST   /tags         {"tag": "...", "sent_at": "..."} → 201, then wakes the scheduler
+    GET    /tags/{tag}   the tag as ``GET /tags`` lists it | 404 when never tracked
     DELETE /tags/{tag}   200 | 404
+    GET    /openapi.json the OpenAPI document of all of these (:mod:`daemon.openapi`)
     HEAD   wherever GET is served: the same status and headers, no body
+
+The routes are one declarative table, :data:`ROUTES` (method, path pattern, handler,
+bearer token or not, parameters, body, answers), from which both the routing here and
+the OpenAPI document come, so the document cannot drift from what is served. Adding a
+route is one :class:`Route` line in that table and one handler method.
 
 A ``ThreadingHTTPServer`` is plenty for probes, a scraper and an occasional ``POST``;
 no framework, nothing async. :class:`HttpServer` owns the application: the routes and
@@ -31,7 +38,8 @@ import hmac
 import ipaddress
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
 from typing import Any
@@ -65,14 +73,6 @@ log = structlog.get_logger(__name__)
 #: How often the serving loop checks for stop(): the worst-case delay of a shutdown.
 _SHUTDOWN_POLL = 0.1
 
-#: The methods of each route; HEAD is served wherever GET is (see :meth:`HttpServer.answer`).
-_ROUTES: dict[str, tuple[str, ...]] = {
-    "/healthz": ("GET", "HEAD"),
-    "/readyz": ("GET", "HEAD"),
-    "/metrics": ("GET", "HEAD"),
-    "/tags": ("GET", "HEAD", "POST"),
-}
-_TAG_PREFIX = "/tags/"
 #: Lease columns are the scheduler's business, not the API's.
 _HIDDEN_COLUMNS = frozenset({"lease_owner", "lease_expires_at"})
 #: ``GET /tags``: tags per page unless ``limit`` says otherwise, and the most it may say.
@@ -86,6 +86,130 @@ _MAX_ERROR_CHARS = 500
 #: another program are only bounded by the column.
 _MAX_CURSOR_CHARS = 256
 _DB_ERRORS = (sa.exc.DBAPIError, sa.exc.TimeoutError)
+
+
+# --- the route table's vocabulary -----------------------------------------------------------
+
+#: Media types of the answers (the JSON one is :class:`Reply`'s default).
+JSON = "application/json"
+HTML = "text/html"
+TEXT = "text/plain"
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A query or path parameter of a route, as the OpenAPI document shows it.
+
+    Attributes:
+        name: as it appears in the query string or the ``{name}`` of the path pattern.
+        where: ``query`` or ``path``.
+        schema: its JSON Schema (as the route's handler checks it: a value the schema
+            refuses gets a 400, one it accepts never does).
+        description: one sentence for the reader.
+    """
+
+    name: str
+    where: str
+    schema: Mapping[str, Any]
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One answer a route may give.
+
+    Attributes:
+        description: when it is given.
+        schema: the name of its body's schema in :mod:`daemon.openapi`
+            (``Error`` by default: ``{"error": "..."}``), or None for a body that is not JSON.
+        media: its Content-Type (without parameters).
+        headers: names of the headers it carries, described in :mod:`daemon.openapi`.
+    """
+
+    description: str
+    schema: str | None = "Error"
+    media: str = JSON
+    headers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One method of one path: what routing dispatches on and what the document says.
+
+    ``HEAD`` is never listed: it is served wherever ``GET`` is, by the ``GET`` route.
+
+    Attributes:
+        method: ``GET``, ``POST`` or ``DELETE``.
+        path: the pattern; a ``{name}`` segment matches one path segment, handed to the
+            handler percent-decoded (``/tags/a%2Fb`` is the tag ``a/b``).
+        handler: the :class:`HttpServer` method that answers.
+        summary: one line for the document.
+        answers: every status the route itself gives, with its body; the protocol's own
+            answers (:data:`COMMON_ANSWERS`) are added to every route.
+        params: its query and path parameters.
+        body: the name of its request body's schema in :mod:`daemon.openapi`, if any.
+        auth: whether it needs ``SMSPARTNER_HTTP_TOKEN`` as a bearer token (when set).
+    """
+
+    method: str
+    path: str
+    handler: Callable[[HttpServer, Call], Reply]
+    summary: str
+    answers: Mapping[int, Answer]
+    params: tuple[Param, ...] = ()
+    body: str | None = None
+    auth: bool = False
+
+    def match(self, path: str) -> dict[str, str] | None:
+        """The path parameters, still percent-encoded, when ``path`` fits the pattern;
+        None when it does not. A parameter never spans a ``/``, and may be empty (the
+        handler says why an empty tag is wrong)."""
+        pattern, given = self.path.split("/"), path.split("/")
+        if len(pattern) != len(given):
+            return None
+        found: dict[str, str] = {}
+        for want, got in zip(pattern, given, strict=True):
+            if want.startswith("{") and want.endswith("}"):
+                found[want[1:-1]] = got
+            elif want != got:
+                return None
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One routed request, as a route's handler receives it.
+
+    Attributes:
+        request: the request (method, query, headers, body reader).
+        params: the path parameters, percent-decoded.
+    """
+
+    request: Request
+    params: Mapping[str, str]
+
+
+def allowed_methods(routes: Iterable[Route]) -> str:
+    """The ``Allow`` header for a path served by ``routes``: ``HEAD`` wherever ``GET``."""
+    methods = {route.method for route in routes}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
+def decode_params(raw: Mapping[str, str]) -> dict[str, str]:
+    """Percent-decode path parameters.
+
+    Raises:
+        InputError: one is not UTF-8 once decoded; the message names it.
+    """
+    decoded = {}
+    for name, value in raw.items():
+        try:
+            decoded[name] = percent_decode(value)
+        except UnicodeError:
+            raise InputError(f"{name} in the path is not valid UTF-8") from None
+    return decoded
 
 
 class HttpServer:
@@ -134,6 +258,7 @@ class HttpServer:
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._document: dict[str, Any] | None = None
 
     @property
     def port(self) -> int:
@@ -208,7 +333,7 @@ class HttpServer:
         the ``GET`` route: the protocol sends its status and headers without the body.
 
         Raises:
-            InputError: a bad body or tag (the protocol answers 400 with the message).
+            InputError: a bad body, parameter or tag (the protocol answers 400 with it).
         """
         try:
             return self._route(request)
@@ -217,41 +342,28 @@ class HttpServer:
             return Reply.error(HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable")
 
     def _route(self, request: Request) -> Reply:
-        path = request.path
-        if path in _ROUTES:
-            allowed = _ROUTES[path]
-        elif path.startswith(_TAG_PREFIX):
-            allowed = ("DELETE",)
-            if "/" in path[len(_TAG_PREFIX) :]:  # /tags/a/b, /tags/../x
-                return Reply.error(HTTPStatus.NOT_FOUND, "no such route")
-        else:
+        matched = [
+            (route, found) for route in ROUTES if (found := route.match(request.path)) is not None
+        ]
+        if not matched:
             return Reply.error(HTTPStatus.NOT_FOUND, "no such route")
-        method = request.method
-        if method not in allowed:
+        method = "GET" if request.method == "HEAD" else request.method
+        chosen = next(((r, found) for r, found in matched if r.method == method), None)
+        if chosen is None:
+            allowed = allowed_methods(route for route, _ in matched)
             return Reply.error(
                 HTTPStatus.METHOD_NOT_ALLOWED,
-                f"method {method} is not allowed here (allowed: {', '.join(allowed)})",
-                ("Allow", ", ".join(allowed)),
+                f"method {request.method} is not allowed here (allowed: {allowed})",
+                ("Allow", allowed),
             )
-        if method in ("POST", "DELETE") and not self.authorized(
-            request.headers.get("Authorization")
-        ):
+        route, raw = chosen
+        if route.auth and not self.authorized(request.headers.get("Authorization")):
             return Reply.error(
                 HTTPStatus.UNAUTHORIZED,
                 "Authorization: Bearer <SMSPARTNER_HTTP_TOKEN> is required",
                 ("WWW-Authenticate", "Bearer"),
             )
-        if method == "DELETE":
-            return self.untrack(path[len(_TAG_PREFIX) :])
-        if method == "POST":
-            return self.track(request.read_body())
-        if path == "/tags":
-            return self.list_tags(request.query)
-        return {
-            "/healthz": self.healthz,
-            "/readyz": self.readyz,
-            "/metrics": self.metrics,
-        }[path]()
+        return route.handler(self, Call(request, decode_params(raw)))
 
     # --- what the routes do ---------------------------------------------------------------
 
@@ -267,13 +379,13 @@ class HttpServer:
         raw = given.strip().encode("latin-1", errors="replace")
         return hmac.compare_digest(raw, token.get_secret_value().encode())
 
-    def healthz(self) -> Reply:
+    def healthz(self, call: Call) -> Reply:
         """Alive when the scheduler loop beat recently."""
         if self._health.alive():
             return Reply(HTTPStatus.OK, {"status": "ok"})
         return Reply(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "stalled"})
 
-    def readyz(self) -> Reply:
+    def readyz(self, call: Call) -> Reply:
         """Ready when the database answers and the scheduler reports no problem."""
         problems = self._health.problems()
         try:
@@ -288,7 +400,7 @@ class HttpServer:
             return Reply(HTTPStatus.SERVICE_UNAVAILABLE, body)
         return Reply(HTTPStatus.OK, {"status": "ready"})
 
-    def metrics(self) -> Reply:
+    def metrics(self, call: Call) -> Reply:
         """Refresh the gauges (if the database answers) and render every metric."""
         try:
             with self._engine.connect() as conn:
@@ -298,7 +410,7 @@ class HttpServer:
         data, content_type = self._metrics.render()
         return Reply(HTTPStatus.OK, data, content_type=content_type)
 
-    def list_tags(self, query: str = "") -> Reply:
+    def list_tags(self, call: Call) -> Reply:
         """A page of tracked tags, ordered by tag, with their ``tag_summary`` counts.
 
         The body stays a JSON array (as before paging), so scripts reading one page keep
@@ -309,7 +421,7 @@ class HttpServer:
         Raises:
             InputError: ``limit`` or ``after`` is not acceptable; the message names it.
         """
-        limit, after = parse_page_query(query)
+        limit, after = parse_page_query(call.request.query)
         with self._engine.connect() as conn:
             rows = queries.list_tags_page(conn, after=after, limit=limit + 1)
         more, rows = len(rows) > limit, rows[:limit]
@@ -320,14 +432,14 @@ class HttpServer:
         link = ("Link", f'</tags?limit={limit}&after={cursor}>; rel="next"')
         return Reply(HTTPStatus.OK, tags, (link,))
 
-    def track(self, body: bytes) -> Reply:
+    def track(self, call: Call) -> Reply:
         """Track (or re-activate) the tag a ``POST /tags`` body names, then wake the
         scheduler so it is polled at once.
 
         Raises:
             InputError: the body is not a valid registration; the message names the field.
         """
-        tag, sent_at = parse_track_body(body)
+        tag, sent_at = parse_track_body(call.request.read_body())
         now = self._clock()
         sent_at = sent_at or now
         window_ends_at = window_end(sent_at, self._settings.report_window)
@@ -337,29 +449,169 @@ class HttpServer:
         assert row is not None  # just written in this transaction
         self._wake()
         log.info("http.tag_tracked", tag=tag, sent_at=row["sent_at"])
-        location = ("Location", _TAG_PREFIX + quote(tag, safe=""))
+        location = ("Location", "/tags/" + quote(tag, safe=""))
         body_out = {**_public(row), "warnings": tag_warnings(tag)}
         return Reply(HTTPStatus.CREATED, body_out, (location,))
 
-    def untrack(self, segment: str) -> Reply:
-        """Untrack the tag named by the (still URL-encoded) last path segment.
+    def get_tag(self, call: Call) -> Reply:
+        """One tag as ``GET /tags`` lists it (row and counts); 404 when never tracked.
+
+        An untracked tag is still found (its ``state`` says so): its data is kept.
 
         Raises:
-            InputError: the segment is not a valid tag.
+            InputError: the path does not hold a valid tag.
         """
-        try:
-            tag = percent_decode(segment)
-        except UnicodeError:
-            raise InputError("tag in the path is not valid UTF-8") from None
-        problem = tag_problem(tag)
-        if problem:
-            raise InputError(problem)
+        tag = _path_tag(call)
+        with self._engine.connect() as conn:
+            row = queries.tag_with_counts(conn, tag)
+        if row is None:
+            return Reply.error(HTTPStatus.NOT_FOUND, f"tag {tag!r} was never tracked")
+        return Reply(HTTPStatus.OK, _listed(row))
+
+    def untrack(self, call: Call) -> Reply:
+        """Untrack the tag named in the path.
+
+        Raises:
+            InputError: the path does not hold a valid tag.
+        """
+        tag = _path_tag(call)
         with self._engine.begin() as conn:
             found = tracking.untrack(conn, tag, now=self._clock())
         if not found:
             return Reply.error(HTTPStatus.NOT_FOUND, f"tag {tag!r} is not tracked")
         log.info("http.tag_untracked", tag=tag)
         return Reply(HTTPStatus.OK, {"tag": tag, "state": "untracked"})
+
+    def openapi(self, call: Call) -> Reply:
+        """The OpenAPI document of :data:`ROUTES`, built on first use."""
+        with self._lock:
+            if self._document is None:
+                from daemon import openapi  # it documents this module: imported when asked
+
+                token_required = self._settings.http_token is not None
+                self._document = openapi.document(
+                    ROUTES, COMMON_ANSWERS, token_required=token_required
+                )
+            return Reply(HTTPStatus.OK, self._document)
+
+
+# --- the route table --------------------------------------------------------------------------
+
+TAG_IN_PATH = Param(
+    "tag",
+    "path",
+    {"$ref": "#/components/schemas/TagName"},
+    "The tag, percent-encoded (a tag may hold `/`: send it as `%2F`).",
+)
+LIMIT = Param(
+    "limit",
+    "query",
+    {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE},
+    f"Tags per page (at most {MAX_PAGE:,}).",
+)
+AFTER = Param(
+    "after",
+    "query",
+    {"type": "string", "maxLength": _MAX_CURSOR_CHARS, "pattern": "^[^\\x00]*$"},
+    "The last tag of the previous page (the `Link` header gives the next page whole).",
+)
+
+#: Answers the protocol may give on any route, whatever the route: an unexpected error,
+#: and a refusal when the server is full or the database is unreachable.
+COMMON_ANSWERS: Mapping[int, Answer] = {
+    500: Answer("An unexpected error (logged by the daemon)."),
+    503: Answer(
+        "Too many connections at once (with `Retry-After`), or the database is unreachable.",
+        headers=("Retry-After",),
+    ),
+}
+_BAD_TAG = Answer("The path does not hold a valid tag; the message says why.")
+
+#: Every route the server answers. Routing and ``GET /openapi.json`` both read this table.
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET",
+        "/healthz",
+        HttpServer.healthz,
+        "Liveness: whether the scheduler loop beat in the last minute",
+        {200: Answer("Alive.", "Health"), 503: Answer("The loop stalled.", "Health")},
+    ),
+    Route(
+        "GET",
+        "/readyz",
+        HttpServer.readyz,
+        "Readiness: database reachable, API key accepted, polls succeeding",
+        {200: Answer("Ready.", "Ready"), 503: Answer("Not ready; `problems` says why.", "Ready")},
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        HttpServer.metrics,
+        "Prometheus metrics (counters are served even when the database is down)",
+        {200: Answer("The Prometheus text format.", None, TEXT)},
+    ),
+    Route(
+        "GET",
+        "/tags",
+        HttpServer.list_tags,
+        "A page of tracked tags, ordered by tag, each with its `tag_summary` counts",
+        {
+            200: Answer(
+                "The page; `Link` names the next one, if any.", "TagPage", headers=("Link",)
+            ),
+            400: Answer("`limit` or `after` is not acceptable; the message names it."),
+        },
+        params=(LIMIT, AFTER),
+    ),
+    Route(
+        "POST",
+        "/tags",
+        HttpServer.track,
+        "Track a tag (or re-activate it); it is polled at once",
+        {
+            201: Answer("Tracked.", "TrackedTag", headers=("Location",)),
+            400: Answer("The body is not a valid registration; the message names the field."),
+            401: Answer("The bearer token is missing or wrong.", headers=("WWW-Authenticate",)),
+            411: Answer("No `Content-Length` (a chunked body is not read)."),
+            413: Answer(f"The body is over {MAX_BODY // 1024} KiB."),
+        },
+        body="TrackRequest",
+        auth=True,
+    ),
+    Route(
+        "GET",
+        "/tags/{tag}",
+        HttpServer.get_tag,
+        "One tag: its row and its `tag_summary` counts, as `GET /tags` lists it",
+        {
+            200: Answer("The tag (an untracked one too: its data is kept).", "TagWithCounts"),
+            400: _BAD_TAG,
+            404: Answer("The tag was never tracked."),
+        },
+        params=(TAG_IN_PATH,),
+    ),
+    Route(
+        "DELETE",
+        "/tags/{tag}",
+        HttpServer.untrack,
+        "Stop polling a tag; its data is kept",
+        {
+            200: Answer("Untracked.", "Untracked"),
+            400: _BAD_TAG,
+            401: Answer("The bearer token is missing or wrong.", headers=("WWW-Authenticate",)),
+            404: Answer("The tag is not tracked."),
+        },
+        params=(TAG_IN_PATH,),
+        auth=True,
+    ),
+    Route(
+        "GET",
+        "/openapi.json",
+        HttpServer.openapi,
+        "This document: every route above, generated from the table that routes them",
+        {200: Answer("An OpenAPI 3.1 document.", "OpenApiDocument")},
+    ),
+)
 
 
 def _is_loopback(host: str) -> bool:
@@ -371,6 +623,19 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _path_tag(call: Call) -> str:
+    """The tag a ``/tags/{tag}`` path names.
+
+    Raises:
+        InputError: it is not a valid tag; the message says why.
+    """
+    tag = call.params["tag"]
+    problem = tag_problem(tag)
+    if problem:
+        raise InputError(problem)
+    return tag
 
 
 # --- request bodies and answers -------------------------------------------------------------

@@ -472,8 +472,8 @@ def test_unknown_routes_and_wrong_methods(app: App) -> None:
         ("PUT", "/tags", "GET, HEAD, POST"),
         ("POST", "/healthz", "GET, HEAD"),
         ("DELETE", "/metrics", "GET, HEAD"),
-        ("GET", "/tags/x", "DELETE"),
-        ("HEAD", "/tags/x", "DELETE"),
+        ("POST", "/tags/x", "DELETE, GET, HEAD"),
+        ("PUT", "/tags/x", "DELETE, GET, HEAD"),
         ("PATCH", "/readyz", "GET, HEAD"),
         ("OPTIONS", "/tags", "GET, HEAD, POST"),
     ]:

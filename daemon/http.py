@@ -15,9 +15,11 @@ Routes (design.md, "Interfaces")::
     HEAD   wherever GET is served: the same status and headers, no body
 
 The routes are one declarative table, :data:`ROUTES` (method, path pattern, handler,
-bearer token or not, parameters, body, answers), from which both the routing here and
-the OpenAPI document come, so the document cannot drift from what is served. Adding a
-route is one :class:`Route` line in that table and one handler method.
+bearer token or not, parameters, body, answers; its vocabulary is :mod:`daemon.routing`),
+from which both the routing here and the OpenAPI document (:mod:`daemon.openapi`) come,
+so the document cannot drift from what is served. Adding a route is one :class:`Route`
+entry in that table and one handler method; an HTML page answers
+``Answer("…", None, HTML)``.
 
 A ``ThreadingHTTPServer`` is plenty for probes, a scraper and an occasional ``POST``;
 no framework, nothing async. :class:`HttpServer` owns the application: the routes and
@@ -38,8 +40,7 @@ import hmac
 import ipaddress
 import json
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from http import HTTPStatus
 from typing import Any
@@ -65,6 +66,7 @@ from daemon.http_protocol import (
 from daemon.http_protocol import MAX_BODY as MAX_BODY  # re-exported: part of this surface
 from daemon.metrics import Metrics
 from daemon.output import plain
+from daemon.routing import TEXT, Answer, Call, Param, Route, allowed_methods
 from daemon.settings import Settings
 from daemon.status import parse_sent_at, tag_problem, tag_warnings, window_end
 
@@ -86,115 +88,6 @@ _MAX_ERROR_CHARS = 500
 #: another program are only bounded by the column.
 _MAX_CURSOR_CHARS = 256
 _DB_ERRORS = (sa.exc.DBAPIError, sa.exc.TimeoutError)
-
-
-# --- the route table's vocabulary -----------------------------------------------------------
-
-#: Media types of the answers (the JSON one is :class:`Reply`'s default).
-JSON = "application/json"
-HTML = "text/html"
-TEXT = "text/plain"
-
-
-@dataclass(frozen=True, slots=True)
-class Param:
-    """A query or path parameter of a route, as the OpenAPI document shows it.
-
-    Attributes:
-        name: as it appears in the query string or the ``{name}`` of the path pattern.
-        where: ``query`` or ``path``.
-        schema: its JSON Schema (as the route's handler checks it: a value the schema
-            refuses gets a 400, one it accepts never does).
-        description: one sentence for the reader.
-    """
-
-    name: str
-    where: str
-    schema: Mapping[str, Any]
-    description: str
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """One answer a route may give.
-
-    Attributes:
-        description: when it is given.
-        schema: the name of its body's schema in :mod:`daemon.openapi`
-            (``Error`` by default: ``{"error": "..."}``), or None for a body that is not JSON.
-        media: its Content-Type (without parameters).
-        headers: names of the headers it carries, described in :mod:`daemon.openapi`.
-    """
-
-    description: str
-    schema: str | None = "Error"
-    media: str = JSON
-    headers: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One method of one path: what routing dispatches on and what the document says.
-
-    ``HEAD`` is never listed: it is served wherever ``GET`` is, by the ``GET`` route.
-
-    Attributes:
-        method: ``GET``, ``POST`` or ``DELETE``.
-        path: the pattern; a ``{name}`` segment matches one path segment, handed to the
-            handler percent-decoded (``/tags/a%2Fb`` is the tag ``a/b``).
-        handler: the :class:`HttpServer` method that answers.
-        summary: one line for the document.
-        answers: every status the route itself gives, with its body; the protocol's own
-            answers (:data:`COMMON_ANSWERS`) are added to every route.
-        params: its query and path parameters.
-        body: the name of its request body's schema in :mod:`daemon.openapi`, if any.
-        auth: whether it needs ``SMSPARTNER_HTTP_TOKEN`` as a bearer token (when set).
-    """
-
-    method: str
-    path: str
-    handler: Callable[[HttpServer, Call], Reply]
-    summary: str
-    answers: Mapping[int, Answer]
-    params: tuple[Param, ...] = ()
-    body: str | None = None
-    auth: bool = False
-
-    def match(self, path: str) -> dict[str, str] | None:
-        """The path parameters, still percent-encoded, when ``path`` fits the pattern;
-        None when it does not. A parameter never spans a ``/``, and may be empty (the
-        handler says why an empty tag is wrong)."""
-        pattern, given = self.path.split("/"), path.split("/")
-        if len(pattern) != len(given):
-            return None
-        found: dict[str, str] = {}
-        for want, got in zip(pattern, given, strict=True):
-            if want.startswith("{") and want.endswith("}"):
-                found[want[1:-1]] = got
-            elif want != got:
-                return None
-        return found
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """One routed request, as a route's handler receives it.
-
-    Attributes:
-        request: the request (method, query, headers, body reader).
-        params: the path parameters, percent-decoded.
-    """
-
-    request: Request
-    params: Mapping[str, str]
-
-
-def allowed_methods(routes: Iterable[Route]) -> str:
-    """The ``Allow`` header for a path served by ``routes``: ``HEAD`` wherever ``GET``."""
-    methods = {route.method for route in routes}
-    if "GET" in methods:
-        methods.add("HEAD")
-    return ", ".join(sorted(methods))
 
 
 def decode_params(raw: Mapping[str, str]) -> dict[str, str]:
@@ -506,13 +399,24 @@ TAG_IN_PATH = Param(
 LIMIT = Param(
     "limit",
     "query",
-    {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE},
+    {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": MAX_PAGE,
+        "default": DEFAULT_PAGE,
+        "examples": [2],
+    },
     f"Tags per page (at most {MAX_PAGE:,}).",
 )
 AFTER = Param(
     "after",
     "query",
-    {"type": "string", "maxLength": _MAX_CURSOR_CHARS, "pattern": "^[^\\x00]*$"},
+    {
+        "type": "string",
+        "maxLength": _MAX_CURSOR_CHARS,
+        "pattern": "^[^\\x00]*$",
+        "examples": ["nov-promo"],
+    },
     "The last tag of the previous page (the `Link` header gives the next page whole).",
 )
 

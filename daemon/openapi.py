@@ -15,8 +15,8 @@ Conventions the generator applies to every route:
 - an answer whose body names a tag links (OpenAPI links, which schemathesis' stateful
   phase follows) to every operation whose path takes a ``{tag}``.
 
-This module imports :mod:`daemon.http` only for type checking: the server imports it
-when the document is first asked for, and hands it the table.
+The server imports this module when the document is first asked for, and hands it the
+table; this module imports nothing of the server.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from daemon.routing import JSON
+
 if TYPE_CHECKING:
-    from daemon.http import Answer, Route
+    from daemon.routing import Answer, Route
 
 #: The version of the document's own shape (``info.version``); bump it with the routes.
 API_VERSION = "1.1.0"
@@ -147,6 +149,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "minLength": 1,
         "maxLength": 64,
         "pattern": TAG_PATTERN,
+        # Python's `$` (jsonschema's, schemathesis') also matches before a final newline,
+        # where ECMA's does not: "nov-promo\n" must be invalid in both.
+        "not": {"pattern": "\\n"},
         "description": _TAG_DESCRIPTION,
         "examples": ["nov-promo"],
     },
@@ -301,7 +306,7 @@ def _operation(
     if route.body:
         operation["requestBody"] = {
             "required": True,
-            "content": {"application/json": {"schema": _ref(route.body)}},
+            "content": {JSON: {"schema": _ref(route.body)}},
         }
     if needs_token:
         operation["security"] = [{"bearer": []}]
@@ -314,7 +319,7 @@ def _response(answer: Answer, common: Answer | None, tag_operations: list[str]) 
     response: dict[str, Any] = {"description": answer.description}
     if common is not None and common is not answer and common.description != answer.description:
         response["description"] += " Or: " + common.description
-    if answer.schema is not None or answer.media != "application/json":
+    if answer.schema is not None or answer.media != JSON:
         schema: dict[str, Any] = _ref(answer.schema) if answer.schema else {"type": "string"}
         if common is not None and common.schema != answer.schema and common.schema is not None:
             schema = {"anyOf": [schema, _ref(common.schema)]}

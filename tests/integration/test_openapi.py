@@ -21,7 +21,9 @@ from jsonschema import Draft202012Validator, FormatChecker
 from openapi_spec_validator import validate
 
 from daemon import openapi, store, tracking
-from daemon.http import COMMON_ANSWERS, ROUTES
+from daemon.http import COMMON_ANSWERS, ROUTES, TAG_IN_PATH, HttpServer
+from daemon.http_protocol import Reply
+from daemon.routing import HTML, Answer, Call, Route
 from daemon.status import Report, Status, tag_problem
 from tests.integration import test_http as http_tests
 
@@ -231,3 +233,31 @@ def test_the_gap_is_refused_as_its_description_says(app: App, char: str) -> None
     response = app.client.post("/tags", json={"tag": "a" + char})
     assert response.status_code == 400
     assert response.json() == {"error": "tag must contain printable characters only"}
+
+
+def test_an_html_page_added_to_the_table_is_documented_as_text_html() -> None:
+    """How the status page's routes are documented: one entry each, answering HTML."""
+
+    def tag_page(server: HttpServer, call: Call) -> Reply:
+        raise AssertionError("only the document is built here")
+
+    page = Route(
+        "GET",
+        "/ui/tags/{tag}",
+        tag_page,
+        "A tag's page",
+        {200: Answer("The page.", None, HTML), 404: Answer("No such tag.", None, HTML)},
+        params=(TAG_IN_PATH,),
+    )
+    document = openapi.document((*ROUTES, page), COMMON_ANSWERS, token_required=False)
+
+    validate(document)
+    item = document["paths"]["/ui/tags/{tag}"]
+    assert set(item) == {"get", "head"}
+    assert item["get"]["operationId"] == "tagPage"
+    for status in ("200", "404"):
+        assert item["get"]["responses"][status]["content"] == {
+            "text/html": {"schema": {"type": "string"}}
+        }
+        assert "content" not in item["head"]["responses"][status]
+    assert "application/json" in item["get"]["responses"]["503"]["content"]  # the protocol's

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from daemon.routing import Answer, Route
 
 #: The version of the document's own shape (``info.version``); bump it with the routes.
-API_VERSION = "1.1.0"
+API_VERSION = "1.0.0"
 
 _TIME = {"type": "string", "format": "date-time", "examples": ["2026-11-26T08:30:00Z"]}
 _TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}

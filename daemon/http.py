@@ -432,6 +432,8 @@ COMMON_ANSWERS: Mapping[int, Answer] = {
 _BAD_TAG = Answer("The path does not hold a valid tag; the message says why.")
 
 #: Every route the server answers. Routing and ``GET /openapi.json`` both read this table.
+#: A path that fits several patterns goes to the first entry serving its method: list a
+#: literal path (``/tags/export``) before a pattern it also fits (``/tags/{tag}``).
 ROUTES: tuple[Route, ...] = (
     Route(
         "GET",

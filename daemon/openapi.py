@@ -281,6 +281,8 @@ def _operation_id(route: Route) -> str:
 def _operation(
     route: Route, common: Mapping[int, Answer], needs_token: bool, tag_operations: list[str]
 ) -> dict[str, Any]:
+    """One operation: the route's answers and the common ones, its parameters, body and
+    security."""
     answers = {**common, **route.answers}
     if not needs_token:
         answers.pop(401, None)  # an open route never asks for the token

@@ -1146,8 +1146,11 @@ def test_a_tag_never_tracked_is_a_404_and_an_untracked_one_is_still_there(app: A
 
 
 def test_the_tag_in_the_path_is_percent_decoded_once(app: App) -> None:
-    for tag in ("a/b%41", "café", "100%"):
-        assert app.client.post("/tags", json={"tag": tag}).status_code == 201
+    for tag in ("a/b%41", "café", "100%", "?#&"):
+        created = app.client.post("/tags", json={"tag": tag})
+        assert created.status_code == 201
+        # The Location of a new tag is now an address that answers: the tag itself.
+        assert body(app.client.get(created.headers["location"]))["tag"] == tag
     assert body(app.client.get("/tags/a%2Fb%2541"))["tag"] == "a/b%41"
     assert body(app.client.get("/tags/caf%C3%A9"))["tag"] == "café"
     assert body(app.client.get("/tags/100%25"))["tag"] == "100%"

@@ -9,10 +9,20 @@ Routes (design.md, "Interfaces")::
                          ?limit= (default 100, at most 1,000), ?after= (the last tag of
                          the previous page); the next page is in ``Link: <…>; rel="next"``
     POST   /tags         {"tag": "...", "sent_at": "..."} → 201, then wakes the scheduler
+    GET    /tags/{tag}   the tag as ``GET /tags`` lists it | 404 when never tracked
     DELETE /tags/{tag}   200 | 404
     GET    /             the HTML status page (daemon/statuspage.py); ?page= past 100 tags
-    GET    /ui/tags/{tag} one tag's HTML page with its delivery curve; 404 page if unknown
+    GET    /ui/tags/{tag}
+                         one tag's HTML page with its delivery curve; 404 page if unknown
+    GET    /openapi.json the OpenAPI document of all of these (:mod:`daemon.openapi`)
     HEAD   wherever GET is served: the same status and headers, no body
+
+The routes are one declarative table, :data:`ROUTES` (method, path pattern, handler,
+bearer token or not, parameters, body, answers; its vocabulary is :mod:`daemon.routing`),
+from which both the routing here and the OpenAPI document (:mod:`daemon.openapi`) come,
+so the document cannot drift from what is served. Adding a route is one :class:`Route`
+entry in that table and one handler method; an HTML page answers
+``Answer("…", None, HTML)``.
 
 A ``ThreadingHTTPServer`` is plenty for probes, a scraper and an occasional ``POST``;
 no framework, nothing async. :class:`HttpServer` owns the application: the routes and
@@ -34,7 +44,7 @@ import hmac
 import ipaddress
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from http import HTTPStatus
 from typing import Any
@@ -44,7 +54,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Engine, RowMapping
 
-from daemon import queries, tracking
+from daemon import queries, statuspage, tracking, ui
 from daemon.errors import ConfigError, InputError
 from daemon.health import Health
 from daemon.http_protocol import (
@@ -60,6 +70,7 @@ from daemon.http_protocol import (
 from daemon.http_protocol import MAX_BODY as MAX_BODY  # re-exported: part of this surface
 from daemon.metrics import Metrics
 from daemon.output import plain
+from daemon.routing import HTML, TEXT, Answer, Call, Param, Route, allowed_methods
 from daemon.settings import Settings
 from daemon.status import parse_sent_at, tag_problem, tag_warnings, window_end
 
@@ -68,17 +79,6 @@ log = structlog.get_logger(__name__)
 #: How often the serving loop checks for stop(): the worst-case delay of a shutdown.
 _SHUTDOWN_POLL = 0.1
 
-#: The methods of each route; HEAD is served wherever GET is (see :meth:`HttpServer.answer`).
-_ROUTES: dict[str, tuple[str, ...]] = {
-    "/healthz": ("GET", "HEAD"),
-    "/readyz": ("GET", "HEAD"),
-    "/metrics": ("GET", "HEAD"),
-    "/tags": ("GET", "HEAD", "POST"),
-    "/": ("GET", "HEAD"),
-}
-_TAG_PREFIX = "/tags/"
-#: A tag's status page (daemon/statuspage.py): ``/ui/tags/{tag}``, percent-encoded.
-_UI_TAG_PREFIX = "/ui/tags/"
 #: Lease columns are the scheduler's business, not the API's.
 _HIDDEN_COLUMNS = frozenset({"lease_owner", "lease_expires_at"})
 #: ``GET /tags``: tags per page unless ``limit`` says otherwise, and the most it may say.
@@ -92,6 +92,21 @@ _MAX_ERROR_CHARS = 500
 #: another program are only bounded by the column.
 _MAX_CURSOR_CHARS = 256
 _DB_ERRORS = (sa.exc.DBAPIError, sa.exc.TimeoutError)
+
+
+def decode_params(raw: Mapping[str, str]) -> dict[str, str]:
+    """Percent-decode path parameters.
+
+    Raises:
+        InputError: one is not UTF-8 once decoded; the message names it.
+    """
+    decoded = {}
+    for name, value in raw.items():
+        try:
+            decoded[name] = percent_decode(value)
+        except UnicodeError:
+            raise InputError(f"{name} in the path is not valid UTF-8") from None
+    return decoded
 
 
 class HttpServer:
@@ -144,6 +159,7 @@ class HttpServer:
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._document: dict[str, Any] | None = None
 
     @property
     def port(self) -> int:
@@ -219,7 +235,7 @@ class HttpServer:
         the ``GET`` route: the protocol sends its status and headers without the body.
 
         Raises:
-            InputError: a bad body or tag (the protocol answers 400 with the message).
+            InputError: a bad body, parameter or tag (the protocol answers 400 with it).
         """
         try:
             return self._route(request)
@@ -228,49 +244,28 @@ class HttpServer:
             return Reply.error(HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable")
 
     def _route(self, request: Request) -> Reply:
-        path = request.path
-        if path in _ROUTES:
-            allowed = _ROUTES[path]
-        elif path.startswith(_UI_TAG_PREFIX):
-            allowed = ("GET", "HEAD")
-            if "/" in path[len(_UI_TAG_PREFIX) :]:
-                return Reply.error(HTTPStatus.NOT_FOUND, "no such route")
-        elif path.startswith(_TAG_PREFIX):
-            allowed = ("DELETE",)
-            if "/" in path[len(_TAG_PREFIX) :]:  # /tags/a/b, /tags/../x
-                return Reply.error(HTTPStatus.NOT_FOUND, "no such route")
-        else:
+        matched = [
+            (route, found) for route in ROUTES if (found := route.match(request.path)) is not None
+        ]
+        if not matched:
             return Reply.error(HTTPStatus.NOT_FOUND, "no such route")
-        method = request.method
-        if method not in allowed:
+        method = "GET" if request.method == "HEAD" else request.method
+        chosen = next(((r, found) for r, found in matched if r.method == method), None)
+        if chosen is None:
+            allowed = allowed_methods(route for route, _ in matched)
             return Reply.error(
                 HTTPStatus.METHOD_NOT_ALLOWED,
-                f"method {method} is not allowed here (allowed: {', '.join(allowed)})",
-                ("Allow", ", ".join(allowed)),
+                f"method {request.method} is not allowed here (allowed: {allowed})",
+                ("Allow", allowed),
             )
-        if method in ("POST", "DELETE") and not self.authorized(
-            request.headers.get("Authorization")
-        ):
+        route, raw = chosen
+        if route.auth and not self.authorized(request.headers.get("Authorization")):
             return Reply.error(
                 HTTPStatus.UNAUTHORIZED,
                 "Authorization: Bearer <SMSPARTNER_HTTP_TOKEN> is required",
                 ("WWW-Authenticate", "Bearer"),
             )
-        if method == "DELETE":
-            return self.untrack(path[len(_TAG_PREFIX) :])
-        if method == "POST":
-            return self.track(request.read_body())
-        if path == "/tags":
-            return self.list_tags(request.query)
-        if path == "/":
-            return self.status_page(request.query)
-        if path.startswith(_UI_TAG_PREFIX):
-            return self.tag_page(path[len(_UI_TAG_PREFIX) :])
-        return {
-            "/healthz": self.healthz,
-            "/readyz": self.readyz,
-            "/metrics": self.metrics,
-        }[path]()
+        return route.handler(self, Call(request, decode_params(raw)))
 
     # --- what the routes do ---------------------------------------------------------------
 
@@ -286,13 +281,13 @@ class HttpServer:
         raw = given.strip().encode("latin-1", errors="replace")
         return hmac.compare_digest(raw, token.get_secret_value().encode())
 
-    def healthz(self) -> Reply:
+    def healthz(self, call: Call) -> Reply:
         """Alive when the scheduler loop beat recently."""
         if self._health.alive():
             return Reply(HTTPStatus.OK, {"status": "ok"})
         return Reply(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "stalled"})
 
-    def readyz(self) -> Reply:
+    def readyz(self, call: Call) -> Reply:
         """Ready when the database answers and the scheduler reports no problem."""
         problems = self._health.problems()
         try:
@@ -307,7 +302,7 @@ class HttpServer:
             return Reply(HTTPStatus.SERVICE_UNAVAILABLE, body)
         return Reply(HTTPStatus.OK, {"status": "ready"})
 
-    def metrics(self) -> Reply:
+    def metrics(self, call: Call) -> Reply:
         """Refresh the gauges (if the database answers) and render every metric."""
         try:
             with self._engine.connect() as conn:
@@ -317,7 +312,7 @@ class HttpServer:
         data, content_type = self._metrics.render()
         return Reply(HTTPStatus.OK, data, content_type=content_type)
 
-    def list_tags(self, query: str = "") -> Reply:
+    def list_tags(self, call: Call) -> Reply:
         """A page of tracked tags, ordered by tag, with their ``tag_summary`` counts.
 
         The body stays a JSON array (as before paging), so scripts reading one page keep
@@ -328,7 +323,7 @@ class HttpServer:
         Raises:
             InputError: ``limit`` or ``after`` is not acceptable; the message names it.
         """
-        limit, after = parse_page_query(query)
+        limit, after = parse_page_query(call.request.query)
         with self._engine.connect() as conn:
             rows = queries.list_tags_page(conn, after=after, limit=limit + 1)
         more, rows = len(rows) > limit, rows[:limit]
@@ -339,14 +334,12 @@ class HttpServer:
         link = ("Link", f'</tags?limit={limit}&after={cursor}>; rel="next"')
         return Reply(HTTPStatus.OK, tags, (link,))
 
-    def status_page(self, query: str = "") -> Reply:
+    def status_page(self, call: Call) -> Reply:
         """``GET /``: the HTML status page (the daemon, then a page of tags).
 
         Raises:
             InputError: ``page`` is not a page number.
         """
-        from daemon import statuspage, ui
-
         view = ui.DaemonView(
             now=self._clock(),
             owner=self._owner,
@@ -356,26 +349,21 @@ class HttpServer:
             auth_error=self._health.auth_error,
             polls={},
         )
-        return statuspage.index(self._engine, view, query)
+        return statuspage.index(self._engine, view, call.request.query)
 
-    def tag_page(self, segment: str) -> Reply:
+    def tag_page(self, call: Call) -> Reply:
         """``GET /ui/tags/{tag}``: one tag's HTML page (a 404 page for an unknown tag)."""
-        from daemon import statuspage
-
-        try:
-            tag: str | None = percent_decode(segment)
-        except UnicodeError:
-            tag = None
+        tag = call.params["tag"]
         return statuspage.tag(self._engine, self._clock(), tag, self._settings.report_window)
 
-    def track(self, body: bytes) -> Reply:
+    def track(self, call: Call) -> Reply:
         """Track (or re-activate) the tag a ``POST /tags`` body names, then wake the
         scheduler so it is polled at once.
 
         Raises:
             InputError: the body is not a valid registration; the message names the field.
         """
-        tag, sent_at = parse_track_body(body)
+        tag, sent_at = parse_track_body(call.request.read_body())
         now = self._clock()
         sent_at = sent_at or now
         window_ends_at = window_end(sent_at, self._settings.report_window)
@@ -385,29 +373,218 @@ class HttpServer:
         assert row is not None  # just written in this transaction
         self._wake()
         log.info("http.tag_tracked", tag=tag, sent_at=row["sent_at"])
-        location = ("Location", _TAG_PREFIX + quote(tag, safe=""))
+        location = ("Location", "/tags/" + quote(tag, safe=""))
         body_out = {**_public(row), "warnings": tag_warnings(tag)}
         return Reply(HTTPStatus.CREATED, body_out, (location,))
 
-    def untrack(self, segment: str) -> Reply:
-        """Untrack the tag named by the (still URL-encoded) last path segment.
+    def get_tag(self, call: Call) -> Reply:
+        """One tag as ``GET /tags`` lists it (row and counts); 404 when never tracked.
+
+        An untracked tag is still found (its ``state`` says so): its data is kept.
 
         Raises:
-            InputError: the segment is not a valid tag.
+            InputError: the path does not hold a valid tag.
         """
-        try:
-            tag = percent_decode(segment)
-        except UnicodeError:
-            raise InputError("tag in the path is not valid UTF-8") from None
-        problem = tag_problem(tag)
-        if problem:
-            raise InputError(problem)
+        tag = _path_tag(call)
+        with self._engine.connect() as conn:
+            row = queries.tag_with_counts(conn, tag)
+        if row is None:
+            return Reply.error(HTTPStatus.NOT_FOUND, f"tag {tag!r} was never tracked")
+        return Reply(HTTPStatus.OK, _listed(row))
+
+    def untrack(self, call: Call) -> Reply:
+        """Untrack the tag named in the path.
+
+        Raises:
+            InputError: the path does not hold a valid tag.
+        """
+        tag = _path_tag(call)
         with self._engine.begin() as conn:
             found = tracking.untrack(conn, tag, now=self._clock())
         if not found:
             return Reply.error(HTTPStatus.NOT_FOUND, f"tag {tag!r} is not tracked")
         log.info("http.tag_untracked", tag=tag)
         return Reply(HTTPStatus.OK, {"tag": tag, "state": "untracked"})
+
+    def openapi(self, call: Call) -> Reply:
+        """The OpenAPI document of :data:`ROUTES`, built on first use."""
+        with self._lock:
+            if self._document is None:
+                from daemon import openapi  # it documents this module: imported when asked
+
+                token_required = self._settings.http_token is not None
+                self._document = openapi.document(
+                    ROUTES, COMMON_ANSWERS, token_required=token_required
+                )
+            return Reply(HTTPStatus.OK, self._document)
+
+
+# --- the route table --------------------------------------------------------------------------
+
+TAG_IN_PATH = Param(
+    "tag",
+    "path",
+    {"$ref": "#/components/schemas/TagName"},
+    "The tag, percent-encoded (a tag may hold `/`: send it as `%2F`).",
+)
+LIMIT = Param(
+    "limit",
+    "query",
+    {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": MAX_PAGE,
+        "default": DEFAULT_PAGE,
+        "examples": [2],
+    },
+    f"Tags per page (at most {MAX_PAGE:,}).",
+)
+AFTER = Param(
+    "after",
+    "query",
+    {
+        "type": "string",
+        "maxLength": _MAX_CURSOR_CHARS,
+        "pattern": "^[^\\x00]*$",
+        "examples": ["nov-promo"],
+    },
+    "The last tag of the previous page (the `Link` header gives the next page whole).",
+)
+
+#: Answers the protocol may give on any route, whatever the route: an unexpected error,
+#: and a refusal when the server is full or the database is unreachable.
+COMMON_ANSWERS: Mapping[int, Answer] = {
+    500: Answer("An unexpected error (logged by the daemon)."),
+    503: Answer(
+        "Too many connections at once (with `Retry-After`), or the database is unreachable.",
+        headers=("Retry-After",),
+    ),
+}
+PAGE = Param(
+    "page",
+    "query",
+    {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": statuspage.MAX_PAGE_NUMBER,
+        "default": 1,
+        "examples": [2],
+    },
+    "The page of tags to show, 100 tags a page, newest send first.",
+)
+_BAD_TAG = Answer("The path does not hold a valid tag; the message says why.")
+
+#: Every route the server answers. Routing and ``GET /openapi.json`` both read this table.
+#: A path that fits several patterns goes to the first entry serving its method: list a
+#: literal path (``/tags/export``) before a pattern it also fits (``/tags/{tag}``).
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET",
+        "/healthz",
+        HttpServer.healthz,
+        "Liveness: whether the scheduler loop beat in the last minute",
+        {200: Answer("Alive.", "Health"), 503: Answer("The loop stalled.", "Health")},
+    ),
+    Route(
+        "GET",
+        "/readyz",
+        HttpServer.readyz,
+        "Readiness: database reachable, API key accepted, polls succeeding",
+        {200: Answer("Ready.", "Ready"), 503: Answer("Not ready; `problems` says why.", "Ready")},
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        HttpServer.metrics,
+        "Prometheus metrics (counters are served even when the database is down)",
+        {200: Answer("The Prometheus text format.", None, TEXT)},
+    ),
+    Route(
+        "GET",
+        "/tags",
+        HttpServer.list_tags,
+        "A page of tracked tags, ordered by tag, each with its `tag_summary` counts",
+        {
+            200: Answer(
+                "The page; `Link` names the next one, if any.", "TagPage", headers=("Link",)
+            ),
+            400: Answer("`limit` or `after` is not acceptable; the message names it."),
+        },
+        params=(LIMIT, AFTER),
+    ),
+    Route(
+        "POST",
+        "/tags",
+        HttpServer.track,
+        "Track a tag (or re-activate it); it is polled at once",
+        {
+            201: Answer("Tracked.", "TrackedTag", headers=("Location",)),
+            400: Answer("The body is not a valid registration; the message names the field."),
+            401: Answer("The bearer token is missing or wrong.", headers=("WWW-Authenticate",)),
+            411: Answer("No `Content-Length` (a chunked body is not read)."),
+            413: Answer(f"The body is over {MAX_BODY // 1024} KiB."),
+        },
+        body="TrackRequest",
+        auth=True,
+    ),
+    Route(
+        "GET",
+        "/tags/{tag}",
+        HttpServer.get_tag,
+        "One tag: its row and its `tag_summary` counts, as `GET /tags` lists it",
+        {
+            200: Answer("The tag (an untracked one too: its data is kept).", "TagWithCounts"),
+            400: _BAD_TAG,
+            404: Answer("The tag was never tracked."),
+        },
+        params=(TAG_IN_PATH,),
+    ),
+    Route(
+        "DELETE",
+        "/tags/{tag}",
+        HttpServer.untrack,
+        "Stop polling a tag; its data is kept",
+        {
+            200: Answer("Untracked.", "Untracked"),
+            400: _BAD_TAG,
+            401: Answer("The bearer token is missing or wrong.", headers=("WWW-Authenticate",)),
+            404: Answer("The tag is not tracked."),
+        },
+        params=(TAG_IN_PATH,),
+        auth=True,
+    ),
+    Route(
+        "GET",
+        "/",
+        HttpServer.status_page,
+        "The status page: the daemon's health, then every tag (100 a page) with its bar and rate",
+        {
+            200: Answer("The page (HTML, no scripts or external resources).", None, HTML),
+            400: Answer("`page` is not a page number."),
+            503: Answer("The database is down: the page still shows the daemon.", None, HTML),
+        },
+        params=(PAGE,),
+    ),
+    Route(
+        "GET",
+        "/ui/tags/{tag}",
+        HttpServer.tag_page,
+        "One tag's page: its counts, delivery curve and recent polls (no phone numbers)",
+        {
+            200: Answer("The page (HTML).", None, HTML),
+            400: _BAD_TAG,
+            404: Answer("The tag was never tracked (an HTML page).", None, HTML),
+        },
+        params=(TAG_IN_PATH,),
+    ),
+    Route(
+        "GET",
+        "/openapi.json",
+        HttpServer.openapi,
+        "This document: every route above, generated from the table that routes them",
+        {200: Answer("An OpenAPI 3.1 document.", "OpenApiDocument")},
+    ),
+)
 
 
 def _is_loopback(host: str) -> bool:
@@ -419,6 +596,19 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _path_tag(call: Call) -> str:
+    """The tag a ``/tags/{tag}`` path names.
+
+    Raises:
+        InputError: it is not a valid tag; the message says why.
+    """
+    tag = call.params["tag"]
+    problem = tag_problem(tag)
+    if problem:
+        raise InputError(problem)
+    return tag
 
 
 # --- request bodies and answers -------------------------------------------------------------

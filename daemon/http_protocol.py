@@ -349,6 +349,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
 
+    def __getattr__(self, name: str) -> Any:
+        """Any other method (TRACE, QUERY, one of an extension…) is dispatched too, where
+        the base class would answer 501: the route knows which methods it allows, and a
+        client is better served by 405 with ``Allow`` than by "not implemented"."""
+        if name.startswith("do_"):
+            return self.do_GET
+        raise AttributeError(name)
+
     # -- dispatch
 
     def _dispatch(self) -> None:

@@ -73,24 +73,33 @@ def list_tags_page(conn: Connection, *, after: str | None, limit: int) -> list[R
     by joining the view: SQLite cannot merge a view that is itself a join into the right
     side of a LEFT JOIN, so it would build the whole view for every page.
     """
-    counts = [sa.func.coalesce(_tc[name], 0).label(name) for name in SUMMARY_COUNTS[:-1]]
-    rate = sa.case(
-        (sa.func.coalesce(_tc.total, 0) == 0, None),
-        else_=sa.cast(_tc.delivered, sa.Float()) / _tc.total,
-    ).label("delivery_rate")
     joined, where = _tc.tag == _tt.tag, []
     if after is not None:
         # Repeated on tag_counts, so that a merge join scans both primary keys from the
         # cursor on, not tag_counts from its first row (PostgreSQL picks one at times).
         joined, where = sa.and_(joined, _tc.tag > after), [_tt.tag > after]
-    query = (
-        sa.select(tracked_tags, *counts, rate)
-        .select_from(tracked_tags.outerjoin(tag_counts, joined))
-        .where(*where)
-        .order_by(_tt.tag)
-        .limit(limit)
-    )
+    query = _tags_with_counts(joined).where(*where).order_by(_tt.tag).limit(limit)
     return list(conn.execute(query).mappings())
+
+
+def tag_with_counts(conn: Connection, tag: str) -> RowMapping | None:
+    """One tracked tag with the counts of ``tag_summary``, as :func:`list_tags_page`
+    gives it (``GET /tags/{tag}``); None when the tag was never tracked."""
+    query = _tags_with_counts(_tc.tag == _tt.tag).where(_tt.tag == tag)
+    return conn.execute(query).mappings().first()
+
+
+def _tags_with_counts(joined: sa.ColumnElement[bool]) -> sa.Select[Any]:
+    """``tracked_tags`` left-joined to ``tag_counts`` on ``joined``, with the view's
+    counts (0 for a tag not polled yet) and delivery rate (null while it has no number)."""
+    counts = [sa.func.coalesce(_tc[name], 0).label(name) for name in SUMMARY_COUNTS[:-1]]
+    rate = sa.case(
+        (sa.func.coalesce(_tc.total, 0) == 0, None),
+        else_=sa.cast(_tc.delivered, sa.Float()) / _tc.total,
+    ).label("delivery_rate")
+    return sa.select(tracked_tags, *counts, rate).select_from(
+        tracked_tags.outerjoin(tag_counts, joined)
+    )
 
 
 def _numbers_query(tag: str) -> sa.Select[Any]:

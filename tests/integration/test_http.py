@@ -32,6 +32,7 @@ from daemon.errors import ConfigError
 from daemon.health import Health
 from daemon.http import MAX_BODY, HttpServer
 from daemon.metrics import Metrics
+from daemon.output import TAG_COLUMNS, plain
 from daemon.settings import load_settings
 from daemon.status import Report, Status
 
@@ -458,9 +459,10 @@ def test_delete_decodes_the_path_segment_once(app: App) -> None:
     ],
 )
 def test_path_tricks_never_reach_5xx(app: App, path: str, status: int) -> None:
-    got, _, answer = app.raw("DELETE", path)
-    assert got == status
-    assert answer["error"]
+    for method in ("GET", "DELETE"):
+        got, _, answer = app.raw(method, path)
+        assert got == status, method
+        assert answer["error"]
 
 
 def test_unknown_routes_and_wrong_methods(app: App) -> None:
@@ -472,8 +474,8 @@ def test_unknown_routes_and_wrong_methods(app: App) -> None:
         ("PUT", "/tags", "GET, HEAD, POST"),
         ("POST", "/healthz", "GET, HEAD"),
         ("DELETE", "/metrics", "GET, HEAD"),
-        ("GET", "/tags/x", "DELETE"),
-        ("HEAD", "/tags/x", "DELETE"),
+        ("POST", "/tags/x", "DELETE, GET, HEAD"),
+        ("PUT", "/tags/x", "DELETE, GET, HEAD"),
         ("PATCH", "/readyz", "GET, HEAD"),
         ("OPTIONS", "/tags", "GET, HEAD, POST"),
     ]:
@@ -483,8 +485,12 @@ def test_unknown_routes_and_wrong_methods(app: App) -> None:
         if method != "HEAD":
             assert "not allowed" in body(response)["error"]
 
-    status, _, answer = app.raw("BREW", "/healthz")  # not a method http.server knows
-    assert status == 501 and answer["error"]
+    # Methods http.server has no do_ method for were a 501 "not implemented": now every
+    # method gets the route's answer (schemathesis sends TRACE and QUERY, expecting 405).
+    for method in ("TRACE", "QUERY", "BREW"):
+        status, headers, answer = app.raw(method, "/healthz")
+        assert (status, headers["allow"]) == (405, "GET, HEAD") and answer["error"]
+    assert app.raw("TRACE", "/nope")[0] == 404
 
 
 def test_query_strings_are_ignored(app: App) -> None:
@@ -847,12 +853,15 @@ def test_a_long_last_error_is_cut_in_the_listing(app: App) -> None:
         conn.execute(sa.update(tracked_tags).values(last_error="x" * 100_000))
     [listed] = body(app.client.get("/tags"))
     assert listed["last_error"] == "x" * 500 + "…"
+    assert body(app.client.get("/tags/a")) == listed  # one tag is bounded the same way
 
 
 # --- HEAD -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/tags", "/tags?limit=1", "/metrics"])
+@pytest.mark.parametrize(
+    "path", ["/healthz", "/readyz", "/tags", "/tags?limit=1", "/tags/a", "/metrics"]
+)
 def test_head_answers_as_get_without_a_body(app: App, path: str) -> None:
     track_tags(app, ["a", "b"])
     got = app.client.get(path)
@@ -1089,3 +1098,65 @@ def test_raw_utf8_in_the_target_reads_as_percent_encoded_utf8(app: App) -> None:
     assert json.loads(data) == {"tag": "café", "state": "untracked"}
     head, _, data = send(b"GET /tags?after=caf\xe9").partition(b"\r\n\r\n")  # Latin-1
     assert head.startswith(b"HTTP/1.0 400 ") and b"after is not valid UTF-8" in data
+
+
+# --- GET /tags/{tag} --------------------------------------------------------------------------
+
+
+def test_one_tag_is_its_row_of_the_listing_with_the_fields_of_tags_json(
+    make_app: Callable[..., App], db_url: str
+) -> None:
+    app = make_app(db_url)
+    track_tags(app, ["a", "nov-promo", "z"])
+    with app.engine.begin() as conn:
+        found = [
+            Report("+33600000001", Status.DELIVERED, "Delivered", True, T0),
+            Report("+33600000002", Status.WAITING, "Waiting", False, None),
+        ]
+        store.apply_reports(conn, "nov-promo", {r.phone_number: r for r in found}, now=T0)
+
+    response = app.client.get("/tags/nov-promo")
+
+    assert response.status_code == 200
+    tag = body(response)
+    listed = {t["tag"]: t for t in body(app.client.get("/tags"))}
+    assert tag == listed["nov-promo"]
+    with app.engine.connect() as conn:
+        [row] = [r for r in queries.list_tags(conn) if r["tag"] == "nov-promo"]
+        [view] = queries.tag_summary(conn, "nov-promo")
+    assert {c: tag[c] for c in TAG_COLUMNS} == {c: plain(row[c]) for c in TAG_COLUMNS}
+    assert {c: tag[c] for c in queries.SUMMARY_COUNTS} == pytest.approx(
+        {c: view[c] for c in queries.SUMMARY_COUNTS}
+    )
+    assert (tag["total"], tag["delivered"], tag["waiting"], tag["stop_sms"]) == (2, 1, 1, 1)
+    assert "lease_owner" not in tag
+
+
+def test_a_tag_never_tracked_is_a_404_and_an_untracked_one_is_still_there(app: App) -> None:
+    response = app.client.get("/tags/spring")
+    assert response.status_code == 404
+    assert body(response) == {"error": "tag 'spring' was never tracked"}
+    assert app.client.head("/tags/spring").status_code == 404
+
+    app.client.post("/tags", json={"tag": "spring"})
+    app.client.delete("/tags/spring")
+    response = app.client.get("/tags/spring")
+    assert (response.status_code, body(response)["state"]) == (200, "untracked")
+    assert (body(response)["total"], body(response)["delivery_rate"]) == (0, None)
+
+
+def test_the_tag_in_the_path_is_percent_decoded_once(app: App) -> None:
+    for tag in ("a/b%41", "café", "100%", "?#&"):
+        created = app.client.post("/tags", json={"tag": tag})
+        assert created.status_code == 201
+        # The Location of a new tag is now an address that answers: the tag itself.
+        assert body(app.client.get(created.headers["location"]))["tag"] == tag
+    assert body(app.client.get("/tags/a%2Fb%2541"))["tag"] == "a/b%41"
+    assert body(app.client.get("/tags/caf%C3%A9"))["tag"] == "café"
+    assert body(app.client.get("/tags/100%25"))["tag"] == "100%"
+    with connect(app) as sock:  # sent raw, as curl does
+        sock.sendall("GET /tags/café HTTP/1.0\r\n\r\n".encode())
+        head, _, data = read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 ") and json.loads(data)["tag"] == "café"
+    status, _, answer = app.raw("GET", "/tags/caf%E9")  # Latin-1, not UTF-8
+    assert (status, answer) == (400, {"error": "tag in the path is not valid UTF-8"})

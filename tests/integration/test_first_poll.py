@@ -1,0 +1,83 @@
+"""What keeps a large first poll through the CLI cheap, checked structurally rather than
+timed (the timings are tests/benchmarks/poll_100k.py's): the collector stays off during
+a short verb, and the bulk statements are SQLAlchemy's own SQL without its compiling."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from daemon import sql, store
+from daemon.db import create_engine
+from daemon.diff import EVENT_KEYS, STATUS_KEYS
+from daemon.simulator import Simulator
+from tests.helpers import run_cli
+
+
+@pytest.fixture
+def collections_in_polls() -> Iterator[list[int]]:
+    """The generations the cyclic collector collects while a poll runs (the poller's
+    code is on a thread's stack: the simulator's threads allocate too)."""
+    seen: list[int] = []
+    poller = os.path.join("daemon", "poller.py")
+
+    def record(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start" and any(
+            frame.f_code.co_filename.endswith(poller)
+            for top in sys._current_frames().values()
+            for frame, _ in traceback.walk_stack(top)
+        ):
+            seen.append(info["generation"])
+
+    gc.callbacks.append(record)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(record)
+
+
+def test_a_large_poll_command_runs_without_the_collector_and_gives_it_back(
+    cli_env: dict[str, str], simulator: Simulator, collections_in_polls: list[int]
+) -> None:
+    # 60,000 numbers keep well over the collector's threshold of new objects alive.
+    simulator.add_tag("big", 60_000, sent_at=simulator.now() - timedelta(hours=1), page_size=5000)
+    assert gc.isenabled()
+    res = run_cli("poll", "big", env=cli_env)
+    assert res.code == 0, res.err
+    assert "60000 numbers seen, 60000 changed" in res.out
+    assert collections_in_polls == []  # nothing rescanned the poll's reports and rows
+    assert gc.isenabled()  # an in-process caller gets its collector back
+
+
+def test_the_collector_comes_back_after_a_failing_verb(cli_env: dict[str, str]) -> None:
+    res = run_cli("report", "never-tracked", env=cli_env)
+    assert res.code == 2 and "not tracked" in res.err
+    assert gc.isenabled()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 100])
+def test_bulk_statements_are_the_sql_sqlalchemy_compiles(rows: int) -> None:
+    engine = create_engine("sqlite://")
+    with engine.connect() as conn:
+        upsert = functools.partial(store._upsert_statuses, conn, None)
+        for name, build, keys in (
+            ("test_upsert", upsert, STATUS_KEYS),
+            ("test_events", store._insert_events, EVENT_KEYS),
+        ):
+            text, order = sql._values_sql(conn, name, build, keys, rows)
+            values = [{k: sa.bindparam(f"{k}_{i}") for k in keys} for i in range(rows)]
+            expected = build(values).compile(dialect=conn.dialect)
+            assert text == str(expected)
+            placeholders = [f"{k}_{i}" for i in range(rows) for k in keys]
+            in_order = [placeholders[i] for i in order] if order else placeholders
+            assert in_order == list(expected.positiontup)
+    engine.dispose()

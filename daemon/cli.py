@@ -335,6 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             app.close()
         if collector_was_on:
             gc.enable()
+        if argv is None:  # the entry point: the process ends with this verb
+            # Its exit then collects no garbage among the million objects its imports
+            # made: they go with the process (0.05-0.15 s of a short command).
+            gc.freeze()
 
 
 #: Verbs that do one bounded piece of work and exit: they run with the cyclic garbage

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import subprocess
 import sys
 import traceback
 from collections.abc import Iterator
@@ -81,3 +82,23 @@ def test_bulk_statements_are_the_sql_sqlalchemy_compiles(rows: int) -> None:
             in_order = [placeholders[i] for i in order] if order else placeholders
             assert in_order == list(expected.positiontup)
     engine.dispose()
+
+
+def test_the_entry_point_leaves_its_imports_to_the_process_exit(
+    cli_env: dict[str, str],
+) -> None:
+    # The process's own command freezes what it holds, so its exit scans none of it;
+    # an in-process caller (a test, an embedding program) keeps its collector as it was.
+    script = (
+        "import gc, sys\n"
+        "from daemon.cli import main\n"
+        "sys.argv = ['smspartner-status', 'tags']\n"
+        "code = main()\n"
+        "print(code, gc.get_freeze_count() > 10_000, gc.isenabled())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=cli_env, capture_output=True, text=True, check=False
+    )
+    assert done.stdout.split()[-3:] == ["0", "True", "True"], done.stderr
+    assert run_cli("tags", env=cli_env).code == 0
+    assert gc.get_freeze_count() == 0

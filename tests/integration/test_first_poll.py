@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -18,10 +18,11 @@ import pytest
 import sqlalchemy as sa
 
 from daemon import sql, store
-from daemon.db import create_engine
+from daemon.db import create_engine, delivery_status_events
 from daemon.diff import EVENT_KEYS, STATUS_KEYS
 from daemon.simulator import Simulator
 from tests.helpers import run_cli
+from tests.integration.conftest import NOW, Rig
 
 
 @pytest.fixture
@@ -102,3 +103,26 @@ def test_the_entry_point_leaves_its_imports_to_the_process_exit(
     assert done.stdout.split()[-3:] == ["0", "True", "True"], done.stderr
     assert run_cli("tags", env=cli_env).code == 0
     assert gc.get_freeze_count() == 0
+
+
+def test_a_new_tag_next_to_stored_ones_gets_one_first_sighting_per_number(
+    rig: Callable[..., Rig],
+) -> None:
+    # The events of a tag's first poll are copied from the rows it inserted (on SQLite,
+    # those after the last id stored before it): none of another tag's, none twice.
+    r = rig()
+    for tag, numbers in (("older", 700), ("newer", 1300)):
+        r.track(tag)
+        r.sim.add_tag(tag, numbers, sent_at=NOW - timedelta(hours=1), page_size=500)
+        assert r.poller.poll(tag).events == numbers
+        r.clock.now += timedelta(minutes=1)
+    with r.engine.connect() as conn:
+        e = delivery_status_events.c
+        counted = conn.execute(
+            sa.select(e.tag, sa.func.count(), sa.func.count(sa.distinct(e.phone_number)))
+            .where(e.old_status.is_(None))
+            .group_by(e.tag)
+            .order_by(e.tag)
+        ).all()
+    assert [tuple(row) for row in counted] == [("newer", 1300, 1300), ("older", 700, 700)]
+    assert r.count(delivery_status_events) == 2000

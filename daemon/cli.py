@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             gc.enable()
         if argv is None:  # the entry point: the process ends with this verb
             # Its exit then collects no garbage among the million objects its imports
-            # made: they go with the process (0.05-0.15 s of a short command).
+            # made: they go with the process (figures in docs/performance.md).
             gc.freeze()
 
 
@@ -351,8 +351,8 @@ def _set_collector(args: argparse.Namespace) -> None:
     first threshold (:data:`START_GC_THRESHOLD`). ``main`` turns it back on after.
 
     A short verb's reference cycles are few, and reference counting frees everything
-    else at once; the collector only rescanned what the verb still held: 0.1-0.3 s of a
-    100,000-number ``poll``, which freed nothing (docs/performance.md).
+    else at once; the collector only rescanned what the verb still held, a large part
+    of a 100,000-number ``poll``, and freed nothing (figures in docs/performance.md).
     """
     if args.func in SHORT_VERBS:
         gc.disable()

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from daemon import sql, store
-from daemon.db import create_engine, delivery_status_events
+from daemon.db import create_engine, delivery_status_events, metadata
 from daemon.diff import EVENT_KEYS, STATUS_KEYS
 from daemon.simulator import Simulator
 from tests.helpers import run_cli
@@ -126,3 +126,33 @@ def test_a_new_tag_next_to_stored_ones_gets_one_first_sighting_per_number(
         ).all()
     assert [tuple(row) for row in counted] == [("newer", 1300, 1300), ("older", 700, 700)]
     assert r.count(delivery_status_events) == 2000
+
+
+def test_a_statement_of_another_shape_is_compiled_whole() -> None:
+    # A VALUES row with a constant in it is not a plain "(?, …)" group to repeat:
+    # SQLAlchemy then compiles every row, and the values still land in their columns.
+    keys = [k for k in EVENT_KEYS if k != "old_status"]
+
+    def build(values: list[dict[str, Any]]) -> Any:
+        return store._insert_events([{**row, "old_status": sa.null()} for row in values])
+
+    engine = create_engine("sqlite://")
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        text, _ = sql._values_sql(conn, "test_other_shape", build, keys, 3)
+        expected = build([{k: sa.bindparam(f"{k}_{i}") for k in keys} for i in range(3)])
+        assert text == str(expected.compile(dialect=conn.dialect)) and "NULL" in text
+        rows = [
+            ("t", f"+33{i:09d}", "delivered", None, "2026-11-26T08:00:00.000000Z")
+            for i in range(102)
+        ]
+        sql.bulk(conn, "test_other_shape", build, keys, [v for row in rows for v in row])
+        e = delivery_status_events.c
+        stored = conn.execute(
+            sa.select(e.tag, e.phone_number, e.old_status, e.new_status, e.observed_at).order_by(
+                e.id
+            )
+        ).all()
+    assert [(t, p, n) for t, p, o, n, _ in stored] == [(t, p, n) for t, p, n, _, _ in rows]
+    assert {o for _, _, o, _, _ in stored} == {None}
+    engine.dispose()

@@ -327,10 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     app: App | None = None
+    collector_was_on = gc.isenabled()
     try:
         if getattr(args, "standalone", False):  # check, demo, simulator: no settings
             return int(args.func(None, args))
-        gc.set_threshold(START_GC_THRESHOLD, *gc.get_threshold()[1:])
+        _set_collector(args)
         from daemon.app import App
         from daemon.log import configure_logging
         from daemon.settings import load_settings
@@ -366,6 +367,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if app is not None:
             app.close()
+        if collector_was_on:
+            gc.enable()
+        if argv is None:  # the entry point: the process ends with this verb
+            # Its exit then collects no garbage among the million objects its imports
+            # made: they go with the process (figures in docs/performance.md).
+            gc.freeze()
+
+
+#: Verbs that do one bounded piece of work and exit: they run with the cyclic garbage
+#: collector off (``run`` lives on, and ``prune`` may delete for an hour: they keep it).
+SHORT_VERBS = (cmd_track, cmd_untrack, cmd_tags, cmd_poll, cmd_report, cmd_optouts)
+
+
+def _set_collector(args: argparse.Namespace) -> None:
+    """Turn the cyclic garbage collector off for a short verb; give the others a high
+    first threshold (:data:`START_GC_THRESHOLD`). ``main`` turns it back on after.
+
+    A short verb's reference cycles are few, and reference counting frees everything
+    else at once; the collector only rescanned what the verb still held, a large part
+    of a 100,000-number ``poll``, and freed nothing (figures in docs/performance.md).
+    """
+    if args.func in SHORT_VERBS:
+        gc.disable()
+    else:
+        gc.set_threshold(START_GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _database_unavailable(exc: Exception) -> bool:

@@ -83,6 +83,18 @@ def tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
+def _final_delays(
+    reported: list[datetime | None], sent_at: datetime, now: datetime
+) -> tuple[float, ...]:
+    """Seconds from sending to each newly final report (now for one without a date).
+
+    A campaign's reports share few dates: each distinct one is subtracted once, where
+    100,000 subtractions were a few percent of a large first poll.
+    """
+    seconds = {when: ((when or now) - sent_at).total_seconds() for when in set(reported)}
+    return tuple(map(seconds.__getitem__, reported))
+
+
 def _describe(exc: BaseException) -> str:
     """``Type: message`` of an exception; for a database error, the driver's own (the
     SQLAlchemy wrapper's text repeats the statement and its parameters)."""
@@ -357,9 +369,7 @@ class Poller:
             error=error,
             counts=counts,
             seconds=(finished - now).total_seconds(),
-            final_delays=tuple(
-                ((reported or now) - sent_at).total_seconds() for reported in applied.newly_final
-            ),
+            final_delays=_final_delays(applied.newly_final, sent_at, now),
         )
         return result, applied
 

@@ -108,16 +108,55 @@ def _run_values(
     params: list[tuple[Any, ...]],
 ) -> None:
     """Execute ``build`` with ``per`` rows of VALUES, once per tuple of ``params``."""
-    names = [f"{key}_{i}" for i in range(per) for key in keys]
-
-    def values() -> Any:
-        return build([{key: sa.bindparam(f"{key}_{i}") for key in keys} for i in range(per)])
-
-    statement = compiled(conn, f"{name}/{per}", values)
-    if list(statement.positiontup) != names:  # placeholders in another order
-        get = operator.itemgetter(*(names.index(name) for name in statement.positiontup))
+    text, order = _values_sql(conn, name, build, keys, per)
+    if order is not None:  # placeholders in another order than ``keys``
+        get = operator.itemgetter(*order)
         params = [get(row) for row in params]
-    conn.exec_driver_sql(str(statement), params)
+    conn.exec_driver_sql(text, params)
+
+
+_VALUES_SQL: dict[tuple[Any, ...], tuple[str, list[int] | None]] = {}
+
+
+def _values_sql(
+    conn: Connection,
+    name: str,
+    build: Callable[[list[dict[str, Any]]], Any],
+    keys: Sequence[str],
+    per: int,
+) -> tuple[str, list[int] | None]:
+    """The SQL of ``build`` with ``per`` rows of VALUES, and the index in a flat row
+    tuple of each placeholder's value (None: they follow ``keys`` already).
+
+    Compiled for one row, then its ``(?, …)`` group repeated as text: SQLAlchemy
+    compiling 900 parameters cost more than a small poll's own work, and its garbage set
+    the collector scanning a large poll's rows (figures in docs/performance.md).
+    """
+    dialect = conn.dialect
+    cache_key = (name, per, type(dialect), dialect.paramstyle, dialect.server_version_info)
+    found = _VALUES_SQL.get(cache_key)
+    if found is not None:
+        return found
+    width = len(keys)
+    # Where a placeholder's value sits in a flat tuple of rows, by its name.
+    index = {f"{key}_{i}": i * width + j for i in range(per) for j, key in enumerate(keys)}
+
+    def rows(n: int) -> Any:
+        return build([{key: sa.bindparam(f"{key}_{i}") for key in keys} for i in range(n)])
+
+    one = compiled(conn, f"{name}/1", lambda: rows(1))
+    group = "(" + ", ".join(["?"] * width) + ")"
+    head, values, tail = str(one).partition(f" VALUES {group}")
+    first_row = list(one.positiontup or ())
+    if values and group not in tail and sorted(first_row) == sorted(f"{k}_0" for k in keys):
+        text = head + " VALUES " + ", ".join([group] * per) + tail
+        order = [i * width + index[n] for i in range(per) for n in first_row]
+    else:  # not the shape foreseen: SQLAlchemy compiles all the rows
+        statement = compiled(conn, f"{name}/{per}", lambda: rows(per))
+        text, order = str(statement), [index[n] for n in statement.positiontup]
+    in_order = order == list(range(len(order)))
+    found = _VALUES_SQL[cache_key] = (text, None if in_order else order)
+    return found
 
 
 def execute(conn: Connection, name: str, build: Callable[[], Any], **params: Any) -> Any:

@@ -30,6 +30,7 @@ from daemon.db import (
     delivery_status_events,
     delivery_statuses,
     poll_runs,
+    sqlite_text,
     stop_sms_optouts,
     tag_counts,
 )
@@ -161,12 +162,33 @@ def _insert_events(values: list[Any]) -> Any:
     return sa.insert(delivery_status_events).values(values)
 
 
-def _first_seen_events(conn: Connection, tag: str, now: datetime) -> None:
+#: SQLite's copy of a new tag's first sightings: the rows its first poll inserted come
+#: after the last id stored before it, in id order on disk. Read so ("+tag" keeps the
+#: tag's index out, which would order them by status), they cost a fifth less.
+_FIRST_SEEN_SQLITE = (
+    f"INSERT INTO delivery_status_events ({', '.join(EVENT_KEYS)}) "
+    "SELECT tag, phone_number, NULL, status, reported_at, first_seen_at "
+    "FROM delivery_statuses WHERE id > ? AND +tag = ? AND first_seen_at = ?"
+)
+
+
+def _last_status_id(conn: Connection) -> int:
+    """SQLite: the highest ``delivery_statuses.id`` (0 for none); the rows the
+    transaction inserts next get higher ids (one writer at a time)."""
+    last: int | None = conn.exec_driver_sql("SELECT max(id) FROM delivery_statuses").scalar()
+    return last or 0
+
+
+def _first_seen_events(conn: Connection, tag: str, now: datetime, *, after_id: int) -> None:
     """Events (old status NULL) for the numbers this poll inserted (first seen now).
 
-    For a tag with nothing stored yet, where that is every row of the tag: the
-    database copies its own rows rather than have them all sent again.
+    For a tag with nothing stored yet, where that is every row of the tag (on SQLite,
+    every row above ``after_id``): the database copies its own rows rather than have
+    them all sent again.
     """
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql(_FIRST_SEEN_SQLITE, (after_id, tag, sqlite_text(now)))
+        return
 
     def build() -> Any:
         new_rows = sa.select(
@@ -264,9 +286,11 @@ def apply_reports(
         to_db=sql.db_time(conn),
         from_db=sql.from_db_time(conn),
     )
+    sqlite_copy = diff.copy_first_sightings and conn.dialect.name == "sqlite"
+    after_id = _last_status_id(conn) if sqlite_copy else 0
     _write(conn, diff)
     if diff.copy_first_sightings:
-        _first_seen_events(conn, tag, now)
+        _first_seen_events(conn, tag, now, after_id=after_id)
     if diff.rows:
         _save_counts_row(conn, tag, diff.tally.counts, diff.tally.stop_sms, now=now)
     return Applied(

@@ -27,7 +27,6 @@ heartbeat file (so ``check`` fails at once) and exits 0.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import threading
 import uuid
@@ -37,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -50,6 +49,7 @@ from daemon.health import Health, Notifier, remove_heartbeat, write_heartbeat
 from daemon.poller import AUTH_RETRY, PollResult
 from daemon.shutdown import SHUTDOWN_GRACE as SHUTDOWN_GRACE  # re-exported: tests read it
 from daemon.shutdown import Shutdown
+from daemon.signals import SignalWatch
 from daemon.status import PollOutcome
 
 if TYPE_CHECKING:
@@ -414,7 +414,7 @@ class Daemon:
         reached stay due for the next pass; :attr:`stopping` tells the caller.
         """
         self._once_cutoff = self._clock()
-        with _signals_call(self._begin_stop):
+        with _signals_call(self._on_signal):
             while not self.shutdown.stopping:
                 # Renews the leases of the polls in flight, and claims what the pool can
                 # take (nothing while a wrong key pauses polling: it would fail every
@@ -485,9 +485,15 @@ class Daemon:
             self._scheduler.shutdown(wait=True)
         self._drain()
 
+    def _on_signal(self, name: str) -> None:
+        """SIGTERM or SIGINT during ``run --once``: stop claiming (on the signal watcher's
+        thread, see :mod:`daemon.signals`)."""
+        log.info("daemon.signal", signal=name)
+        self._begin_stop()
+
     def _begin_stop(self) -> None:
-        """Stop claiming and start the grace of the polls in flight (also from a signal
-        handler: nothing here waits for a lock)."""
+        """Stop claiming and start the grace of the polls in flight (also from the signal
+        watcher's thread)."""
         if not self.shutdown.begin():
             return
         self._notifier.notify("STOPPING=1")
@@ -504,15 +510,19 @@ class Daemon:
     def run_until_signal(self) -> None:
         """Start, block until SIGTERM or SIGINT, then stop cleanly."""
         received = threading.Event()
-        # Installed for the rest of the process: a second SIGTERM during shutdown must
-        # not kill it half-way (the handler only sets an event).
-        _on_signals(received.set)
-        try:
-            self.start()
-            while not received.wait(1.0):
-                pass
-        finally:
-            self.stop()
+
+        def on_signal(name: str) -> None:
+            log.info("daemon.signal", signal=name)
+            received.set()
+
+        # Kept for the rest of the process: a second SIGTERM during shutdown must not
+        # kill it half-way.
+        with SignalWatch(on_signal, keep=True):
+            try:
+                self.start()
+                received.wait()
+            finally:
+                self.stop()
         # A clean stop only (an exception skips this): `check` must not call a daemon
         # that has exited healthy for the next minute.
         if self._heartbeat is not None and self._heartbeat_written is not None:
@@ -520,27 +530,13 @@ class Daemon:
         log.info("daemon.stopped", polls=self.stats.polls, failures=self.stats.failures)
 
 
-def _on_signals(action: Callable[[], None]) -> dict[int, Any]:
-    """Make SIGTERM and SIGINT log ``daemon.signal`` and call ``action``; returns the
-    handlers they had."""
-
-    def handler(signum: int, _frame: Any) -> None:
-        log.info("daemon.signal", signal=signal.Signals(signum).name)
-        action()
-
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
 @contextmanager
-def _signals_call(action: Callable[[], None]) -> Iterator[None]:
-    """:func:`_on_signals` while the block runs, then the old handlers again; in the main
-    thread only, the only one Python delivers signals to."""
+def _signals_call(action: Callable[[str], None]) -> Iterator[None]:
+    """SIGTERM and SIGINT call ``action`` while the block runs (see :mod:`daemon.signals`),
+    then the old handlers again; from the main thread only, the only one Python installs
+    handlers from."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = _on_signals(action)
-    try:
+    with SignalWatch(action):
         yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

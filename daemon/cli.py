@@ -276,8 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="the daemon: poll every tracked tag until stopped",
         description="Poll every tracked tag on its cadence, re-check numbers still Waiting "
-        "until they resolve or the window closes, and serve /healthz, /readyz, /metrics and "
-        "/tags on SMSPARTNER_HTTP_HOST:SMSPARTNER_HTTP_PORT. Stops cleanly on SIGTERM or "
+        "until they resolve or the window closes, sync the account's STOP list every "
+        "SMSPARTNER_STOP_LIST_INTERVAL_MINUTES, and serve on "
+        "SMSPARTNER_HTTP_HOST:SMSPARTNER_HTTP_PORT the status page (/), /healthz, /readyz, "
+        "/metrics and /tags, all described by /openapi.json. Stops cleanly on SIGTERM or "
         "Ctrl-C.",
     )
     p.add_argument(

@@ -190,7 +190,8 @@ def _footer(now: datetime) -> str:
         f"<footer>As of {_time(now, seconds=True)} UTC; reloads every {REFRESH_SECONDS} s. "
         "Aggregates only: no phone numbers are shown. Also served: "
         '<a href="/tags">/tags</a> (JSON), <a href="/readyz">/readyz</a>, '
-        '<a href="/metrics">/metrics</a>.</footer>'
+        '<a href="/metrics">/metrics</a>, <a href="/openapi.json">/openapi.json</a> (the '
+        "HTTP API).</footer>"
     )
 
 

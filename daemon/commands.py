@@ -226,19 +226,7 @@ def cmd_report(ctx: App, args: argparse.Namespace) -> int:
     )
     if args.numbers:
         print()
-        print(
-            table(
-                numbers,
-                (
-                    "phone_number",
-                    "status",
-                    "provider_status",
-                    "stop_sms",
-                    "reported_at",
-                    "resolved_at",
-                ),
-            )
-        )
+        print(table(numbers, NUMBER_CSV_COLUMNS))
     return 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from daemon.db import COUNT_COLUMNS
 from daemon.routing import JSON
 
 if TYPE_CHECKING:
@@ -64,19 +65,7 @@ _TAG_PROPERTIES: dict[str, Any] = {
 
 #: The counts of the ``tag_summary`` view, as ``GET /tags`` and ``GET /tags/{tag}`` add them.
 _COUNT_PROPERTIES: dict[str, Any] = {
-    **dict.fromkeys(
-        (
-            "total",
-            "waiting",
-            "delivered",
-            "not_delivered",
-            "failed",
-            "expired",
-            "unknown",
-            "stop_sms",
-        ),
-        _COUNT,
-    ),
+    **dict.fromkeys(COUNT_COLUMNS, _COUNT),
     "delivery_rate": {
         "type": ["number", "null"],
         "minimum": 0,

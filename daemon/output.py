@@ -147,7 +147,7 @@ def print_error(message: str) -> None:
 
 # --- CSV ------------------------------------------------------------------------------------
 
-#: Columns of ``report TAG --numbers --csv``, in this order (issue 20).
+#: Columns of ``report TAG --numbers``, as a table and as CSV, in this order.
 NUMBER_CSV_COLUMNS = (
     "phone_number",
     "status",

@@ -142,3 +142,12 @@ class DatabaseUnavailableError(StoreError):
     """The database cannot be reached or written right now."""
 
     transient = True
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of an exception; for a database error, the driver's own (the
+    SQLAlchemy wrapper's text repeats the statement and its parameters)."""
+    orig = getattr(exc, "orig", None)  # sqlalchemy.exc.DBAPIError, without importing it
+    if isinstance(orig, BaseException):
+        exc = orig
+    return f"{type(exc).__name__}: {exc}"

@@ -29,7 +29,6 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from daemon import answers, queries, store, tracking
@@ -43,6 +42,7 @@ from daemon.errors import (
     NoMessagesError,
     PollAbandoned,
     StoreError,
+    describe,
 )
 from daemon.redaction import redact
 from daemon.settings import Settings
@@ -93,14 +93,6 @@ def _final_delays(
     """
     seconds = {when: ((when or now) - sent_at).total_seconds() for when in set(reported)}
     return tuple(map(seconds.__getitem__, reported))
-
-
-def _describe(exc: BaseException) -> str:
-    """``Type: message`` of an exception; for a database error, the driver's own (the
-    SQLAlchemy wrapper's text repeats the statement and its parameters)."""
-    if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
-        exc = exc.orig
-    return f"{type(exc).__name__}: {exc}"
 
 
 class _StaleAnswer(Exception):
@@ -272,7 +264,7 @@ class Poller:
     def _crash_error(self, tag: str, exc: Exception) -> str:
         """Log an unexpected exception of a poll (``poll.crashed``; the traceback at debug
         level only) and return the short error text its ``poll_runs`` row keeps."""
-        error = self._storable(f"unexpected {_describe(exc)}")
+        error = self._storable(f"unexpected {describe(exc)}")
         log.error("poll.crashed", tag=tag, error=error)
         log.debug("poll.crash_traceback", tag=tag, exc_info=exc)
         return error
@@ -310,7 +302,7 @@ class Poller:
             raise
         except Exception as exc:
             message = self._storable(
-                f"poll of {tag!r} failed ({error}) and could not be recorded: " + _describe(exc)
+                f"poll of {tag!r} failed ({error}) and could not be recorded: " + describe(exc)
             )
             if isinstance(exc, UNAVAILABLE_ERRORS):
                 raise DatabaseUnavailableError(message) from exc

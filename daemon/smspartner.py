@@ -289,7 +289,7 @@ class SmsPartnerClient:
             PermanentApiError: anything the provider would refuse again.
             PollAbandoned: the shutdown deadline came first; ``pages`` says how far it got.
         """
-        parser = ItemParser(tag, known, clean=self._redact)
+        parser = ItemParser(tag, known, clean=self.redact)
         budget = self._pacer.budget(self._poll_budget)
         reports: list[Report] = []
         pages = items = last = mismatches = 0
@@ -509,7 +509,7 @@ class SmsPartnerClient:
         except httpx.InvalidURL as exc:
             # A bad base_url: settings should have caught it; retrying will not help.
             scrub(exc, self._api_key)
-            raise PermanentApiError(self._redact(f"{where}: invalid URL ({exc})")) from exc
+            raise PermanentApiError(self.redact(f"{where}: invalid URL ({exc})")) from exc
         _log.debug(
             "api.request",
             **params,
@@ -603,7 +603,7 @@ class SmsPartnerClient:
         """Translate an httpx error; its message (which may hold the URL) is redacted."""
         scrub(exc, self._api_key)
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        detail = self._redact(f"{where}: {reason}")
+        detail = self.redact(f"{where}: {reason}")
         if isinstance(exc, httpx.UnsupportedProtocol | httpx.TooManyRedirects):
             return PermanentApiError(detail)
         return TransientApiError(detail)
@@ -672,7 +672,7 @@ class SmsPartnerClient:
             error = exc.errors()[0]
             field = ".".join(str(part) for part in error["loc"]) or "response"
             raise TransientApiError(
-                self._redact(f"{where}: unexpected response, field {field}: {error['msg']}"),
+                self.redact(f"{where}: unexpected response, field {field}: {error['msg']}"),
                 http_status=status,
             ) from None  # pydantic's error repeats the input, which could be huge
 
@@ -683,7 +683,7 @@ class SmsPartnerClient:
         code = envelope.code
         status = response.status_code
         # Redact before cutting, so a key cut in half cannot slip through.
-        text = _clean_message(self._redact(envelope.message or ""))
+        text = _clean_message(self.redact(envelope.message or ""))
         if code in _AUTH_CODES:
             raise AuthError(
                 f"SMS Partner rejected the API key (code {code}: {text or _AUTH_CODES[code]})",
@@ -737,10 +737,11 @@ class SmsPartnerClient:
         if not response.content:
             return ": empty body"
         media = response.headers.get("Content-Type", "").split(";")[0].strip()
-        media = _clean_message(self._redact(media))[:60] or "no content type"
+        media = _clean_message(self.redact(media))[:60] or "no content type"
         return f": {media} body of {len(response.content):,} bytes"
 
-    def _redact(self, text: str) -> str:
+    def redact(self, text: str) -> str:
+        """``text`` with the API key masked in every spelling (see :mod:`daemon.redaction`)."""
         return redact(text, self._api_key)
 
 

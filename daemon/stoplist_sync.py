@@ -35,8 +35,8 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 
 from daemon import queries
-from daemon.db import account_optouts, stop_list_syncs, write_transaction
-from daemon.errors import ApiError, AuthError
+from daemon.db import UNAVAILABLE_ERRORS, account_optouts, stop_list_syncs, write_transaction
+from daemon.errors import ApiError, AuthError, PollAbandoned, describe
 from daemon.smspartner import SmsPartnerClient
 from daemon.status import PollOutcome
 from daemon.stoplist import OK, TRUNCATED, ListedNumber, StopListPages, sync_due
@@ -161,6 +161,10 @@ class StopListSync:
             else:
                 outcome = PollOutcome.API_ERROR.value
             return self._record(SyncResult(outcome, now, error=_storable(str(exc))))
+        except (PollAbandoned, *UNAVAILABLE_ERRORS):
+            raise
+        except Exception as exc:  # a bug: recorded, see _record_crash
+            return self._record_crash(now, exc)
         if not pages.complete:
             result = SyncResult(
                 TRUNCATED,
@@ -170,7 +174,23 @@ class StopListSync:
                 error=_storable(pages.why_incomplete),
             )
             return self._record(result)
-        return self._record(SyncResult(OK, now, pages=pages.pages), pages)
+        try:
+            return self._record(SyncResult(OK, now, pages=pages.pages), pages)
+        except UNAVAILABLE_ERRORS:
+            raise
+        except Exception as exc:  # a row the database refused, a bug: nothing was applied
+            return self._record_crash(now, exc)
+
+    def _record_crash(self, now: datetime, exc: Exception) -> SyncResult:
+        """Record a sync that failed unexpectedly as a transient failure, in a transaction
+        of its own. Without its row the last attempt would stay the one before, and the
+        daemon would fetch the whole list again at every look (once a minute) until the
+        bug is fixed. The traceback goes to the debug level only; the error line is
+        ``stop_list.sync_failed``'s, as for any failed sync.
+        """
+        log.debug("stop_list.crash_traceback", exc_info=exc)
+        error = _storable(self._client.redact(f"unexpected {describe(exc)}"))
+        return self._record(SyncResult(PollOutcome.TRANSIENT_ERROR.value, now, error=error))
 
     def _record(self, result: SyncResult, pages: StopListPages | None = None) -> SyncResult:
         """Write the sync's row (and, for a complete answer, the list), log, count."""

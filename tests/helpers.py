@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection
+    from sqlalchemy.engine import Connection, Engine
 
     from daemon.health import Health
     from daemon.scheduler import Daemon
@@ -429,3 +429,27 @@ def peak_rss(argv: list[str], env: dict[str, str]) -> Peak:
     if code != 0 or "maxrss=" not in err:
         raise AssertionError(f"{argv[1:]}: exit {code}: {err}")
     return Peak(int(err.rsplit("maxrss=", 1)[1]) / 1024, seconds, lines)
+
+
+#: Triggers that make the database refuse some rows of a table: the way an unforeseen
+#: value, a bug or a constraint makes a statement fail, from real parts.
+_REFUSE_ROWS = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} WHEN NEW.{column} = '{value}'"
+        " BEGIN SELECT RAISE(ABORT, 'poisoned row'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_{table}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        " IF NEW.{column} = '{value}' THEN RAISE EXCEPTION 'poisoned row'; END IF;"
+        " RETURN NEW; END $$",
+        "CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table}"
+        " FOR EACH ROW EXECUTE FUNCTION refuse_{table}()",
+    ],
+}
+
+
+def refuse_rows(engine: Engine, table: str, column: str, value: str) -> None:
+    """Make every INSERT into ``table`` whose ``column`` is ``value`` fail ('poisoned row')."""
+    with engine.begin() as conn:
+        for statement in _REFUSE_ROWS[conn.dialect.name]:
+            conn.exec_driver_sql(statement.format(table=table, column=column, value=value))

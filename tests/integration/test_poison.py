@@ -23,7 +23,7 @@ from daemon.cli import main
 from daemon.db import poll_runs
 from daemon.health import FAILING_TOLERANCE, Health
 from daemon.scheduler import Daemon
-from tests.helpers import API_KEY, daemon_for, step, unix
+from tests.helpers import API_KEY, daemon_for, refuse_rows, step, unix
 from tests.integration.conftest import NOW, Rig
 
 GOOD = [
@@ -248,27 +248,10 @@ def test_an_error_message_nested_a_thousand_levels_is_one_clear_error(
 
 # --- a poll that crashes ---------------------------------------------------------------
 
-#: Make the database refuse the rows of one tag: the way an unforeseen value, a bug or a
-#: constraint makes a poll's statement fail, from real parts.
-POISON_TABLE = {
-    "sqlite": [
-        "CREATE TRIGGER poison_{table} BEFORE INSERT ON {table} WHEN NEW.tag = '{tag}'"
-        " BEGIN SELECT RAISE(ABORT, 'poisoned row'); END"
-    ],
-    "postgresql": [
-        "CREATE FUNCTION poison_{table}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-        " IF NEW.tag = '{tag}' THEN RAISE EXCEPTION 'poisoned row'; END IF; RETURN NEW;"
-        " END $$",
-        "CREATE TRIGGER poison_{table} BEFORE INSERT ON {table}"
-        " FOR EACH ROW EXECUTE FUNCTION poison_{table}()",
-    ],
-}
-
 
 def poison(r: Rig, table: str, tag: str) -> None:
-    with r.engine.begin() as conn:
-        for statement in POISON_TABLE[conn.dialect.name]:
-            conn.exec_driver_sql(statement.format(table=table, tag=tag))
+    """Make the database refuse ``table``'s rows of one tag (see :func:`refuse_rows`)."""
+    refuse_rows(r.engine, table, "tag", tag)
 
 
 def test_a_crashing_poll_is_recorded_as_a_failure_and_backed_off(rig: Callable[..., Rig]) -> None:

@@ -28,7 +28,7 @@ from daemon.scheduler import Daemon
 from daemon.settings import load_settings
 from daemon.simulator import STOP_LIST_PATH, STOP_LIST_TAG, Simulator
 from tests.conftest import PgServer, pg_database
-from tests.helpers import API_KEY, assert_clean, run_cli, wait_for
+from tests.helpers import API_KEY, assert_clean, refuse_rows, run_cli, wait_for
 from tests.integration.conftest import NOW, Clock, Rig
 
 WINTER = datetime(2026, 1, 15, 9, 19, 45, tzinfo=UTC)  # 10:19:45 in Paris (CET)
@@ -290,6 +290,35 @@ def test_a_sync_failing_part_way_leaves_the_table_exactly_as_it_was(
     script.faults.clear()  # the next sync applies the list whole
     assert app.stop_list.sync_now().summary == "listed 7, added 2, removed 3"
     assert_view_agrees(app.engine)
+
+
+def test_a_sync_that_crashes_is_recorded_and_waits_an_interval(
+    scripted: Callable[..., tuple[App, Script]],
+) -> None:
+    app, script = scripted(PHONES)
+    assert app.stop_list.sync_now().ok
+    before = account(app.engine)
+    clock = app.clock
+    assert isinstance(clock, Clock)
+    clock.now += app.stop_list.interval  # the next sync is due
+    script.phones = [*PHONES, "+33620000009"]
+    refuse_rows(app.engine, "account_optouts", "phone_number", "+33620000009")
+    with capture_logs() as logs:
+        result = app.stop_list.sync_now()
+
+    assert result.outcome == "transient_error"
+    assert (
+        result.error and result.error.startswith("unexpected ") and "poisoned row" in result.error
+    )
+    assert account(app.engine) == before  # nothing applied
+    assert syncs(app.engine)[-1]["outcome"] == "transient_error"
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert [e["event"] for e in errors] == ["stop_list.sync_failed"]  # one line
+    # Recorded, so the daemon's next look does not fetch the whole list again.
+    requests = len(script.requests)
+    assert app.stop_list.sync_if_due() is None
+    assert len(script.requests) == requests
+    assert_clean(repr(logs), repr(syncs(app.engine)))
 
 
 def test_a_list_longer_than_max_pages_is_truncated_and_changes_nothing(

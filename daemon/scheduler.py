@@ -439,36 +439,25 @@ class Daemon:
 
     def start(self) -> None:
         """Start the dispatcher in the background (``run`` and the demo)."""
-        self._scheduler = BackgroundScheduler(timezone="UTC")
-        self._scheduler.add_job(
-            self.dispatch,
-            "interval",
-            seconds=self._interval,
-            id="dispatch",
-            max_instances=1,
-            coalesce=True,
-            next_run_time=datetime.now().astimezone(),
-        )
+        scheduler = self._scheduler = BackgroundScheduler(timezone="UTC")
+
+        def every(seconds: float, job: Callable[[], object], name: str) -> None:
+            # One run at a time, missed runs merged into one, the first one now.
+            scheduler.add_job(
+                job,
+                "interval",
+                seconds=seconds,
+                id=name,
+                max_instances=1,
+                coalesce=True,
+                next_run_time=datetime.now().astimezone(),
+            )
+
+        every(self._interval, self.dispatch, "dispatch")
         if self._stop_list is not None:
-            self._scheduler.add_job(
-                self._sync_stop_list,
-                "interval",
-                seconds=self._stop_list_tick,
-                id="stop_list",
-                max_instances=1,
-                coalesce=True,
-                next_run_time=datetime.now().astimezone(),
-            )
+            every(self._stop_list_tick, self._sync_stop_list, "stop_list")
         if self._maintenance is not None:
-            self._scheduler.add_job(
-                self._maintain,
-                "interval",
-                seconds=MAINTENANCE_INTERVAL.total_seconds(),
-                id="maintenance",
-                max_instances=1,
-                coalesce=True,
-                next_run_time=datetime.now().astimezone(),
-            )
+            every(MAINTENANCE_INTERVAL.total_seconds(), self._maintain, "maintenance")
         self._scheduler.start()
         self._notifier.notify("READY=1")
         log.info("daemon.started", owner=self.owner, concurrency=self._concurrency)
